@@ -1,0 +1,119 @@
+"""The computation graph: a networkx DiGraph whose nodes carry frozen :class:`OpNode` records.
+
+Node keys are value names. Every node keeps the source position of the statement (or nested
+call) that made it, so every later error and finding can cite a .pbx line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import networkx as nx
+
+from pbxc.errors import SourcePos
+from pbxc.ops import OpKind
+from pbxc.parse import ast
+
+
+@dataclass(frozen=True)
+class OpNode:
+    name: str
+    kind: OpKind
+    inputs: tuple[str, ...]
+    pos: SourcePos
+    # weight role -> (store key, position of the reference)
+    params: tuple[tuple[str, str, SourcePos], ...] = ()
+    attrs: tuple[tuple[str, Any], ...] = ()
+    activation: str | None = None                      # for ACTIVATION: built-in or user name
+    activation_params: tuple[tuple[str, float], ...] = ()
+    shape: tuple[int, ...] | None = None               # per sample; filled by shape inference
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        for key, value in self.attrs:
+            if key == name:
+                return value
+        return default
+
+    def param_key(self, role: str) -> str | None:
+        for r, key, _ in self.params:
+            if r == role:
+                return key
+        return None
+
+    def param_pos(self, role: str) -> SourcePos:
+        for r, _, pos in self.params:
+            if r == role:
+                return pos
+        return self.pos
+
+    @property
+    def label(self) -> str:
+        if self.kind is OpKind.ACTIVATION:
+            args = "".join(f", {k}={v:g}" for k, v in self.activation_params)
+            return f"{self.activation}{'(' + args[2:] + ')' if args else ''}"
+        return self.kind.value
+
+    def with_shape(self, shape: tuple[int, ...]) -> OpNode:
+        return replace(self, shape=shape)
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    features: tuple[str, ...] | None
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    name: str
+    classes: tuple[str, ...] | None
+    features: tuple[str, ...] | None
+    pos: SourcePos
+
+
+@dataclass
+class ModelGraph:
+    """A model's graph plus what the graph alone does not say."""
+
+    name: str
+    path: str
+    digraph: nx.DiGraph
+    inputs: tuple[InputInfo, ...]
+    outputs: tuple[OutputInfo, ...]
+    weight_files: tuple[tuple[str, SourcePos], ...]
+    user_activations: dict[str, ast.ActivationDef] = field(default_factory=dict)
+
+    def node(self, name: str) -> OpNode:
+        op: OpNode = self.digraph.nodes[name]["op"]
+        return op
+
+    def topological(self) -> Iterator[OpNode]:
+        for name in nx.lexicographical_topological_sort(
+                self.digraph, key=lambda n: self._order(n)):
+            yield self.node(name)
+
+    def _order(self, name: str) -> tuple[int, int, str]:
+        pos = self.node(name).pos
+        return (pos.line, pos.column, name)
+
+    def replace_node(self, op: OpNode) -> None:
+        self.digraph.nodes[op.name]["op"] = op
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        shape = self.node(name).shape
+        if shape is None:
+            raise ValueError(f"shape of '{name}' not inferred yet")
+        return shape

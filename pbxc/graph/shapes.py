@@ -1,0 +1,288 @@
+"""Shape inference and weight binding: every node's per-sample shape, every weight's checks.
+
+Weights decide the widths of linear and conv layers (as in ONNX), so shapes are inferred with
+the weight store in hand. Each rule states the shapes it expected and got.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos
+from pbxc.graph.ir import ModelGraph, OpNode
+from pbxc.ops import OpKind
+from pbxc.weights.store import WeightStore
+
+Shape = tuple[int, ...]
+
+
+def fmt(shape: Shape | None) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]" if shape is not None else "[?]"
+
+
+class ShapeError(Exception):
+    def __init__(self, message: str, pos: SourcePos | None = None) -> None:
+        super().__init__(message)
+        self.message, self.pos = message, pos
+
+
+@dataclass
+class _Ctx:
+    node: OpNode
+    inputs: list[Shape]
+    weights: Mapping[str, np.ndarray]
+
+    def weight(self, role: str, rank: int | None = None) -> Shape | None:
+        key = self.node.param_key(role)
+        if key is None:
+            return None
+        shape = tuple(self.weights[key].shape)
+        if rank is not None and len(shape) != rank:
+            raise ShapeError(f"weight '{key}' ({role} of {self.node.kind.value}) must have "
+                             f"{rank} dimensions, got {fmt(shape)}", self.node.param_pos(role))
+        return shape
+
+    def expect_weight(self, role: str, expected: Shape) -> None:
+        key = self.node.param_key(role)
+        if key is None:
+            return
+        shape = tuple(self.weights[key].shape)
+        if shape != expected:
+            raise ShapeError(f"weight '{key}' ({role} of {self.node.kind.value}) has shape "
+                             f"{fmt(shape)}, expected {fmt(expected)}", self.node.param_pos(role))
+
+    def fail(self, message: str) -> ShapeError:
+        return ShapeError(f"{self.node.kind.value} '{self.node.name}': {message}", self.node.pos)
+
+    def rank(self, expected: int, layout: str) -> Shape:
+        x = self.inputs[0]
+        if len(x) != expected:
+            raise self.fail(f"expects input of shape {layout} per sample, got {fmt(x)} "
+                            f"from '{self.node.inputs[0]}'")
+        return x
+
+
+def _conv(ctx: _Ctx, spatial: int) -> Shape:
+    layout = "[C, L]" if spatial == 1 else "[C, H, W]"
+    x = ctx.rank(spatial + 1, layout)
+    w = ctx.weight("weight", spatial + 2)
+    assert w is not None
+    groups = ctx.node.attr("groups")
+    c_in, c_out = x[0], w[0]
+    if c_in % groups or c_out % groups:
+        raise ctx.fail(f"groups={groups} must divide both the {c_in} input and {c_out} "
+                       "output channels")
+    if w[1] * groups != c_in:
+        key = ctx.node.param_key("weight")
+        raise ShapeError(f"weight '{key}' has shape {fmt(w)}: expected {c_in // groups} input "
+                         f"channels per group (input has {c_in} channels, groups={groups}), "
+                         f"got {w[1]}", ctx.node.param_pos("weight"))
+    ctx.expect_weight("bias", (c_out,))
+    out = [c_out]
+    for i in range(spatial):
+        n = _window_out(ctx, x[1 + i], w[2 + i], ctx.node.attr("stride")[i],
+                        ctx.node.attr("padding")[i], ctx.node.attr("dilation")[i])
+        out.append(n)
+    return tuple(out)
+
+
+def _window_out(ctx: _Ctx, size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+    span = dilation * (kernel - 1) + 1
+    n = (size + 2 * pad - span) // stride + 1
+    if n < 1:
+        raise ctx.fail(f"window of {span} (kernel {kernel}, dilation {dilation}) does not fit "
+                       f"an axis of {size} with padding {pad}")
+    return n
+
+
+def _pool(ctx: _Ctx) -> Shape:
+    x = ctx.rank(3, "[C, H, W]")
+    kernel, pad = ctx.node.attr("kernel"), ctx.node.attr("padding")
+    stride = ctx.node.attr("stride") or kernel
+    for k, p in zip(kernel, pad):
+        if p > k // 2:
+            raise ctx.fail(f"padding {p} must be at most half the kernel size {k}")
+    return (x[0], *(_window_out(ctx, x[1 + i], kernel[i], stride[i], pad[i]) for i in range(2)))
+
+
+def _linear(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    w = ctx.weight("weight", 2)
+    assert w is not None
+    if w[1] != x[-1]:
+        key = ctx.node.param_key("weight")
+        raise ShapeError(f"weight '{key}' has shape {fmt(w)} = [out, in], but the input "
+                         f"'{ctx.node.inputs[0]}' has {x[-1]} features (shape {fmt(x)}); "
+                         f"expected [{w[0]}, {x[-1]}]", ctx.node.param_pos("weight"))
+    ctx.expect_weight("bias", (w[0],))
+    return (*x[:-1], w[0])
+
+
+def _same_shape_inputs(ctx: _Ctx) -> Shape:
+    first = ctx.inputs[0]
+    for name, shape in zip(ctx.node.inputs[1:], ctx.inputs[1:]):
+        if shape != first:
+            raise ctx.fail(f"shapes differ: '{ctx.node.inputs[0]}' is {fmt(first)} but "
+                           f"'{name}' is {fmt(shape)}")
+    return first
+
+
+def _axis(ctx: _Ctx, rank: int) -> int:
+    axis = ctx.node.attr("axis")
+    if not -rank <= axis < rank:
+        raise ctx.fail(f"axis {axis} is out of range for per-sample shape of rank {rank} "
+                       "(the batch axis is implicit and not counted)")
+    return axis % rank
+
+
+def _concat(ctx: _Ctx) -> Shape:
+    first = ctx.inputs[0]
+    axis = _axis(ctx, len(first))
+    total = 0
+    for name, shape in zip(ctx.node.inputs, ctx.inputs):
+        if len(shape) != len(first) or any(
+                a != b for i, (a, b) in enumerate(zip(shape, first)) if i != axis):
+            raise ctx.fail(f"'{name}' has shape {fmt(shape)}, which does not match "
+                           f"{fmt(first)} off axis {axis}")
+        total += shape[axis]
+    return (*first[:axis], total, *first[axis + 1:])
+
+
+def _reshape(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    size = int(np.prod(x))
+    target = list(ctx.node.attr("shape"))
+    known = int(np.prod([d for d in target if d != -1]))
+    if -1 in target:
+        if size % known:
+            raise ctx.fail(f"cannot reshape {fmt(x)} ({size} elements) to {fmt(tuple(target))}")
+        target[target.index(-1)] = size // known
+    elif known != size:
+        raise ctx.fail(f"cannot reshape {fmt(x)} ({size} elements) to {fmt(tuple(target))} "
+                       f"({known} elements)")
+    return tuple(target)
+
+
+def _batchnorm(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    for role in ("weight", "bias", "running_mean", "running_var"):
+        ctx.expect_weight(role, (x[0],))
+    key = ctx.node.param_key("running_var")
+    if key is not None and np.any(np.asarray(ctx.weights[key]) < 0):
+        raise ShapeError(f"weight '{key}' (running_var of batchnorm) has negative entries",
+                         ctx.node.param_pos("running_var"))
+    return x
+
+
+def _normalize(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    allowed = {x, (), (x[0],)}
+    for role in ("mean", "std"):
+        shape = ctx.weight(role)
+        if shape is not None and shape not in allowed:
+            key = ctx.node.param_key(role)
+            raise ShapeError(f"weight '{key}' ({role} of normalize) has shape {fmt(shape)}; "
+                             f"expected {fmt(x)} (per element), [{x[0]}] (per channel) or [] "
+                             "(scalar)", ctx.node.param_pos(role))
+    key = ctx.node.param_key("std")
+    if key is not None and np.any(np.asarray(ctx.weights[key]) == 0):
+        raise ShapeError(f"weight '{key}' (std of normalize) has zero entries; division by zero",
+                         ctx.node.param_pos("std"))
+    return x
+
+
+def _global_avgpool(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    if len(x) < 2:
+        raise ctx.fail(f"expects [C, ...] with at least one spatial axis, got {fmt(x)}")
+    return (x[0],)
+
+
+def _softmax(ctx: _Ctx) -> Shape:
+    _axis(ctx, len(ctx.inputs[0]))
+    return ctx.inputs[0]
+
+
+SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
+    OpKind.LINEAR: _linear,
+    OpKind.CONV1D: lambda c: _conv(c, 1),
+    OpKind.CONV2D: lambda c: _conv(c, 2),
+    OpKind.MAXPOOL2D: _pool,
+    OpKind.AVGPOOL2D: _pool,
+    OpKind.GLOBAL_AVGPOOL: _global_avgpool,
+    OpKind.FLATTEN: lambda c: (int(np.prod(c.inputs[0])),),
+    OpKind.RESHAPE: _reshape,
+    OpKind.ADD: _same_shape_inputs,
+    OpKind.CONCAT: _concat,
+    OpKind.BATCHNORM: _batchnorm,
+    OpKind.NORMALIZE: _normalize,
+    OpKind.SOFTMAX: _softmax,
+    OpKind.LOG_SOFTMAX: _softmax,
+    OpKind.ACTIVATION: lambda c: c.inputs[0],
+}
+
+
+def _check_weight(key: str, role: str, node: OpNode, store: WeightStore,
+                  bag: DiagnosticBag, checked: set[str]) -> bool:
+    pos = node.param_pos(role)
+    if key not in store:
+        near = store.nearest_keys(key)
+        notes = [f"nearest keys: {', '.join(near)}"] if near else []
+        if not store:
+            notes.append("the model names no weight file; add: weights \"file.npz\"")
+        bag.error(f"missing weight '{key}' ({role} of {node.kind.value} '{node.name}')",
+                  pos, notes)
+        return False
+    if key in checked:
+        return True
+    checked.add(key)
+    array = store[key]
+    if not np.issubdtype(array.dtype, np.floating):
+        bag.error(f"weight '{key}' has dtype {array.dtype}; expected a floating dtype "
+                  "(float16, float32 or float64)", pos, [f"in '{store.file_of(key)}'"])
+        return False
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        bag.error(f"weight '{key}' has {int(bad.sum())} non-finite value(s), the first "
+                  f"{array[first]} at index {list(first)}", pos, [f"in '{store.file_of(key)}'"])
+        return False
+    return True
+
+
+def infer_shapes(graph: ModelGraph, store: WeightStore) -> ModelGraph:
+    """Check every weight and infer every node's shape, in place; raise all errors together."""
+    bag = DiagnosticBag()
+    checked: set[str] = set()
+    broken: set[str] = set()
+    for node in graph.topological():
+        if node.kind is OpKind.INPUT:
+            continue
+        ok = all(_check_weight(key, role, node, store, bag, checked)
+                 for role, key, _ in node.params)
+        if not ok or any(i in broken for i in node.inputs):
+            broken.add(node.name)
+            continue
+        rule = SHAPE_RULES.get(node.kind)
+        if rule is None:
+            bag.error(f"shape inference has no rule for op '{node.kind.value}'", node.pos)
+            broken.add(node.name)
+            continue
+        ctx = _Ctx(node, [graph.shape_of(i) for i in node.inputs], store)
+        try:
+            shape = rule(ctx)
+        except ShapeError as err:
+            bag.error(err.message, err.pos)
+            broken.add(node.name)
+            continue
+        graph.replace_node(node.with_shape(tuple(int(d) for d in shape)))
+    for out in graph.outputs:
+        shape = graph.node(out.name).shape
+        if out.classes is not None and shape is not None and len(out.classes) != int(np.prod(shape)):
+            bag.error(f"output '{out.name}' has {int(np.prod(shape))} elements but "
+                      f"{len(out.classes)} class names", out.pos)
+    bag.raise_if_any(PbxValidationError)
+    return graph

@@ -1,0 +1,189 @@
+"""The .pbx abstract syntax tree: frozen dataclasses, each with its source position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from pbxc.errors import SourcePos
+
+# ---------------------------------------------------------------- call arguments
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a named value (an input or an earlier statement)."""
+
+    name: str
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """``@key``: a weight tensor, or a key prefix completed by the op (``@fc1`` -> ``fc1.weight``)."""
+
+    key: str
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class NumberLit:
+    value: float
+    is_int: bool
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class BoolLit:
+    value: bool
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class NoneLit:
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class SeqLit:
+    """``(a, b)`` or ``[a, b]``."""
+
+    items: tuple[Value, ...]
+    bracket: str  # "(" or "["
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Arg:
+    keyword: str | None
+    value: Value
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Call:
+    op: str
+    args: tuple[Arg, ...]
+    pos: SourcePos  # of the op name
+
+
+Value = Union[Ref, ParamRef, NumberLit, BoolLit, NoneLit, SeqLit, Call]
+
+# ---------------------------------------------------------------- activation math
+
+
+@dataclass(frozen=True)
+class Num:
+    value: float
+    text: str
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Func:
+    name: str
+    args: tuple[Expr, ...]
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str  # + - * / ^
+    left: Expr
+    right: Expr
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: Expr
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Compare:
+    op: str  # < <= > >=
+    left: Expr
+    right: Expr
+    pos: SourcePos
+
+
+Expr = Union[Num, Var, Func, BinOp, Neg, Compare]
+
+# ---------------------------------------------------------------- statements
+
+
+@dataclass(frozen=True)
+class StrLit:
+    value: str
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class WeightsDecl:
+    paths: tuple[StrLit, ...]
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class InputDecl:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    features: tuple[str, ...] | None
+    classes: tuple[str, ...] | None
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class ActivationDef:
+    name: str
+    variable: str
+    params: tuple[tuple[str, float], ...]
+    body: Expr
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Assign:
+    name: str
+    call: Call
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class OutputDecl:
+    name: str
+    call: Call | None
+    features: tuple[str, ...] | None
+    classes: tuple[str, ...] | None
+    pos: SourcePos
+
+
+Item = Union[WeightsDecl, InputDecl, ActivationDef, Assign, OutputDecl]
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    items: tuple[Item, ...]
+    path: str
+    pos: SourcePos
+
+    @property
+    def weights(self) -> tuple[WeightsDecl, ...]:
+        return tuple(i for i in self.items if isinstance(i, WeightsDecl))
+
+    @property
+    def inputs(self) -> tuple[InputDecl, ...]:
+        return tuple(i for i in self.items if isinstance(i, InputDecl))
+
+    @property
+    def activations(self) -> tuple[ActivationDef, ...]:
+        return tuple(i for i in self.items if isinstance(i, ActivationDef))

@@ -1,0 +1,47 @@
+"""The named stages in order; the one module that knows every stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pbxc.graph.build import build_graph
+from pbxc.graph.ir import ModelGraph
+from pbxc.graph.shapes import infer_shapes
+from pbxc.parse.ast import Program
+from pbxc.parse.parser import parse_file, parse_text
+from pbxc.runtime.model import Model
+from pbxc.weights.store import WeightStore, load_weight_files
+
+
+def weight_paths(graph: ModelGraph) -> list[tuple[Path, Any]]:
+    base = Path(graph.path).parent if graph.path and not graph.path.startswith("<") else Path()
+    return [(base / rel, pos) for rel, pos in graph.weight_files]
+
+
+def frontend(program: Program) -> tuple[ModelGraph, WeightStore]:
+    """AST -> checked graph with shapes, and the weights it binds."""
+    graph = build_graph(program)
+    store = load_weight_files(weight_paths(graph))
+    infer_shapes(graph, store)
+    return graph, store
+
+
+def check_file(path: str | Path) -> tuple[ModelGraph, WeightStore]:
+    """Parse, build, load weights and infer shapes; raise a :class:`PbxError` on any problem."""
+    return frontend(parse_file(path))
+
+
+def load(path: str | Path, dtype: Any = None) -> Model:
+    """Load a .pbx model (with its weights) on the NumPy reference backend.
+
+    ``dtype`` is float32 or float64; by default the inputs' declared dtype.
+    """
+    graph, store = check_file(path)
+    return Model(graph, store, dtype)
+
+
+def loads(text: str, path: str = "<string>", dtype: Any = None) -> Model:
+    """Load a model from .pbx source text; weight paths are relative to ``path``'s folder."""
+    graph, store = frontend(parse_text(text, path))
+    return Model(graph, store, dtype)

@@ -1,0 +1,216 @@
+"""A loaded model: its graph, bound weights in one dtype, and the NumPy forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pbxc.codegen.numpy_printer import NUMPY_PRELUDE, render_function
+from pbxc.errors import Diagnostic, InputError, SourcePos
+from pbxc.graph.ir import ModelGraph, OpNode
+from pbxc.ops import OpKind
+from pbxc.runtime.codeload import load_generated_module
+from pbxc.runtime.numpy_forward import forward_rule
+from pbxc.symbolic.activations import ActivationKey, activation_expression, activation_key
+from pbxc.weights.store import WeightStore
+
+DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in DTYPES.values():
+        raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
+    assert resolved is not None
+    return resolved
+
+
+@dataclass(frozen=True)
+class ActivationTable:
+    """Generated NumPy functions for every distinct activation of a model."""
+
+    keys: dict[str, ActivationKey]              # node name -> key
+    functions: dict[ActivationKey, Callable[[np.ndarray], np.ndarray]]
+    source: str
+
+    def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):  # np.where evaluates the branch it discards too
+            out = self.functions[self.keys[node_name]](z)
+        return np.asarray(out, dtype=z.dtype)
+
+
+def compile_activations(graph: ModelGraph) -> ActivationTable:
+    keys: dict[str, ActivationKey] = {}
+    distinct: dict[ActivationKey, str] = {}
+    chunks = [NUMPY_PRELUDE]
+    for node in graph.topological():
+        if node.kind is not OpKind.ACTIVATION:
+            continue
+        assert node.activation is not None
+        key = activation_key(node.activation, node.activation_params, graph.user_activations)
+        keys[node.name] = key
+        if key not in distinct:
+            fname = f"act_{len(distinct)}"
+            distinct[key] = fname
+            expr = activation_expression(key, graph.user_activations)
+            chunks.append(render_function(fname, ["z"], expr, doc=f"{key.label}: {expr}"))
+    source = "\n\n".join(chunks)
+    module = load_generated_module(source, f"{graph.name}_activations")
+    functions = {key: getattr(module, fname) for key, fname in distinct.items()}
+    return ActivationTable(keys, functions, source)
+
+
+def _first_bad_index(array: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+
+
+class Model:
+    """A compiled .pbx model on the NumPy reference backend.
+
+    ``forward(x)`` takes a batch (shape ``(B, *input_shape)``) or, for several inputs, a dict by
+    input name; it returns an array for a single-output model and a dict by name otherwise.
+    """
+
+    def __init__(self, graph: ModelGraph, weights: WeightStore, dtype: Any = None) -> None:
+        self.graph = graph
+        declared = {i.dtype for i in graph.inputs}
+        if dtype is None:
+            dtype = "float64" if "float64" in declared else "float32"
+        self.dtype = resolve_dtype(dtype)
+        self.nodes: list[OpNode] = list(graph.topological())
+        self.params: dict[str, dict[str, np.ndarray]] = {}
+        cast: dict[str, np.ndarray] = {}
+        for node in self.nodes:
+            bound = {}
+            for role, key, _ in node.params:
+                if key not in cast:
+                    cast[key] = np.ascontiguousarray(weights[key], dtype=self.dtype)
+                bound[role] = cast[key]
+            self.params[node.name] = bound
+        self.weights = cast
+        self.activations = compile_activations(graph)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def name(self) -> str:
+        return self.graph.name
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.graph.input_names
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.graph.output_names
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {i.name: i.shape for i in self.graph.inputs}
+
+    @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {o.name: self.graph.shape_of(o.name) for o in self.graph.outputs}
+
+    @property
+    def feature_names(self) -> dict[str, tuple[str, ...] | None]:
+        return {i.name: i.features for i in self.graph.inputs}
+
+    @property
+    def class_names(self) -> dict[str, tuple[str, ...] | None]:
+        return {o.name: o.classes for o in self.graph.outputs}
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{n}{list(s)}" for n, s in self.input_shapes.items())
+        outs = ", ".join(f"{n}{list(s)}" for n, s in self.output_shapes.items())
+        return f"<pbxc.Model {self.name}: {ins} -> {outs}, {self.dtype.name}>"
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_inputs(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check and cast inputs: right names, shape (B, *declared), real and finite."""
+        if isinstance(x, Mapping):
+            given = dict(x)
+            missing = [n for n in self.input_names if n not in given]
+            extra = [n for n in given if n not in self.input_names]
+            if missing or extra:
+                raise InputError(f"model '{self.name}' takes inputs {list(self.input_names)}; "
+                                 f"missing {missing}, unexpected {extra}")
+        else:
+            if len(self.input_names) != 1:
+                raise InputError(f"model '{self.name}' has {len(self.input_names)} inputs "
+                                 f"{list(self.input_names)}; pass a dict by name")
+            given = {self.input_names[0]: x}
+        batch = None
+        out = {}
+        problems = []
+        for info in self.graph.inputs:
+            arr = np.asarray(given[info.name])
+            where = f"input '{info.name}' (declared at {info.pos})"
+            if arr.dtype.kind not in "fiub":
+                problems.append(Diagnostic(f"{where} has dtype {arr.dtype}; expected real numbers"))
+                continue
+            expected = (-1, *info.shape)
+            if arr.shape[1:] != info.shape or arr.ndim != len(expected):
+                hint = ""
+                if arr.shape == info.shape:
+                    hint = "; add a batch axis, e.g. x[None]"
+                problems.append(Diagnostic(
+                    f"{where} has shape {list(arr.shape)}; expected [batch, "
+                    f"{', '.join(map(str, info.shape))}]{hint}"))
+                continue
+            if batch is not None and arr.shape[0] != batch:
+                problems.append(Diagnostic(f"{where} has batch size {arr.shape[0]}, but other "
+                                           f"inputs have {batch}"))
+                continue
+            batch = arr.shape[0]
+            arr = np.ascontiguousarray(arr, dtype=self.dtype)
+            if not np.isfinite(arr).all():
+                idx = _first_bad_index(arr)
+                count = int((~np.isfinite(arr)).sum())
+                problems.append(Diagnostic(f"{where} has {count} non-finite value(s): "
+                                           f"{arr[idx]} at index {list(idx)}"))
+                continue
+            out[info.name] = arr
+        if problems:
+            raise InputError(problems)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def evaluate(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every node's value, from already checked inputs."""
+        values: dict[str, np.ndarray] = dict(inputs)
+        for node in self.nodes:
+            if node.kind is OpKind.INPUT:
+                continue
+            xs = [values[i] for i in node.inputs]
+            if node.kind is OpKind.ACTIVATION:
+                values[node.name] = self.activations(node.name, xs[0])
+            else:
+                values[node.name] = forward_rule(node)(node, xs, self.params[node.name])
+        return values
+
+    def outputs(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The forward pass; always a dict by output name."""
+        values = self.evaluate(self.prepare_inputs(x))
+        return {name: values[name] for name in self.output_names}
+
+    def forward(self, x: np.ndarray | Mapping[str, np.ndarray],
+                intermediates: bool = False) -> Any:
+        """The forward pass: an array for one output, a dict for several.
+
+        With ``intermediates=True``, a dict of every node's value.
+        """
+        if intermediates:
+            return self.evaluate(self.prepare_inputs(x))
+        outs = self.outputs(x)
+        return outs[self.output_names[0]] if len(outs) == 1 else outs
+
+    __call__ = forward
+
+    def source_of(self, node_name: str) -> SourcePos:
+        return self.graph.node(node_name).pos
