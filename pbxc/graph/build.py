@@ -47,6 +47,7 @@ class _Builder:
         self.nodes: dict[str, OpNode] = {}
         self.defined_at: dict[str, SourcePos] = {}
         self.user_activations: dict[str, ast.ActivationDef] = {}
+        self.reported_loops: set[frozenset[str]] = set()
 
     # ------------------------------------------------------------------ helpers
     def define(self, name: str, pos: SourcePos) -> bool:
@@ -114,6 +115,10 @@ class _Builder:
                                f"got {nargs}", expr.pos)
         elif name in BUILTIN_ACTIVATIONS or name in self.user_activations:
             if name in stack:
+                loop = frozenset(stack[stack.index(name):])
+                if loop in self.reported_loops:
+                    return
+                self.reported_loops.add(loop)
                 self.bag.error(f"activation '{stack[0]}' is defined in terms of itself "
                                f"(through {' -> '.join((*stack, name))})", expr.pos)
                 return

@@ -261,8 +261,8 @@ def infer_shapes(graph: ModelGraph, store: WeightStore) -> ModelGraph:
     for node in graph.topological():
         if node.kind is OpKind.INPUT:
             continue
-        ok = all(_check_weight(key, role, node, store, bag, checked)
-                 for role, key, _ in node.params)
+        ok = all([_check_weight(key, role, node, store, bag, checked)  # report every one
+                  for role, key, _ in node.params])
         if not ok or any(i in broken for i in node.inputs):
             broken.add(node.name)
             continue

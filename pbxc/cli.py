@@ -1,0 +1,263 @@
+"""The ``pbxc`` command. Diagnostics go to stderr; exit 0 ok, 1 bad input, 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pbxc.errors import InputError, PbxError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+# ---------------------------------------------------------------- file helpers
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    atomic_write(path, write)
+
+
+def load_array_file(path: str, key: str | None, names: Sequence[str]) -> Any:
+    """An input batch from .npy or .npz; for .npz, ``key`` or the model's input names."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"input file not found: '{p}'")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except ValueError as err:
+        raise InputError(f"cannot read '{p}': {err} (pickled objects are refused)") from None
+    except OSError as err:
+        raise InputError(f"cannot read '{p}': {err}") from None
+    if isinstance(data, np.ndarray):
+        if key is not None:
+            raise UsageError(f"--key applies to .npz files; '{p}' is a single array")
+        return data
+    with data:
+        files = list(data.files)
+        try:
+            if key is not None:
+                if key not in files:
+                    raise InputError(f"'{p}' has no key '{key}'; it has {files}")
+                return data[key]
+            if all(n in files for n in names):
+                picked = {n: data[n] for n in names}
+                return picked if len(names) > 1 else picked[names[0]]
+            if len(files) == 1:
+                return data[files[0]]
+        except ValueError as err:
+            raise InputError(f"cannot read '{p}': {err} (pickled objects are refused)") from None
+    raise InputError(f"'{p}' has keys {files}; choose one with --key (the model's inputs are "
+                     f"{list(names)})")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pbxc.pipeline import check_file
+
+    graph, store = check_file(args.model)
+    used = {key for node in graph.topological() for _, key, _ in node.params}
+    n_params = sum(int(np.prod(store[k].shape)) for k in used)
+    if not args.quiet:
+        print(f"{args.model}: model '{graph.name}' is valid")
+        for i in graph.inputs:
+            print(f"  input  {i.name}: {i.dtype}{_fmt_shape(i.shape)}")
+        for o in graph.outputs:
+            print(f"  output {o.name}: {_fmt_shape(graph.shape_of(o.name))}"
+                  + (f" ({len(o.classes)} classes)" if o.classes else ""))
+        print(f"  {graph.digraph.number_of_nodes()} nodes, {len(used)} weight tensors, "
+              f"{n_params:,} parameters")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pbxc.pipeline import load
+
+    model = load(args.model, dtype=args.dtype)
+    x = load_array_file(args.input, args.key, model.input_names)
+    outputs = model.outputs(x)
+    if args.out:
+        save_npz(Path(args.out), outputs)
+        print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in outputs.items())} "
+              f"to {args.out}")
+        return EXIT_OK
+    for name, value in outputs.items():
+        print(f"{name}: {_fmt_shape(value.shape)} {value.dtype}")
+        classes = model.class_names.get(name)
+        shown = min(len(value), args.show)
+        with np.printoptions(precision=6, suppress=True, linewidth=100):
+            for b in range(shown):
+                row = value[b]
+                line = f"  [{b}] {row}"
+                if classes and row.ndim == 1:
+                    line += f"  -> {classes[int(np.argmax(row))]}"
+                print(line)
+        if len(value) > shown:
+            print(f"  ... {len(value) - shown} more (use --out FILE.npz to save all)")
+    return EXIT_OK
+
+
+def graph_json(graph: Any) -> dict[str, Any]:
+    nodes = []
+    for node in graph.topological():
+        nodes.append({
+            "name": node.name, "op": node.label, "kind": node.kind.value,
+            "inputs": list(node.inputs), "shape": list(node.shape or ()),
+            "params": {role: key for role, key, _ in node.params},
+            "attrs": {k: list(v) if isinstance(v, tuple) else v for k, v in node.attrs},
+            "source": {"file": node.pos.file, "line": node.pos.line, "column": node.pos.column},
+        })
+    return {"model": graph.name, "inputs": list(graph.input_names),
+            "outputs": list(graph.output_names), "nodes": nodes}
+
+
+def graph_dot(graph: Any) -> str:
+    def q(s: str) -> str:  # labels carry DOT's own \\n escapes, so only quotes need escaping
+        return '"' + s.replace('"', '\\"') + '"'
+    lines = [f"digraph {q(graph.name)} {{", "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
+    outputs = set(graph.output_names)
+    for node in graph.topological():
+        label = f"{node.name}\\n{node.label} {_fmt_shape(node.shape or ())}\\nline {node.pos.line}"
+        style = ", style=filled, fillcolor=lightblue" if node.kind.value == "input" else (
+            ", style=filled, fillcolor=palegreen" if node.name in outputs else "")
+        lines.append(f"  {q(node.name)} [label={q(label)}{style}];")
+    for u, v in graph.digraph.edges:
+        lines.append(f"  {q(u)} -> {q(v)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(map(str, v)) + ")"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def graph_text(graph: Any) -> str:
+    rows = []
+    for node in graph.topological():
+        parts = [*node.inputs, *(f"{role}=@{key}" for role, key, _ in node.params)]
+        settings = node.activation_params or tuple(
+            (k, v) for k, v in node.attrs if v is not None)
+        parts += [f"{k}={_fmt_value(v)}" for k, v in settings]
+        op = node.activation or node.kind.value
+        call = f"{op}({', '.join(parts)})" if node.kind.value != "input" else "input"
+        rows.append(f"{node.pos.line:>5}  {node.name:<24} {_fmt_shape(node.shape or ()):<14} "
+                    f"{call}")
+    return "\n".join(["line  name                     shape          op", *rows]) + "\n"
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from pbxc.pipeline import check_file
+
+    graph, _ = check_file(args.model)
+    if args.format == "json":
+        text = json.dumps(graph_json(graph), indent=2) + "\n"
+    elif args.format == "dot":
+        text = graph_dot(graph)
+    else:
+        text = graph_text(graph)
+    if args.output:
+        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pbxc", description="Compile and verify neural-network attribution passes.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="parse a model, check shapes and weights")
+    p.add_argument("model", help="the .pbx file")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("run", help="the forward pass on a batch")
+    p.add_argument("model", help="the .pbx file")
+    p.add_argument("--input", "-i", required=True, help="inputs: .npy, or .npz by input name")
+    p.add_argument("--key", help="the .npz key holding the input batch")
+    p.add_argument("--out", "-o", help="save outputs by name to this .npz")
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="compute dtype (default: the inputs' declared dtype)")
+    p.add_argument("--show", type=int, default=10, help="rows to print without --out")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("graph", help="print the computation graph")
+    p.add_argument("model", help="the .pbx file")
+    p.add_argument("--format", "-f", choices=["text", "dot", "json"], default="text")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_graph)
+    return parser
+
+
+def _version() -> str:
+    from pbxc import __version__
+    return f"pbxc {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code: int = args.func(args)
+        return code
+    except UsageError as err:
+        print(f"pbxc: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except PbxError as err:
+        print(err.render(), file=sys.stderr)
+        n = len(err.diagnostics)
+        if n > 1:
+            print(f"{n} errors", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("pbxc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
