@@ -41,7 +41,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
     atomic_write(path, write)
 
 
@@ -193,7 +193,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
     else:
         text = graph_text(graph)
     if args.output:
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        def write(tmp: Path) -> None:
+            tmp.write_text(text, encoding="utf-8")
+        atomic_write(Path(args.output), write)
     else:
         sys.stdout.write(text)
     return EXIT_OK

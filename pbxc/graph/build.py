@@ -165,7 +165,8 @@ class _Builder:
 
     def _split_positional(self, call: ast.Call, sig_inputs: tuple[int, int | None]
                           ) -> tuple[list[ast.Arg], list[ast.Arg], dict[str, ast.Arg]]:
-        positional, keywords = [], {}
+        positional: list[ast.Arg] = []
+        keywords: dict[str, ast.Arg] = {}
         for arg in call.args:
             if arg.keyword is None:
                 if keywords:
@@ -176,8 +177,8 @@ class _Builder:
                 self.bag.error(f"{call.op}() got '{arg.keyword}' twice", arg.pos)
             else:
                 keywords[arg.keyword] = arg
-        min_in, max_in = sig_inputs
-        inputs = []
+        _, max_in = sig_inputs
+        inputs: list[ast.Arg] = []
         for arg in positional:
             if isinstance(arg.value, (ast.Ref, ast.Call)) and (max_in is None or len(inputs) < max_in):
                 inputs.append(arg)
@@ -229,7 +230,7 @@ class _Builder:
             spec = positional_attrs.pop(0)
             attr_values[spec.name] = (spec, arg)
         for key, arg in keywords.items():
-            spec = sig.attr(key)
+            kw_spec = sig.attr(key)
             pspec = sig.param(key)
             if pspec is not None:
                 if isinstance(arg.value, ast.ParamRef):
@@ -244,11 +245,11 @@ class _Builder:
                     self.bag.error(f"'{key}' of {call.op}() must be a weight reference (@key)"
                                    + (" or false" if pspec.optional else "")
                                    + f", got {_describe_value(arg.value)}", arg.pos)
-            elif spec is not None:
-                if spec.name in attr_values:
+            elif kw_spec is not None:
+                if kw_spec.name in attr_values:
                     self.bag.error(f"{call.op}() got '{key}' both by position and by keyword",
                                    arg.pos)
-                attr_values[spec.name] = (spec, arg)
+                attr_values[kw_spec.name] = (kw_spec, arg)
             else:
                 names = [a.name for a in sig.attrs] + [p.role for p in sig.params]
                 self.bag.error(f"{call.op}() has no argument '{key}'" + did_you_mean(key, names),
@@ -393,22 +394,22 @@ class _Builder:
         self._collect_activations()
         inputs: list[InputInfo] = []
         outputs: list[OutputInfo] = []
-        for item in program.inputs:
-            if not self.define(item.name, item.pos):
+        for decl in program.inputs:
+            if not self.define(decl.name, decl.pos):
                 continue
-            if not item.shape or any(d < 1 for d in item.shape):
-                self.bag.error(f"input '{item.name}' needs at least one dimension, each positive, "
-                               f"got [{', '.join(map(str, item.shape))}]", item.pos)
-            if item.features is not None:
+            if not decl.shape or any(d < 1 for d in decl.shape):
+                self.bag.error(f"input '{decl.name}' needs at least one dimension, each positive, "
+                               f"got [{', '.join(map(str, decl.shape))}]", decl.pos)
+            if decl.features is not None:
                 size = 1
-                for d in item.shape:
+                for d in decl.shape:
                     size *= d
-                if len(item.features) != size:
-                    self.bag.error(f"input '{item.name}' has {size} elements but "
-                                   f"{len(item.features)} feature names", item.pos)
-            inputs.append(InputInfo(item.name, item.dtype, item.shape, item.features, item.pos))
-            self.nodes[item.name] = OpNode(item.name, OpKind.INPUT, (), item.pos,
-                                           shape=item.shape)
+                if len(decl.features) != size:
+                    self.bag.error(f"input '{decl.name}' has {size} elements but "
+                                   f"{len(decl.features)} feature names", decl.pos)
+            inputs.append(InputInfo(decl.name, decl.dtype, decl.shape, decl.features, decl.pos))
+            self.nodes[decl.name] = OpNode(decl.name, OpKind.INPUT, (), decl.pos,
+                                           shape=decl.shape)
         if not inputs:
             self.bag.error(f"model '{program.name}' declares no input; add e.g. "
                            "'input x: float32[30]'", program.pos)
@@ -417,9 +418,8 @@ class _Builder:
                 if self.define(item.name, item.pos):
                     self.build_call(item.name, item.call)
             elif isinstance(item, ast.OutputDecl):
-                if item.call is not None:
-                    if self.define(item.name, item.pos):
-                        self.build_call(item.name, item.call)
+                if item.call is not None and self.define(item.name, item.pos):
+                    self.build_call(item.name, item.call)
                 if any(o.name == item.name for o in outputs):
                     self.bag.error(f"'{item.name}' is already an output", item.pos)
                     continue
@@ -448,9 +448,9 @@ class _Builder:
             first = self.nodes[names[0]]
             self.bag.error("cycle: " + " -> ".join([*names, names[0]]), first.pos,
                            [f"'{n}' is defined at {self.nodes[n].pos}" for n in names])
-        weight_files = []
-        for decl in program.weights:
-            weight_files.extend((lit.value, lit.pos) for lit in decl.paths)
+        weight_files: list[tuple[str, SourcePos]] = []
+        for weights_decl in program.weights:
+            weight_files.extend((lit.value, lit.pos) for lit in weights_decl.paths)
         self.bag.raise_if_any(PbxValidationError)
         return ModelGraph(program.name, program.path, graph, tuple(inputs), tuple(outputs),
                           tuple(weight_files), dict(self.user_activations))

@@ -184,9 +184,12 @@ def _normalize(ctx: _Ctx) -> Shape:
         shape = ctx.weight(role)
         if shape is not None and shape not in allowed:
             key = ctx.node.param_key(role)
+            options = [f"{fmt(x)} (per element)"]
+            if len(x) > 1:
+                options.append(f"[{x[0]}] (per channel)")
             raise ShapeError(f"weight '{key}' ({role} of normalize) has shape {fmt(shape)}; "
-                             f"expected {fmt(x)} (per element), [{x[0]}] (per channel) or [] "
-                             "(scalar)", ctx.node.param_pos(role))
+                             f"expected {', '.join(options)} or [] (scalar)",
+                             ctx.node.param_pos(role))
     key = ctx.node.param_key("std")
     if key is not None and np.any(np.asarray(ctx.weights[key]) == 0):
         raise ShapeError(f"weight '{key}' (std of normalize) has zero entries; division by zero",
@@ -280,9 +283,10 @@ def infer_shapes(graph: ModelGraph, store: WeightStore) -> ModelGraph:
             continue
         graph.replace_node(node.with_shape(tuple(int(d) for d in shape)))
     for out in graph.outputs:
-        shape = graph.node(out.name).shape
-        if out.classes is not None and shape is not None and len(out.classes) != int(np.prod(shape)):
-            bag.error(f"output '{out.name}' has {int(np.prod(shape))} elements but "
+        out_shape = graph.node(out.name).shape
+        if out.classes is not None and out_shape is not None and \
+                len(out.classes) != int(np.prod(out_shape)):
+            bag.error(f"output '{out.name}' has {int(np.prod(out_shape))} elements but "
                       f"{len(out.classes)} class names", out.pos)
     bag.raise_if_any(PbxValidationError)
     return graph

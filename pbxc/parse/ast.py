@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from pbxc.errors import SourcePos
 
@@ -67,7 +66,7 @@ class Call:
     pos: SourcePos  # of the op name
 
 
-Value = Union[Ref, ParamRef, NumberLit, BoolLit, NoneLit, SeqLit, Call]
+Value = Ref | ParamRef | NumberLit | BoolLit | NoneLit | SeqLit | Call
 
 # ---------------------------------------------------------------- activation math
 
@@ -114,7 +113,7 @@ class Compare:
     pos: SourcePos
 
 
-Expr = Union[Num, Var, Func, BinOp, Neg, Compare]
+Expr = Num | Var | Func | BinOp | Neg | Compare
 
 # ---------------------------------------------------------------- statements
 
@@ -166,7 +165,7 @@ class OutputDecl:
     pos: SourcePos
 
 
-Item = Union[WeightsDecl, InputDecl, ActivationDef, Assign, OutputDecl]
+Item = WeightsDecl | InputDecl | ActivationDef | Assign | OutputDecl
 
 
 @dataclass(frozen=True)

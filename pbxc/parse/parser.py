@@ -135,7 +135,8 @@ def _syntax_error(err: UnexpectedInput, text: str, path: str) -> PbxSyntaxError:
     signature = _error_signature(err)
     label = _labelled_signatures().get(signature) if signature is not None else None
     if isinstance(err, UnexpectedCharacters):
-        ch = text[err.pos_in_stream] if 0 <= err.pos_in_stream < len(text) else "?"
+        at = err.pos_in_stream
+        ch = text[at] if at is not None and 0 <= at < len(text) else "?"
         message = f"unexpected character {ch!r}"
         if ch == "'":
             message += "; strings use double quotes"
@@ -238,7 +239,7 @@ class _ToAst(Transformer[Any, Any]):
     def output_decl(self, children: list[Any]) -> ast.OutputDecl:
         name, *rest = children
         call = rest[0] if rest and isinstance(rest[0], ast.Call) else None
-        meta = dict(r for r in rest if isinstance(r, tuple))
+        meta: dict[str, tuple[str, ...]] = dict(r for r in rest if isinstance(r, tuple))
         return ast.OutputDecl(str(name), call, meta.get("features"), meta.get("classes"),
                               self._tpos(name))
 
@@ -287,11 +288,11 @@ class _ToAst(Transformer[Any, Any]):
         return ast.NoneLit(self._pos(meta))
 
     @v_args(meta=True)
-    def tuple(self, meta: Any, children: list[Any]) -> ast.SeqLit:
+    def tuple_lit(self, meta: Any, children: list[Any]) -> ast.SeqLit:
         return ast.SeqLit(tuple(children), "(", self._pos(meta))
 
     @v_args(meta=True)
-    def list(self, meta: Any, children: list[Any]) -> ast.SeqLit:
+    def list_lit(self, meta: Any, children: list[Any]) -> ast.SeqLit:
         return ast.SeqLit(tuple(children), "[", self._pos(meta))
 
     # ---- activation math

@@ -163,9 +163,9 @@ class _UserExpr:
         if name in self.definitions:
             callee = self.definitions[name]
             if 1 <= len(args) <= 1 + len(callee.params):
-                values = {p: (args[1 + i] if 1 + i < len(args) else number(default))
-                          for i, (p, default) in enumerate(callee.params)}
-                return self.build(callee, args[0], values)
+                bound = {p: (args[1 + i] if 1 + i < len(args) else number(default))
+                         for i, (p, default) in enumerate(callee.params)}
+                return self.build(callee, args[0], bound)
         raise PbxValidationError(f"cannot call '{name}' with {len(args)} argument(s) in "
                                  f"activation '{owner.name}'", node.pos)
 

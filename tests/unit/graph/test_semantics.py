@@ -89,7 +89,7 @@ def test_input_redefined_by_statement() -> None:
 
 def test_cycle_is_reported_with_its_path() -> None:
     line, msg = only_error(HEAD + "a = add(x, c)\nb = relu(a)\nc = tanh(b)\noutput c")
-    assert msg.startswith("cycle: ")
+    assert line in (3, 4, 5) and msg.startswith("cycle: ")
     assert all(n in msg for n in ("a", "b", "c"))
 
 

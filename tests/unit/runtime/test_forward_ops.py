@@ -20,7 +20,7 @@ RNG = np.random.default_rng(1234)
 
 def naive_conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: tuple[int, int],
                  pad: tuple[int, int], dil: tuple[int, int], groups: int) -> np.ndarray:
-    batch, cin, h, wd = x.shape
+    batch, _, h, wd = x.shape
     cout, cpg, kh, kw = w.shape
     oh = (h + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (wd + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1

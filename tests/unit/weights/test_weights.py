@@ -44,7 +44,7 @@ def test_missing_weight_file_names_path_and_line(write_model: Callable[..., Path
 
 def test_missing_weight_file_suggests_neighbours(write_model: Callable[..., Path]) -> None:
     path = write_model(MLP.format(file="weights.npz"), GOOD, weights_name="weight.npz")
-    with pytest.raises(WeightError, match="nearby weight files: weight.npz"):
+    with pytest.raises(WeightError, match=r"nearby weight files: weight.npz"):
         pbxc.load(path)
 
 
@@ -77,7 +77,7 @@ def test_non_finite_weights_are_refused(write_model: Callable[..., Path]) -> Non
 
 def test_integer_weights_are_refused(write_model: Callable[..., Path]) -> None:
     path = write_model(MLP.format(file="w.npz"), {**GOOD, "fc.bias": np.array([1, 2])})
-    with pytest.raises(pbxc.PbxError, match="'fc.bias' has dtype int64; expected a floating"):
+    with pytest.raises(pbxc.PbxError, match=r"'fc.bias' has dtype int64; expected a floating"):
         pbxc.load(path)
 
 
@@ -91,27 +91,27 @@ def test_pickled_object_in_npz_is_refused_without_running_it(tmp_path: Path) -> 
     obj = np.empty(1, dtype=object)
     obj[0] = Payload()
     np.savez(tmp_path / "evil.npz", **{"fc.weight": obj})
-    with pytest.raises(WeightError, match="refused to load key 'fc.weight'.*pickled"):
+    with pytest.raises(WeightError, match=r"refused to load key 'fc.weight'.*pickled"):
         load_weight_file(tmp_path / "evil.npz")
     assert not marker.exists()
 
 
 def test_corrupt_and_foreign_files(tmp_path: Path) -> None:
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(WeightError, match="cannot read weight file"):
+    with pytest.raises(WeightError, match=r"cannot read weight file"):
         load_weight_file(tmp_path / "junk.npz")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01garbage")
-    with pytest.raises(WeightError, match="cannot read weight file"):
+    with pytest.raises(WeightError, match=r"cannot read weight file"):
         load_weight_file(tmp_path / "junk.safetensors")
     (tmp_path / "w.pt").write_bytes(b"")
-    with pytest.raises(WeightError, match="expected one of .npz, .safetensors"):
+    with pytest.raises(WeightError, match=r"expected one of .npz, .safetensors"):
         load_weight_file(tmp_path / "w.pt")
 
 
 def test_duplicate_key_across_files(write_model: Callable[..., Path], tmp_path: Path) -> None:
     np.savez(tmp_path / "b.npz", **{"fc.bias": np.zeros(2)})
     path = write_model(MLP.replace('"{file}"', '"w.npz", "b.npz"'), GOOD)
-    with pytest.raises(WeightError, match="'fc.bias' is in both"):
+    with pytest.raises(WeightError, match=r"'fc.bias' is in both"):
         pbxc.load(path)
 
 
@@ -128,9 +128,9 @@ def test_input_shape_and_nan_errors(write_model: Callable[..., Path]) -> None:
     x[1, 0] = np.inf
     with pytest.raises(pbxc.InputError, match=r"1 non-finite value\(s\): inf at index \[1, 0\]"):
         model.forward(x)
-    with pytest.raises(pbxc.InputError, match="expected real numbers"):
+    with pytest.raises(pbxc.InputError, match=r"expected real numbers"):
         model.forward(np.ones((2, 3), dtype=complex))
-    with pytest.raises(pbxc.InputError, match="missing"):
+    with pytest.raises(pbxc.InputError, match=r"missing"):
         model.forward({"u": np.ones((2, 3))})
 
 
@@ -139,5 +139,5 @@ def test_dtype_selection(write_model: Callable[..., Path]) -> None:
     assert pbxc.load(path).dtype == np.float64
     m32 = pbxc.load(path, dtype="float32")
     assert m32.forward(np.ones((1, 3))).dtype == np.float32
-    with pytest.raises(pbxc.InputError, match="float32 or float64"):
+    with pytest.raises(pbxc.InputError, match=r"float32 or float64"):
         pbxc.load(path, dtype="int8")
