@@ -87,6 +87,7 @@ class ModelGraph:
     outputs: tuple[OutputInfo, ...]
     weight_files: tuple[tuple[str, SourcePos], ...]
     user_activations: dict[str, ast.ActivationDef] = field(default_factory=dict)
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # bound weights
 
     def node(self, name: str) -> OpNode:
         op: OpNode = self.digraph.nodes[name]["op"]

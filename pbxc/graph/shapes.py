@@ -274,6 +274,8 @@ def infer_shapes(graph: ModelGraph, store: WeightStore) -> ModelGraph:
             bag.error(f"shape inference has no rule for op '{node.kind.value}'", node.pos)
             broken.add(node.name)
             continue
+        for _, key, _ in node.params:
+            graph.param_shapes[key] = tuple(store[key].shape)
         ctx = _Ctx(node, [graph.shape_of(i) for i in node.inputs], store)
         try:
             shape = rule(ctx)

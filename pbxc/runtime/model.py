@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import sympy
 
 from pbxc.codegen.numpy_printer import NUMPY_PRELUDE, render_function
 from pbxc.errors import Diagnostic, InputError, SourcePos
@@ -14,7 +15,7 @@ from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.ops import OpKind
 from pbxc.runtime.codeload import load_generated_module
 from pbxc.runtime.numpy_forward import forward_rule
-from pbxc.symbolic.activations import ActivationKey, activation_expression, activation_key
+from pbxc.symbolic.activations import Z, ActivationKey, activation_expression, activation_key
 from pbxc.weights.store import WeightStore
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -37,12 +38,21 @@ class ActivationTable:
 
     keys: dict[str, ActivationKey]              # node name -> key
     functions: dict[ActivationKey, Callable[[np.ndarray], np.ndarray]]
+    derivatives: dict[ActivationKey, Callable[[np.ndarray], np.ndarray]]
     source: str
 
     def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
+        return self._apply(self.functions[self.keys[node_name]], z)
+
+    def derivative(self, node_name: str, z: np.ndarray) -> np.ndarray:
+        """f'(z), elementwise: the diagonal of the activation's Jacobian."""
+        return self._apply(self.derivatives[self.keys[node_name]], z)
+
+    @staticmethod
+    def _apply(fn: Callable[[np.ndarray], np.ndarray], z: np.ndarray) -> np.ndarray:
         with np.errstate(all="ignore"):  # np.where evaluates the branch it discards too
-            out = self.functions[self.keys[node_name]](z)
-        return np.asarray(out, dtype=z.dtype)
+            out = fn(z)
+        return np.broadcast_to(np.asarray(out, dtype=z.dtype), z.shape)
 
 
 def compile_activations(graph: ModelGraph) -> ActivationTable:
@@ -60,10 +70,14 @@ def compile_activations(graph: ModelGraph) -> ActivationTable:
             distinct[key] = fname
             expr = activation_expression(key, graph.user_activations)
             chunks.append(render_function(fname, ["z"], expr, doc=f"{key.label}: {expr}"))
+            dexpr = sympy.diff(expr, Z)
+            chunks.append(render_function(f"d{fname}", ["z"], dexpr,
+                                          doc=f"d/dz {key.label}: {dexpr}"))
     source = "\n\n".join(chunks)
     module = load_generated_module(source, f"{graph.name}_activations")
     functions = {key: getattr(module, fname) for key, fname in distinct.items()}
-    return ActivationTable(keys, functions, source)
+    derivatives = {key: getattr(module, f"d{fname}") for key, fname in distinct.items()}
+    return ActivationTable(keys, functions, derivatives, source)
 
 
 def _first_bad_index(array: np.ndarray) -> tuple[int, ...]:

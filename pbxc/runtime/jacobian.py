@@ -1,0 +1,210 @@
+"""The exact Jacobian: forward accumulation (Algorithm 1 of the PBX paper), reverse
+accumulation, and matrix-chain bracketings, executed as the plan from ``pbxc.lower.plan`` says.
+
+Abe & Asai, arXiv 2502.14001, Algorithm 1: J[1] = I, J[l] = J_sigma(z[l]) W[l] J[l-1], with
+every intermediate J[l] as a byproduct. Here every op's linearisation comes from the JVP/VJP
+tables in ``linearize``; elementwise Jacobians are diagonal scalings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from pbxc.codegen import numpy_kernels as K
+from pbxc.graph.ir import OpNode
+from pbxc.lower.plan import JacobianPlan, path_nodes, plan_jacobian, size
+from pbxc.ops import OpKind
+from pbxc.runtime.linearize import Point, jvp_rule, vjp_rule
+from pbxc.runtime.numpy_forward import forward_rule, pool_geometry
+
+Array = np.ndarray
+
+
+@dataclass
+class Linearization:
+    """The forward pass at x, with what each op's Jacobian needs (f'(z), argmax indices)."""
+
+    values: dict[str, Array]
+    local: dict[str, Array]
+
+    def point(self, model: object, node: OpNode) -> Point:
+        params = model.params[node.name]  # type: ignore[attr-defined]
+        return Point(node, [self.values[i] for i in node.inputs], self.values[node.name],
+                     params, self.local.get(node.name))
+
+
+def linearize(model: object, inputs: Mapping[str, Array]) -> Linearization:
+    """Evaluate every node, keeping the local derivative data of nonlinear ops."""
+    values: dict[str, Array] = dict(inputs)
+    local: dict[str, Array] = {}
+    for node in model.nodes:  # type: ignore[attr-defined]
+        if node.kind is OpKind.INPUT:
+            continue
+        xs = [values[i] for i in node.inputs]
+        if node.kind is OpKind.ACTIVATION:
+            table = model.activations  # type: ignore[attr-defined]
+            values[node.name] = table(node.name, xs[0])
+            local[node.name] = table.derivative(node.name, xs[0])
+        elif node.kind is OpKind.MAXPOOL2D:
+            values[node.name], local[node.name] = K.maxpool2d(xs[0], *pool_geometry(node))
+        else:
+            params = model.params[node.name]  # type: ignore[attr-defined]
+            values[node.name] = forward_rule(node)(node, xs, params)
+    return Linearization(values, local)
+
+
+def identity_tangents(batch: int, shape: tuple[int, ...], dtype: np.dtype) -> Array:
+    n = size(shape)
+    eye = np.broadcast_to(np.eye(n, dtype=dtype), (batch, n, n))
+    return np.ascontiguousarray(eye).reshape(batch, n, *shape)
+
+
+def forward_sweep(model: object, lin: Linearization, wrt: str, nodes: list[OpNode],
+                  keep: bool) -> dict[str, Array]:
+    """Push identity tangents from ``wrt``: J of every node on the path, (B, n_in, *shape)."""
+    x = lin.values[wrt]
+    tangents = {wrt: identity_tangents(x.shape[0], x.shape[1:], x.dtype)}
+    n_in = size(x.shape[1:])
+    remaining = {n.name: 0 for n in nodes}
+    for node in nodes:
+        for i in node.inputs:
+            if i in remaining:
+                remaining[i] += 1
+    for node in nodes:
+        ts = []
+        for i in node.inputs:
+            if i in tangents:
+                ts.append(tangents[i])
+            else:  # an input that does not depend on wrt
+                v = lin.values[i]
+                ts.append(np.zeros((v.shape[0], n_in, *v.shape[1:]), dtype=v.dtype))
+        tangents[node.name] = jvp_rule(node)(lin.point(model, node), ts)
+        if not keep:
+            for i in node.inputs:
+                if i in remaining:
+                    remaining[i] -= 1
+                    if remaining[i] == 0:
+                        del tangents[i]
+    return tangents
+
+
+def reverse_sweep(model: object, lin: Linearization, wrt: str, output: str,
+                  nodes: list[OpNode], seed: Array | None = None) -> Array:
+    """Pull cotangents from ``output`` back to ``wrt``: (B, K, *in_shape).
+
+    ``seed`` is (B, K, *out_shape); by default the identity (K = output size).
+    """
+    y = lin.values[output]
+    cot = {output: seed if seed is not None else identity_tangents(y.shape[0], y.shape[1:],
+                                                                   y.dtype)}
+    on_path = {n.name for n in nodes} | {wrt}
+    for node in reversed(nodes):
+        v = cot.pop(node.name, None)
+        if v is None:
+            continue
+        grads = vjp_rule(node)(lin.point(model, node), v)
+        for i, g in zip(node.inputs, grads):
+            if i not in on_path:
+                continue
+            cot[i] = cot[i] + g if i in cot else g
+    x = lin.values[wrt]
+    if wrt not in cot:
+        k = cot_seed_rows(seed, y)
+        return np.zeros((x.shape[0], k, *x.shape[1:]), dtype=x.dtype)
+    return cot[wrt]
+
+
+def cot_seed_rows(seed: Array | None, y: Array) -> int:
+    return seed.shape[1] if seed is not None else size(y.shape[1:])
+
+
+def _flat_matrix(t: Array) -> Array:
+    """(B, K, *shape) -> (B, K, n)."""
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def chain_execute(model: object, lin: Linearization, wrt: str, nodes: list[OpNode],
+                  plan: JacobianPlan) -> Array:
+    """Evaluate the chain plan's bracketing; returns (B, n_out, n_in) per sample."""
+    shapes = [lin.values[wrt].shape[1:]] + [lin.values[n.name].shape[1:] for n in nodes]
+    batch = lin.values[wrt].shape[0]
+    dtype = lin.values[wrt].dtype
+
+    def dense(i: int) -> Array:
+        node = nodes[i]
+        if node.kind is OpKind.LINEAR and len(shapes[i]) == 1:
+            w = model.params[node.name]["weight"]  # type: ignore[attr-defined]
+            return np.broadcast_to(w, (batch, *w.shape))
+        pt = lin.point(model, node)
+        if size(shapes[i]) <= size(shapes[i + 1]):
+            t = jvp_rule(node)(pt, [identity_tangents(batch, shapes[i], dtype)])
+            return np.swapaxes(_flat_matrix(t), 1, 2)
+        v = vjp_rule(node)(pt, identity_tangents(batch, shapes[i + 1], dtype))[0]
+        return _flat_matrix(v)
+
+    def run(tree: tuple) -> Array:  # -> (B, d_out, d_in)
+        i, j, action, children = tree
+        if action == "dense":
+            return dense(i)
+        if action == "jvp":  # apply op j to the columns of M[i..j-1]
+            m = run(children[0])
+            t = np.swapaxes(m, 1, 2).reshape(batch, m.shape[2], *shapes[j])
+            out = jvp_rule(nodes[j])(lin.point(model, nodes[j]), [t])
+            return np.swapaxes(_flat_matrix(out), 1, 2)
+        if action == "vjp":  # apply op i's transpose to the rows of M[i+1..j]
+            m = run(children[0])
+            v = m.reshape(batch, m.shape[1], *shapes[i + 1])
+            return _flat_matrix(vjp_rule(nodes[i])(lin.point(model, nodes[i]), v)[0])
+        left, right = run(children[0]), run(children[1])
+        return np.matmul(right, left)  # M[k+1..j] @ M[i..k]
+
+    assert isinstance(plan.tree, tuple)
+    return run(plan.tree)
+
+
+@dataclass
+class JacobianResult:
+    """J of ``output`` with respect to ``wrt``: (B, *out_shape, *in_shape)."""
+
+    jacobian: Array
+    output: str
+    wrt: str
+    plan: JacobianPlan
+    intermediates: dict[str, Array] | None = None   # node -> (B, *node_shape, *in_shape)
+    kinks: dict[str, int] | None = None              # activation node -> units on a kink
+
+
+def jacobian(model: object, inputs: Mapping[str, Array], output: str, wrt: str,
+             mode: str = "auto", intermediates: bool = False) -> JacobianResult:
+    lin = linearize(model, inputs)
+    graph = model.graph  # type: ignore[attr-defined]
+    batch = lin.values[wrt].shape[0]
+    in_shape, out_shape = lin.values[wrt].shape[1:], lin.values[output].shape[1:]
+    if intermediates:
+        mode = "forward"  # the paper's byproduct: every J[l] comes with the forward sweep
+    plan = plan_jacobian(graph, wrt, output, batch, mode)
+    nodes = path_nodes(graph, wrt, output)
+    inter = None
+    if output == wrt:
+        flat = identity_tangents(batch, in_shape, lin.values[wrt].dtype)
+        j = flat.reshape(batch, *out_shape, *in_shape)
+    elif plan.mode == "forward":
+        tangents = forward_sweep(model, lin, wrt, nodes, keep=intermediates)
+        t = tangents[output]  # (B, n_in, *out_shape)
+        j = np.moveaxis(t.reshape(batch, size(in_shape), size(out_shape)), 1, 2)
+        j = j.reshape(batch, *out_shape, *in_shape)
+        if intermediates:
+            inter = {}
+            for name, tan in tangents.items():
+                shape = lin.values[name].shape[1:]
+                m = np.moveaxis(tan.reshape(batch, size(in_shape), size(shape)), 1, 2)
+                inter[name] = m.reshape(batch, *shape, *in_shape)
+    elif plan.mode == "reverse":
+        v = reverse_sweep(model, lin, wrt, output, nodes)
+        j = v.reshape(batch, *out_shape, *in_shape)
+    else:
+        j = chain_execute(model, lin, wrt, nodes, plan).reshape(batch, *out_shape, *in_shape)
+    return JacobianResult(np.ascontiguousarray(j), output, wrt, plan, inter)
