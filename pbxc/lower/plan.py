@@ -85,7 +85,7 @@ class JacobianPlan:
         for step in self.steps:
             seg = self.nodes[step.first] if step.first == step.last else \
                 f"{self.nodes[step.first]} .. {self.nodes[step.last]}"
-            lines.append(f"    {step.action:<6} [{seg}]  {step.flops:,} per sample")
+            lines.append(f"    {step.action:<6} [{seg}]  {step.flops:,} cumulative per sample")
         return "\n".join(lines)
 
 

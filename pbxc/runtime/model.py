@@ -12,10 +12,12 @@ import sympy
 from pbxc.codegen.numpy_printer import NUMPY_PRELUDE, render_function
 from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
+from pbxc.lower.plan import path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.codeload import load_generated_module
+from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.numpy_forward import forward_rule
-from pbxc.symbolic.activations import Z, ActivationKey, activation_expression, activation_key
+from pbxc.symbolic.activations import ActivationKey, Z, activation_expression, activation_key
 from pbxc.weights.store import WeightStore
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -225,6 +227,68 @@ class Model:
         return outs[self.output_names[0]] if len(outs) == 1 else outs
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ attribution passes
+    def _io(self, output: str | None, wrt: str | None) -> tuple[str, str]:
+        output = output or self.output_names[0]
+        wrt = wrt or self.input_names[0]
+        if output not in self.graph.digraph:
+            raise InputError(f"model '{self.name}' has no value '{output}'; outputs are "
+                             f"{list(self.output_names)}")
+        if wrt not in self.input_names:
+            raise InputError(f"model '{self.name}' has no input '{wrt}'; inputs are "
+                             f"{list(self.input_names)}")
+        return output, wrt
+
+    def jacobian(self, x: np.ndarray | Mapping[str, np.ndarray], *, output: str | None = None,
+                 wrt: str | None = None, mode: str = "auto",
+                 intermediates: bool = False) -> JacobianResult:
+        """The exact Jacobian d output / d wrt: ``.jacobian`` is (B, *out_shape, *in_shape).
+
+        ``mode`` is "auto" (the cheapest plan for this model and batch), "forward", "reverse"
+        or "chain". With ``intermediates=True`` (forward mode, Algorithm 1 of the PBX paper),
+        ``.intermediates`` holds the Jacobian of every node on the way.
+        """
+        output, wrt = self._io(output, wrt)
+        return jacobian(self, self.prepare_inputs(x), output, wrt, mode, intermediates)
+
+    def targets(self, logits: np.ndarray, target: Any) -> np.ndarray:
+        """Per-sample target indices into the flattened output: predicted by default."""
+        batch = logits.shape[0]
+        flat = logits.reshape(batch, -1)
+        if target is None or (isinstance(target, str) and target == "predicted"):
+            return flat.argmax(axis=1)
+        t = np.broadcast_to(np.asarray(target), (batch,))
+        if t.dtype.kind not in "iu" or np.any(t < 0) or np.any(t >= flat.shape[1]):
+            raise InputError(f"target must be 'predicted' or class indices in [0, "
+                             f"{flat.shape[1]}), got {target!r}")
+        return t.astype(np.int64)
+
+    def gradient(self, x: np.ndarray | Mapping[str, np.ndarray], *, target: Any = None,
+                 output: str | None = None, wrt: str | None = None) -> np.ndarray:
+        """d f_c / d x for the target class c of each sample (predicted by default): saliency."""
+        return self._gradient(x, target, output, wrt)[0]
+
+    def input_x_gradient(self, x: np.ndarray | Mapping[str, np.ndarray], *, target: Any = None,
+                         output: str | None = None, wrt: str | None = None) -> np.ndarray:
+        """x * d f_c / d x, elementwise."""
+        grad, inputs, wrt_name = self._gradient(x, target, output, wrt)
+        return inputs[wrt_name] * grad
+
+    def _gradient(self, x: np.ndarray | Mapping[str, np.ndarray], target: Any,
+                  output: str | None, wrt: str | None
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+        output, wrt = self._io(output, wrt)
+        inputs = self.prepare_inputs(x)
+        lin = linearize(self, inputs)
+        y = lin.values[output]
+        c = self.targets(y, target)
+        seed = np.zeros((y.shape[0], 1, y[0].size), dtype=y.dtype)
+        seed[np.arange(y.shape[0]), 0, c] = 1
+        seed = seed.reshape(y.shape[0], 1, *y.shape[1:])
+        nodes = path_nodes(self.graph, wrt, output)
+        grad = reverse_sweep(self, lin, wrt, output, nodes, seed)[:, 0]
+        return grad, inputs, wrt
 
     def source_of(self, node_name: str) -> SourcePos:
         return self.graph.node(node_name).pos
