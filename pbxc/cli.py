@@ -88,18 +88,30 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     from pbxc.pipeline import check_file
 
-    graph, store = check_file(args.model)
-    used = {key for node in graph.topological() for _, key, _ in node.params}
-    n_params = sum(int(np.prod(store[k].shape)) for k in used)
-    if not args.quiet:
-        print(f"{args.model}: model '{graph.name}' is valid")
-        for i in graph.inputs:
-            print(f"  input  {i.name}: {i.dtype}{_fmt_shape(i.shape)}")
-        for o in graph.outputs:
-            print(f"  output {o.name}: {_fmt_shape(graph.shape_of(o.name))}"
-                  + (f" ({len(o.classes)} classes)" if o.classes else ""))
-        print(f"  {graph.digraph.number_of_nodes()} nodes, {len(used)} weight tensors, "
-              f"{n_params:,} parameters")
+    failed: list[PbxError] = []
+    for path in args.model:
+        try:
+            graph, store = check_file(path)
+        except PbxError as err:
+            if len(args.model) == 1:
+                raise
+            failed.append(err)
+            print(err.render(), file=sys.stderr)
+            continue
+        used = {key for node in graph.topological() for _, key, _ in node.params}
+        n_values = sum(int(np.prod(store[k].shape)) for k in used)
+        if not args.quiet:
+            print(f"{path}: model '{graph.name}' is valid")
+            for i in graph.inputs:
+                print(f"  input  {i.name}: {i.dtype}{_fmt_shape(i.shape)}")
+            for o in graph.outputs:
+                print(f"  output {o.name}: {_fmt_shape(graph.shape_of(o.name))}"
+                      + (f" ({len(o.classes)} classes)" if o.classes else ""))
+            print(f"  {graph.digraph.number_of_nodes()} nodes, {len(used)} weight tensors "
+                  f"holding {n_values:,} values (running statistics included)")
+    if failed:
+        print(f"{len(failed)} of {len(args.model)} files have errors", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -210,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("check", help="parse a model, check shapes and weights")
-    p.add_argument("model", help="the .pbx file")
+    p = sub.add_parser("check", help="parse models, check shapes and weights")
+    p.add_argument("model", nargs="+", help="the .pbx file(s)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     p.set_defaults(func=cmd_check)
 

@@ -38,7 +38,15 @@ def test_check_ok(capsys: pytest.CaptureFixture[str], model: Path) -> None:
     code, out, err = run(capsys, "check", str(model))
     assert code == 0 and err == ""
     assert "model 'm' is valid" in out and "output y: [2] (2 classes)" in out
-    assert "26 parameters" in out
+    assert "holding 26 values" in out
+
+
+def test_check_several_files(capsys: pytest.CaptureFixture[str], model: Path,
+                             write_model: Callable[..., Path]) -> None:
+    bad = write_model("model b\ninput x: float64[3]\noutput y = relu(q)\n", name="bad.pbx")
+    code, out, err = run(capsys, "check", str(model), str(bad))
+    assert code == 1 and "model 'm' is valid" in out
+    assert f"{bad}:3:17: error: undefined name 'q'" in err and "1 of 2 files" in err
 
 
 def test_check_syntax_error_format(capsys: pytest.CaptureFixture[str],
