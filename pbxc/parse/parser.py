@@ -49,10 +49,10 @@ _LABELLED_MISTAKES: dict[str, list[str]] = {
         "model m input x: float32[a]",
         "model m input x: float32[3,]",
     ],
-    "a statement is 'NAME = op(...)'; to refer to a value, call identity(x) or list it in 'output'": [
-        "model m h = x",
+    "a statement is 'NAME = op(...)' or 'NAME = other_name'": [
         "model m h = 3",
         "model m h = @w",
+        "model m h = true",
     ],
     "arguments are separated by commas": [
         "model m h = relu(x y)",
@@ -244,6 +244,12 @@ class _ToAst(Transformer[Any, Any]):
                               self._tpos(name))
 
     # ---- calls
+    def alias(self, children: list[Token]) -> ast.Call:
+        """``h = g``: the identity op applied to ``g``."""
+        tok = children[0]
+        pos = self._tpos(tok)
+        return ast.Call("identity", (ast.Arg(None, ast.Ref(str(tok), pos), pos),), pos)
+
     def call(self, children: list[Any]) -> ast.Call:
         name, *args = children
         wrapped = tuple(a if isinstance(a, ast.Arg) else ast.Arg(None, a, a.pos) for a in args)

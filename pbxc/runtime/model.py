@@ -15,6 +15,7 @@ from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.plan import path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.codeload import load_generated_module
+from pbxc.runtime.dfd import DfdResult, dfd, resolve_baseline
 from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.numpy_forward import forward_rule
 from pbxc.symbolic.activations import ActivationKey, Z, activation_expression, activation_key
@@ -49,6 +50,15 @@ class ActivationTable:
     def derivative(self, node_name: str, z: np.ndarray) -> np.ndarray:
         """f'(z), elementwise: the diagonal of the activation's Jacobian."""
         return self._apply(self.derivatives[self.keys[node_name]], z)
+
+    def multiplier(self, node_name: str, z0: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """The DFD multiplier (f(z) - f(z0)) / (z - z0), and f'(z0) where z == z0."""
+        fn = self.functions[self.keys[node_name]]
+        same = z == z0
+        with np.errstate(all="ignore"):
+            secant = (fn(z) - fn(z0)) / np.where(same, 1, z - z0)
+        slope = self.derivative(node_name, z0)
+        return np.where(same, slope, secant).astype(z.dtype)
 
     @staticmethod
     def _apply(fn: Callable[[np.ndarray], np.ndarray], z: np.ndarray) -> np.ndarray:
@@ -289,6 +299,30 @@ class Model:
         nodes = path_nodes(self.graph, wrt, output)
         grad = reverse_sweep(self, lin, wrt, output, nodes, seed)[:, 0]
         return grad, inputs, wrt
+
+    def dfd(self, x: np.ndarray | Mapping[str, np.ndarray], *, baseline: Any = "zeros",
+            target: Any = None, output: str | None = None,
+            data: np.ndarray | None = None) -> DfdResult:
+        """DFD / DeepLIFT (rescale) contributions to the target output, per input.
+
+        ``baseline``: "zeros", a number, "mean" (of ``data``), an array (one shared sample or
+        one per sample), or a dict of these by input name. ``target``: "predicted" (default),
+        a class index, or one index per sample. The result's ``attributions`` sum to
+        ``delta`` = f_c(x) - f_c(x0) (see ``summation_error``).
+        """
+        output, _ = self._io(output, None)
+        inputs = self.prepare_inputs(x)
+        default = resolve_baseline(self, inputs, baseline, data)
+        y = self.evaluate(inputs)[output]
+        c = self.targets(y, target)
+        flat = y.reshape(y.shape[0], -1)
+        seed = np.zeros_like(flat)
+        seed[np.arange(len(c)), c] = 1
+        mult, _, base = dfd(self, inputs, default, output, seed.reshape(y.shape))
+        y0 = base.values[output].reshape(y.shape[0], -1)
+        delta = flat[np.arange(len(c)), c] - y0[np.arange(len(c)), c]
+        contributions = {k: mult[k] * (inputs[k] - default[k]) for k in inputs}
+        return DfdResult(contributions, mult, default, y, base.values[output], c, delta)
 
     def source_of(self, node_name: str) -> SourcePos:
         return self.graph.node(node_name).pos

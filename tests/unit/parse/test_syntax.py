@@ -49,6 +49,13 @@ def test_program_structure_and_positions() -> None:
     assert isinstance(last, ast.OutputDecl) and last.call is None
 
 
+def test_alias_is_an_identity_call() -> None:
+    program = parse_text("model m\ninput x: float32[2]\nh = x\noutput y = h", "a.pbx")
+    calls = [i.call for i in program.items if isinstance(i, (ast.Assign, ast.OutputDecl))]
+    assert [(c.op, c.args[0].value.name) for c in calls if c is not None] == [
+        ("identity", "x"), ("identity", "h")]
+
+
 def test_string_escapes_are_decoded_without_eval() -> None:
     program = parse_text('model m\ninput x: float32[2] features ["a\\"b", "c\\\\d"]\noutput x',
                          "s.pbx")
@@ -62,7 +69,7 @@ def test_string_escapes_are_decoded_without_eval() -> None:
         ("model m\ninput x[3]", 2, 8, "input NAME: float32"),
         ("model m\ninput x: float32[a]", 2, 18, "positive integers"),
         ("model m\nh = relu(x y)", 2, 12, "separated by commas"),
-        ("model m\nh = x\n", 2, 6, "statement is 'NAME = op(...)'"),
+        ("model m\nh = 3\n", 2, 5, "statement is 'NAME = op(...)'"),
         ("model m\nweights 'w.npz'", 2, 9, "double quotes"),
         ("model m\nactivation f(z, p) = z", 2, 18, "activation is defined"),
         ("model m\nh = relu(x", 2, 11, "unexpected end of file"),

@@ -1,0 +1,145 @@
+"""DFD / DeepLIFT: summation-to-delta, linear composition, and the identities it must meet."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pbxc
+from pbxc.runtime.dfd import dfd, resolve_baseline
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+NAMES = ["breast_cancer_mlp", "digits_cnn", "digits_resnet", "wine_swish_mlp"]
+RNG = np.random.default_rng(11)
+
+
+def example(name: str, dtype: str = "float64") -> tuple[pbxc.Model, np.ndarray, np.ndarray]:
+    model = pbxc.load(EXAMPLES / f"{name}.pbx", dtype=dtype)
+    data = np.load(EXAMPLES / f"{name}_reference.npz")["inputs"]
+    return model, data[:16], data
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("baseline", ["zeros", "mean", 0.25, "per-sample"])
+def test_summation_to_delta_on_examples(name: str, baseline: object) -> None:
+    model, x, data = example(name)
+    if baseline == "per-sample":
+        baseline = data[16:32]
+    res = model.dfd(x, baseline=baseline, data=data)
+    assert res.attributions[model.input_names[0]].shape == x.shape
+    assert np.all(res.summation_error <= 1e-12), res.summation_error.max()
+    # delta is the real change of the target logit
+    y0 = model.forward(res.baseline[model.input_names[0]])
+    expected = res.outputs[np.arange(16), res.targets] - y0[np.arange(16), res.targets]
+    np.testing.assert_allclose(res.delta, expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "breast_cancer_mlp"])
+def test_summation_to_delta_float32(name: str) -> None:
+    model, x, data = example(name, "float32")
+    res = model.dfd(x, baseline="mean", data=data)
+    assert res.attributions[model.input_names[0]].dtype == np.float32
+    assert np.all(res.summation_error <= 1e-4)
+
+
+def test_linear_composition() -> None:
+    """Seed 004 eq. 2: contributions to a linear combination are that combination's."""
+    model, x, data = example("digits_cnn")
+    inputs = model.prepare_inputs(x)
+    default = resolve_baseline(model, inputs, "mean", data)
+    out = model.output_names[0]
+    a, b = np.zeros((16, 10)), np.zeros((16, 10))
+    a[:, 3], b[:, 7] = 1.0, 1.0
+    ma, _, _ = dfd(model, inputs, default, out, a)
+    mb, _, _ = dfd(model, inputs, default, out, b)
+    mab, _, _ = dfd(model, inputs, default, out, 2 * a - 0.5 * b)
+    key = model.input_names[0]
+    np.testing.assert_allclose(mab[key], 2 * ma[key] - 0.5 * mb[key], rtol=1e-12,
+                               atol=1e-13)
+
+
+def test_zero_baseline_on_bias_free_relu_net_is_input_x_gradient(
+        write_model: Callable[..., Path]) -> None:
+    w = {"a.weight": RNG.normal(size=(8, 5)), "b.weight": RNG.normal(size=(6, 8)),
+         "c.weight": RNG.normal(size=(3, 6))}
+    model = pbxc.load(write_model(
+        'model r\nweights "w.npz"\ninput x: float64[5]\n'
+        "h = relu(linear(relu(linear(x, @a, bias=false)), @b, bias=false))\n"
+        "output y = linear(h, @c, bias=false)", w))
+    x = RNG.normal(size=(10, 5))
+    for target in (0, 2):
+        np.testing.assert_allclose(model.dfd(x, target=target).attributions["x"],
+                                   model.input_x_gradient(x, target=target), rtol=1e-12,
+                                   atol=1e-14)
+
+
+def test_maxpool_with_differing_defaults_keeps_summation(write_model: Callable[..., Path]
+                                                          ) -> None:
+    """Defaults that differ across a window (seed 004 section 2.3.2 sets this case aside)."""
+    model = pbxc.load(write_model(
+        'model p\nweights "w.npz"\ninput x: float64[2, 6, 6]\n'
+        "output y = linear(flatten(maxpool2d(x, kernel=3, stride=2, padding=1)), @fc)",
+        {"fc.weight": RNG.normal(size=(4, 18)), "fc.bias": RNG.normal(size=4)}))
+    x = RNG.normal(size=(6, 2, 6, 6))
+    baseline = RNG.normal(size=(6, 2, 6, 6))
+    for t in range(4):
+        res = model.dfd(x, baseline=baseline, target=t)
+        assert np.all(res.summation_error <= 1e-12)
+    # uniform defaults: eq. 13's indicator on the argmax (away from ties)
+    res = model.dfd(x, baseline=0.0, target=1)
+    grad = model.gradient(x, target=1)
+    np.testing.assert_allclose(res.multipliers["x"], grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_softmax_rule_summation_to_delta(write_model: Callable[..., Path], op: str) -> None:
+    model = pbxc.load(write_model(
+        'model s\nweights "w.npz"\ninput x: float64[6]\n'
+        f"output p = {op}(linear(tanh(linear(x, @a)), @b))",
+        {"a.weight": RNG.normal(size=(8, 6)) * 3, "a.bias": RNG.normal(size=8),
+         "b.weight": RNG.normal(size=(5, 8)) * 4, "b.bias": RNG.normal(size=5)}))
+    x = RNG.normal(size=(12, 6)) * 2
+    for target in range(5):
+        res = model.dfd(x, baseline="zeros", target=target)
+        assert np.all(res.summation_error <= 1e-12), res.summation_error.max()
+
+
+@given(st.integers(0, 2**31 - 1))
+def test_summation_to_delta_on_random_models(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    acts = ["relu", "tanh", "gelu", "softplus", "elu", "sigmoid", "leaky_relu", "silu"]
+    widths = [int(w) for w in rng.integers(2, 9, size=rng.integers(2, 4))]
+    lines = ["model rnd", "input x: float64[%d]" % widths[0]]
+    weights = {}
+    prev = "x"
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        weights[f"l{i}.weight"] = rng.normal(size=(b, a))
+        weights[f"l{i}.bias"] = rng.normal(size=b)
+        act = acts[int(rng.integers(len(acts)))]
+        lines.append(f"h{i} = {act}(linear({prev}, @l{i}))")
+        prev = f"h{i}"
+    lines.append(f"output y = {prev}")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "w.npz", **weights)
+        lines.insert(1, 'weights "w.npz"')
+        (Path(tmp) / "m.pbx").write_text("\n".join(lines))
+        model = pbxc.load(Path(tmp) / "m.pbx")
+    x = rng.normal(size=(4, widths[0])) * 2
+    res = model.dfd(x, baseline=rng.normal(size=widths[0]))
+    big = np.abs(res.delta) > 1e-9 * np.abs(res.outputs).max()
+    assert np.all(res.summation_error[big] <= 1e-11)
+
+
+def test_baseline_errors() -> None:
+    model, x, _ = example("breast_cancer_mlp")
+    with pytest.raises(pbxc.InputError, match="needs data"):
+        model.dfd(x, baseline="mean")
+    with pytest.raises(pbxc.InputError, match="baseline for input 'x' has shape"):
+        model.dfd(x, baseline=np.zeros(7))
