@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,10 +115,10 @@ def test_summation_to_delta_on_random_models(seed: int) -> None:
     rng = np.random.default_rng(seed)
     acts = ["relu", "tanh", "gelu", "softplus", "elu", "sigmoid", "leaky_relu", "silu"]
     widths = [int(w) for w in rng.integers(2, 9, size=rng.integers(2, 4))]
-    lines = ["model rnd", "input x: float64[%d]" % widths[0]]
+    lines = ["model rnd", f"input x: float64[{widths[0]}]"]
     weights = {}
     prev = "x"
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         weights[f"l{i}.weight"] = rng.normal(size=(b, a))
         weights[f"l{i}.bias"] = rng.normal(size=b)
         act = acts[int(rng.integers(len(acts)))]
