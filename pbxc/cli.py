@@ -213,6 +213,112 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+METHODS = ("jacobian", "gradient", "input_x_gradient", "lrp", "dfd")
+
+
+def _parse_target(text: str) -> Any:
+    if text == "predicted":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--target must be 'predicted' or a class index, got '{text}'") from None
+
+
+def _parse_baseline(text: str) -> Any:
+    if text in ("zeros", "mean"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    return load_array_file(text, None, ())
+
+
+def _batches(n: int, size: int, label: str) -> Any:
+    from tqdm import tqdm
+
+    starts = range(0, n, size)
+    # quiet when stderr is not a terminal (pipes, CI, files)
+    return tqdm(starts, desc=label, unit="batch", disable=None if n > size else True,
+                leave=False)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pbxc.pipeline import load
+
+    model = load(args.model, dtype=args.dtype)
+    x = load_array_file(args.input, args.key, model.input_names)
+    if isinstance(x, dict):
+        raise UsageError("explain takes models with one input; this model has "
+                         f"{list(model.input_names)}")
+    x = np.asarray(x)
+    target = _parse_target(args.target)
+    if args.method != "dfd" and args.baseline is not None:
+        raise UsageError("--baseline applies to --method dfd")
+    if args.method != "lrp" and (args.rule or args.composite):
+        raise UsageError("--rule and --composite apply to --method lrp")
+    data = load_array_file(args.data, args.data_key, model.input_names) if args.data else None
+    baseline = _parse_baseline(args.baseline) if args.baseline is not None else "zeros"
+    if isinstance(baseline, np.ndarray) and baseline.ndim == x.ndim and len(baseline) == len(x):
+        per_sample_baseline = baseline
+    else:
+        per_sample_baseline = None
+    output = args.output_name or model.output_names[0]
+    parts: dict[str, list[np.ndarray]] = {}
+
+    def add(key: str, value: np.ndarray) -> None:
+        parts.setdefault(key, []).append(value)
+
+    n = len(x) if x.ndim > len(model.input_shapes[model.input_names[0]]) else 1
+    plan_text = None
+    for start in _batches(n, args.batch_size, f"{args.method}"):
+        xb = x[start:start + args.batch_size]
+        outputs = model.outputs(xb)[output]
+        if args.method == "jacobian":
+            res = model.jacobian(xb, output=output, mode=args.mode)
+            add("attributions", res.jacobian)
+            plan_text = res.plan.explain()
+            targets = model.targets(outputs, target)
+        elif args.method in ("gradient", "input_x_gradient"):
+            fn = model.gradient if args.method == "gradient" else model.input_x_gradient
+            add("attributions", fn(xb, target=target, output=output))
+            targets = model.targets(outputs, target)
+        elif args.method == "dfd":
+            bl = baseline if per_sample_baseline is None else \
+                per_sample_baseline[start:start + args.batch_size]
+            res_d = model.dfd(xb, baseline=bl, target=target, output=output, data=data)
+            add("attributions", res_d.attributions[model.input_names[0]])
+            add("delta", res_d.delta)
+            add("summation_error", res_d.summation_error)
+            targets = res_d.targets
+        else:
+            res_l = model.lrp(  # type: ignore[attr-defined]
+                xb, target=target, output=output, rule=args.rule,
+                              composite=args.composite)
+            add("attributions", res_l.relevance[model.input_names[0]])
+            for key, value in res_l.ledger_arrays().items():
+                add(key, value)
+            targets = res_l.targets
+        add("outputs", outputs)
+        add("targets", targets)
+    arrays = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in parts.items()}
+    if args.explain_plan and plan_text:
+        print(plan_text)
+    if args.out:
+        save_npz(Path(args.out), arrays)
+        print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in arrays.items())} "
+              f"to {args.out}")
+    else:
+        att = arrays["attributions"]
+        print(f"{args.method}: attributions {_fmt_shape(att.shape)} {att.dtype} "
+              "(use --out FILE.npz to save them)")
+        if "summation_error" in arrays:
+            print(f"  summation-to-delta: max relative error "
+                  f"{float(arrays['summation_error'].max()):.2e}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -236,6 +342,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the inputs' declared dtype)")
     p.add_argument("--show", type=int, default=10, help="rows to print without --out")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("explain", help="attributions for a batch: jacobian, gradient, "
+                       "input_x_gradient, lrp or dfd")
+    p.add_argument("model", help="the .pbx file")
+    p.add_argument("--method", "-m", required=True, choices=METHODS)
+    p.add_argument("--input", "-i", required=True, help="inputs: .npy, or .npz")
+    p.add_argument("--key", help="the .npz key holding the input batch")
+    p.add_argument("--out", "-o", help="save attributions, outputs, targets, ... to this .npz")
+    p.add_argument("--target", default="predicted", help="'predicted' or a class index")
+    p.add_argument("--output-name", help="which model output to explain (default: the first)")
+    p.add_argument("--baseline", help="dfd default input: zeros, mean (of --data), a number, "
+                   "or a .npy/.npz file (one sample, or one per input sample)")
+    p.add_argument("--data", help="data for the 'mean' baseline (.npy/.npz)")
+    p.add_argument("--data-key", help="the .npz key of --data")
+    p.add_argument("--rule", help="lrp rule for every layer, e.g. epsilon, gamma, zplus")
+    p.add_argument("--composite", help="lrp composite, e.g. epsilon-gamma-box")
+    p.add_argument("--mode", default="auto", choices=["auto", "forward", "reverse", "chain"],
+                   help="jacobian accumulation order (default: the cheapest)")
+    p.add_argument("--explain-plan", action="store_true", help="print the jacobian plan")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per step")
+    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("graph", help="print the computation graph")
     p.add_argument("model", help="the .pbx file")

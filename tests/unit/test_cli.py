@@ -146,3 +146,41 @@ def test_console_script_runs_as_module(model: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pbxc.cli", "check", "-q", str(model)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("method", ["jacobian", "gradient", "input_x_gradient", "dfd"])
+def test_explain_writes_attributions(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                     method: str) -> None:
+    out = tmp_path / "e.npz"
+    ref = EXAMPLES / "breast_cancer_mlp_reference.npz"
+    extra = ["--baseline", "mean", "--data", str(ref), "--data-key", "inputs"] \
+        if method == "dfd" else []
+    code, _, err = run(capsys, "explain", str(EXAMPLES / "breast_cancer_mlp.pbx"), "-m", method,
+                       "-i", str(ref), "--key", "inputs", "--batch-size", "50", "-o", str(out),
+                       *extra)
+    assert code == 0, err
+    with np.load(out) as saved:
+        assert saved["outputs"].shape == (143, 2) and saved["targets"].shape == (143,)
+        att = saved["attributions"]
+        assert att.shape == ((143, 2, 30) if method == "jacobian" else (143, 30))
+        np.testing.assert_array_equal(saved["targets"], saved["outputs"].argmax(axis=1))
+        if method == "dfd":
+            assert saved["summation_error"].max() <= 1e-12
+            np.testing.assert_allclose(att.sum(axis=1), saved["delta"], rtol=1e-12, atol=1e-12)
+
+
+def test_explain_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    ref = str(EXAMPLES / "breast_cancer_mlp_reference.npz")
+    model = str(EXAMPLES / "breast_cancer_mlp.pbx")
+    code, _, err = run(capsys, "explain", model, "-m", "gradient", "-i", ref, "--key", "inputs",
+                       "--baseline", "zeros")
+    assert code == 2 and "--baseline applies to --method dfd" in err
+    code, _, err = run(capsys, "explain", model, "-m", "gradient", "-i", ref, "--key", "inputs",
+                       "--target", "first")
+    assert code == 2 and "--target must be" in err
+    code, _, err = run(capsys, "explain", model, "-m", "gradient", "-i", ref, "--key", "inputs",
+                       "--target", "5")
+    assert code == 1 and "target must be" in err
