@@ -71,8 +71,15 @@ def _param_view(v: Array, sample_shape: tuple[int, ...]) -> Array:
 JvpRule = Callable[[Point, list[Array]], Array]
 
 
+def matmul_last(t: Array, m: Array) -> Array:
+    """t @ m over the last axis as one GEMM (numpy loops over stacked 3-d products)."""
+    lead = t.shape[:-1]
+    flat = np.ascontiguousarray(t).reshape(-1, t.shape[-1])
+    return (flat @ m).reshape(*lead, m.shape[1])
+
+
 def _jvp_linear(pt: Point, ts: list[Array]) -> Array:
-    return ts[0] @ pt.params["weight"].T
+    return matmul_last(ts[0], pt.params["weight"].T)
 
 
 def _jvp_conv2d(pt: Point, ts: list[Array]) -> Array:
@@ -167,7 +174,7 @@ VjpRule = Callable[[Point, Array], list[Array]]
 
 
 def _vjp_linear(pt: Point, v: Array) -> list[Array]:
-    return [v @ pt.params["weight"]]
+    return [matmul_last(v, pt.params["weight"])]
 
 
 def _vjp_conv2d(pt: Point, v: Array) -> list[Array]:
