@@ -165,16 +165,343 @@ def log_softmax(x, axis):
     return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
-def softmax_jvp(s, t, axis):
+def softmax_tangent(s, t, axis):
     """J t for y = softmax(x), J = diag(s) - s s^T along ``axis``; s broadcasts against t."""
     return s * (t - (s * t).sum(axis=axis, keepdims=True))
 
 
-def log_softmax_jvp(s, t, axis):
+def log_softmax_tangent(s, t, axis):
     """J t for y = log_softmax(x), J = I - 1 s^T."""
     return t - (s * t).sum(axis=axis, keepdims=True)
 
 
-def log_softmax_vjp(s, v, axis):
+def log_softmax_cotangent(s, v, axis):
     """v^T J for y = log_softmax(x): v - s * sum(v)."""
     return v - s * v.sum(axis=axis, keepdims=True)
+
+
+# =============================================================================== op kernels
+# One set per op kind, with uniform signatures, so that the interpreter and generated code
+# call them the same way (attributes are keyword arguments with literal values):
+#   <op>_forward(xs, p, **attrs) -> y                       xs: inputs (B, *shape), p: weights
+#   <op>_jvp(ts, xs, y, local, p, **attrs) -> t             ts: tangents (B, K, *in_shape)
+#   <op>_vjp(v, xs, y, local, p, **attrs) -> [v_in, ...]    v: cotangents (B, K, *out_shape)
+#   <op>_dfd(m, xs, xs0, y, y0, local, p, **attrs) -> [...] DFD multipliers (seed 004)
+# ``local`` is f'(z) for activations (the multiplier for _dfd), argmax indices for max pooling.
+# Affine ops use their VJP as their DFD rule (seed 004, eq. 7: m = w).
+
+
+def flat_bk(t):
+    """(B, K, *shape) -> (B*K, *shape), for kernels with one leading axis."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def unflat_bk(t, like):
+    return t.reshape(like.shape[0], like.shape[1], *t.shape[1:])
+
+
+def matmul_last(t, m):
+    """t @ m over the last axis as one GEMM (numpy loops over stacked 3-d products)."""
+    flat = np.ascontiguousarray(t).reshape(-1, t.shape[-1])
+    return (flat @ m).reshape(*t.shape[:-1], m.shape[1])
+
+
+def _tangent_view(v, sample_rank):
+    """A per-sample parameter broadcast against (B, *shape) -> against (B, K, *shape)."""
+    return v if np.ndim(v) == 0 else v.reshape(v.shape[0], 1, *v.shape[1:])
+
+
+def _sample_param(v, sample_shape):
+    """normalize's mean/std: per element, per channel [C] or scalar, against (B, *shape)."""
+    if v.shape == tuple(sample_shape):
+        return v[None]
+    if v.ndim == 0:
+        return v
+    return channel_view(v, len(sample_shape))
+
+
+# ---- linear
+def linear_forward(xs, p):
+    y = matmul_last(xs[0], p["weight"].T)
+    return y + p["bias"] if "bias" in p else y
+
+
+def linear_jvp(ts, xs, y, local, p):
+    return matmul_last(ts[0], p["weight"].T)
+
+
+def linear_vjp(v, xs, y, local, p):
+    return [matmul_last(v, p["weight"])]
+
+
+# ---- convolutions
+def conv2d_forward(xs, p, stride, padding, dilation, groups):
+    return conv2d(xs[0], p["weight"], p.get("bias"), stride, padding, dilation, groups)
+
+
+def conv2d_jvp(ts, xs, y, local, p, stride, padding, dilation, groups):
+    t = ts[0]
+    return unflat_bk(conv2d(flat_bk(t), p["weight"], None, stride, padding, dilation, groups), t)
+
+
+def conv2d_vjp(v, xs, y, local, p, stride, padding, dilation, groups):
+    g = conv2d_transpose(flat_bk(v), p["weight"], xs[0].shape[2:], stride, padding, dilation,
+                         groups)
+    return [unflat_bk(g, v)]
+
+
+def conv1d_forward(xs, p, stride, padding, dilation, groups):
+    return conv1d(xs[0], p["weight"], p.get("bias"), stride, padding, dilation, groups)
+
+
+def conv1d_jvp(ts, xs, y, local, p, stride, padding, dilation, groups):
+    t = ts[0]
+    return unflat_bk(conv1d(flat_bk(t), p["weight"], None, stride, padding, dilation, groups), t)
+
+
+def conv1d_vjp(v, xs, y, local, p, stride, padding, dilation, groups):
+    g = conv1d_transpose(flat_bk(v), p["weight"], xs[0].shape[2], stride, padding, dilation,
+                         groups)
+    return [unflat_bk(g, v)]
+
+
+# ---- pooling
+def maxpool2d_local(xs, p, kernel, stride, padding):
+    return maxpool2d(xs[0], kernel, stride, padding)[1]
+
+
+def maxpool2d_forward(xs, p, kernel, stride, padding):
+    return maxpool2d(xs[0], kernel, stride, padding)[0]
+
+
+def maxpool2d_jvp(ts, xs, y, local, p, kernel, stride, padding):
+    t = ts[0]
+    index = np.repeat(local, t.shape[1], axis=0)
+    return unflat_bk(maxpool2d_gather(flat_bk(t), index, kernel, stride, padding), t)
+
+
+def maxpool2d_vjp(v, xs, y, local, p, kernel, stride, padding):
+    index = np.repeat(local, v.shape[1], axis=0)
+    g = maxpool2d_transpose(flat_bk(v), index, xs[0].shape[2:], kernel, stride, padding)
+    return [unflat_bk(g, v)]
+
+
+def relu_multiplier(d0, d):
+    """(relu(d) - relu(d0)) / (d - d0) without cancellation; relu'(0) = 0 where d == d0."""
+    same = d == d0
+    secant = (np.maximum(d, 0) - np.maximum(d0, 0)) / np.where(same, 1, d - d0)
+    return np.where(same, (d > 0).astype(d.dtype), secant)
+
+
+def maxpool2d_dfd(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
+    """The window maximum as pairwise maxima, max(u, v) = u + relu(v - u), each relu by the
+    rescale rule: exact summation-to-delta for any defaults, eq. 13 when they are uniform."""
+    win = windows2d(xs[0], kernel, stride, padding, pad_value=np.nan)
+    win0 = windows2d(xs0[0], kernel, stride, padding, pad_value=np.nan)
+    flat = win.reshape(*win.shape[:4], -1)
+    flat0 = win0.reshape(*win0.shape[:4], -1)
+    size = flat.shape[-1]
+    run, run0 = flat[..., 0].copy(), flat0[..., 0].copy()
+    slopes = []
+    for i in range(1, size):
+        w, w0 = flat[..., i], flat0[..., i]
+        pad, first_pad = np.isnan(w), np.isnan(run)  # padding never wins a window
+        d, d0 = w - run, w0 - run0
+        s = relu_multiplier(np.nan_to_num(d0), np.nan_to_num(d))
+        slopes.append(np.where(pad, 0.0, np.where(first_pad, 1.0, s)))
+        run = np.where(pad, run, np.where(first_pad, w, run + np.maximum(d, 0)))
+        run0 = np.where(pad, run0, np.where(first_pad, w0, run0 + np.maximum(d0, 0)))
+    g = m
+    per_element = []
+    for i in range(size - 1, 0, -1):
+        s = slopes[i - 1][:, None]
+        per_element.append(g * s)
+        g = g * (1 - s)
+    per_element.append(g)
+    stacked = flat_bk(np.stack(per_element[::-1], axis=-1))
+    kw = kernel[1]
+    back = _scatter_windows(lambda a, b: stacked[..., a * kw + b], xs[0].shape[2:], kernel,
+                            stride, padding, m.dtype, stacked.shape[:2])
+    return [unflat_bk(back, m)]
+
+
+def avgpool2d_forward(xs, p, kernel, stride, padding, count_include_pad):
+    return avgpool2d(xs[0], kernel, stride, padding, count_include_pad)
+
+
+def avgpool2d_jvp(ts, xs, y, local, p, kernel, stride, padding, count_include_pad):
+    t = ts[0]
+    return unflat_bk(avgpool2d(flat_bk(t), kernel, stride, padding, count_include_pad), t)
+
+
+def avgpool2d_vjp(v, xs, y, local, p, kernel, stride, padding, count_include_pad):
+    g = avgpool2d_transpose(flat_bk(v), xs[0].shape[2:], kernel, stride, padding,
+                            count_include_pad)
+    return [unflat_bk(g, v)]
+
+
+def global_avgpool_forward(xs, p):
+    return global_avgpool(xs[0])
+
+
+def global_avgpool_jvp(ts, xs, y, local, p):
+    t = ts[0]
+    return t.reshape(*t.shape[:3], -1).mean(axis=3)
+
+
+def global_avgpool_vjp(v, xs, y, local, p):
+    return [unflat_bk(global_avgpool_transpose(flat_bk(v), xs[0].shape[2:]), v)]
+
+
+# ---- shape and merge ops
+def flatten_forward(xs, p):
+    return xs[0].reshape(xs[0].shape[0], -1)
+
+
+def flatten_jvp(ts, xs, y, local, p):
+    return ts[0].reshape(*ts[0].shape[:2], -1)
+
+
+def flatten_vjp(v, xs, y, local, p):
+    return [v.reshape(*v.shape[:2], *xs[0].shape[1:])]
+
+
+def reshape_forward(xs, p, shape):
+    return xs[0].reshape(xs[0].shape[0], *shape)
+
+
+def reshape_jvp(ts, xs, y, local, p, shape):
+    return ts[0].reshape(*ts[0].shape[:2], *shape)
+
+
+def reshape_vjp(v, xs, y, local, p, shape):
+    return [v.reshape(*v.shape[:2], *xs[0].shape[1:])]
+
+
+def add_forward(xs, p):
+    out = xs[0] + xs[1]
+    for x in xs[2:]:
+        out = out + x
+    return out
+
+
+def add_jvp(ts, xs, y, local, p):
+    return add_forward(ts, p)
+
+
+def add_vjp(v, xs, y, local, p):
+    return [v for _ in xs]
+
+
+def concat_forward(xs, p, axis):
+    return np.concatenate(xs, axis=1 + axis)
+
+
+def concat_jvp(ts, xs, y, local, p, axis):
+    return np.concatenate(ts, axis=2 + axis)
+
+
+def concat_vjp(v, xs, y, local, p, axis):
+    cuts = np.cumsum([x.shape[1 + axis] for x in xs])[:-1]
+    return list(np.split(v, cuts, axis=2 + axis))
+
+
+# ---- per-channel and per-element affine maps
+def batchnorm_forward(xs, p, eps):
+    x = xs[0]
+    scale, shift = batchnorm_scale_shift(p["weight"], p["bias"], p["running_mean"],
+                                         p["running_var"], eps)
+    return x * channel_view(scale, x.ndim - 1) + channel_view(shift, x.ndim - 1)
+
+
+def batchnorm_jvp(ts, xs, y, local, p, eps):
+    t = ts[0]
+    scale, _ = batchnorm_scale_shift(p["weight"], p["bias"], p["running_mean"],
+                                     p["running_var"], eps)
+    return t * scale.reshape((1, 1, -1) + (1,) * (t.ndim - 3))
+
+
+def batchnorm_vjp(v, xs, y, local, p, eps):
+    return [batchnorm_jvp([v], xs, y, local, p, eps)]
+
+
+def normalize_forward(xs, p):
+    shape = xs[0].shape[1:]
+    return (xs[0] - _sample_param(p["mean"], shape)) / _sample_param(p["std"], shape)
+
+
+def normalize_jvp(ts, xs, y, local, p):
+    std = _sample_param(p["std"], xs[0].shape[1:])
+    return ts[0] / _tangent_view(std, xs[0].ndim - 1)
+
+
+def normalize_vjp(v, xs, y, local, p):
+    return [normalize_jvp([v], xs, y, local, p)]
+
+
+# ---- softmax family: closed-form Jacobians; DFD by the mean-value Jacobian
+def softmax_forward(xs, p, axis):
+    return softmax(xs[0], 1 + axis)
+
+
+def softmax_jvp(ts, xs, y, local, p, axis):
+    return softmax_tangent(y[:, None], ts[0], 2 + axis)
+
+
+def softmax_vjp(v, xs, y, local, p, axis):
+    return [softmax_tangent(y[:, None], v, 2 + axis)]  # the Jacobian is symmetric
+
+
+def log_softmax_forward(xs, p, axis):
+    return log_softmax(xs[0], 1 + axis)
+
+
+def log_softmax_jvp(ts, xs, y, local, p, axis):
+    return log_softmax_tangent(np.exp(y)[:, None], ts[0], 2 + axis)
+
+
+def log_softmax_vjp(v, xs, y, local, p, axis):
+    return [log_softmax_cotangent(np.exp(y)[:, None], v, 2 + axis)]
+
+
+def mean_value_vjp(m, x, x0, dy, axis, jvp, vjp):
+    """v^T J_bar with J_bar = int_0^1 J(x0 + t (x - x0)) dt, by Gauss-Legendre quadrature
+    refined until J_bar (x - x0) == y - y0 to a few ulps (J is analytic along the segment)."""
+    dx = x - x0
+    n = 8 + int(4 * float(np.max(np.abs(dx), initial=0.0)))
+    tol = 64 * np.finfo(x.dtype).eps * max(1.0, float(np.max(np.abs(dy), initial=0.0)))
+    result = np.zeros_like(m)
+    for _ in range(6):
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        applied = np.zeros_like(dx)
+        result = np.zeros_like(m)
+        for t, w in zip((nodes + 1) / 2, weights / 2):
+            s = softmax(x0 + t * dx, 1 + axis)
+            applied += w * jvp(s, dx, 1 + axis)
+            result += w * vjp(s[:, None], m, 2 + axis)
+        if np.max(np.abs(applied - dy), initial=0.0) <= tol:
+            break
+        n *= 2
+    return result
+
+
+def softmax_dfd(m, xs, xs0, y, y0, local, p, axis):
+    return [mean_value_vjp(m, xs[0], xs0[0], y - y0, axis, softmax_tangent, softmax_tangent)]
+
+
+def log_softmax_dfd(m, xs, xs0, y, y0, local, p, axis):
+    return [mean_value_vjp(m, xs[0], xs0[0], y - y0, axis, log_softmax_tangent,
+                           log_softmax_cotangent)]
+
+
+# ---- elementwise activations: local is f'(z) (JVP/VJP) or the DFD multiplier (dfd)
+def activation_jvp(ts, xs, y, local, p):
+    return ts[0] * local[:, None]
+
+
+def activation_vjp(v, xs, y, local, p):
+    return [v * local[:, None]]
+
+
+def activation_dfd(m, xs, xs0, y, y0, local, p):
+    return [m * local[:, None]]

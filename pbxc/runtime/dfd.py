@@ -18,27 +18,19 @@ m_xt = sum_y m_xy m_yt (eq. 4). Rules, keyed by op kind:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from pbxc.codegen import numpy_kernels as K
-from pbxc.errors import InputError, UnsupportedOp
+from pbxc.errors import InputError
 from pbxc.graph.ir import OpNode
+from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, require_kernel
 from pbxc.ops import OpKind
 from pbxc.runtime.jacobian import Linearization, linearize
-from pbxc.runtime.linearize import Point, vjp_rule
-from pbxc.runtime.numpy_forward import pool_geometry, sample_axis
 
 Array = np.ndarray
-
-AFFINE_KINDS = frozenset({
-    OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D, OpKind.AVGPOOL2D, OpKind.GLOBAL_AVGPOOL,
-    OpKind.FLATTEN, OpKind.RESHAPE, OpKind.ADD, OpKind.CONCAT, OpKind.BATCHNORM,
-    OpKind.NORMALIZE,
-})
-
 
 @dataclass
 class DfdContext:
@@ -46,129 +38,26 @@ class DfdContext:
     at: Linearization        # the forward pass at the input
     default: Linearization   # the forward pass at the default (baseline)
 
-    def point(self, node: OpNode) -> Point:
-        return self.at.point(self.model, node)
 
-
-DfdRule = Callable[[DfdContext, OpNode, Array], list[Array]]
-
-
-def _affine(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
-    """Eq. 7: an affine op's multipliers are its weights; the bias cancels in delta."""
-    return vjp_rule(node, "dfd")(ctx.point(node), m)
-
-
-def _rescale(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
-    """Eq. 16-17: m = (f(x) - f(x0)) / (x - x0), the exact limit f'(x0) at x = x0."""
-    table = ctx.model.activations  # type: ignore[attr-defined]
-    z = ctx.at.values[node.inputs[0]]
-    z0 = ctx.default.values[node.inputs[0]]
-    return [m * table.multiplier(node.name, z0, z)[:, None]]
-
-
-def relu_multiplier(d0: Array, d: Array) -> Array:
-    """(relu(d) - relu(d0)) / (d - d0) without cancellation; relu'(0) = 0 where d == d0."""
-    same = d == d0
-    safe = np.where(same, 1.0, d - d0)
-    secant = (np.maximum(d, 0) - np.maximum(d0, 0)) / safe
-    return np.where(same, (d > 0).astype(d.dtype), secant)
-
-
-def _maxpool(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
-    """Max pooling as a chain of pairwise maxima, max(u, v) = u + relu(v - u) (see module)."""
-    kernel, stride, padding = pool_geometry(node)
-    x = ctx.at.values[node.inputs[0]]
-    x0 = ctx.default.values[node.inputs[0]]
-    win = K.windows2d(x, kernel, stride, padding, pad_value=np.nan)
-    win0 = K.windows2d(x0, kernel, stride, padding, pad_value=np.nan)
-    flat = win.reshape(*win.shape[:4], -1)
-    flat0 = win0.reshape(*win0.shape[:4], -1)
-    size = flat.shape[-1]
-    # forward: running maxima and each step's relu multiplier; padding never wins
-    run, run0 = flat[..., 0].copy(), flat0[..., 0].copy()
-    slopes = []
-    for i in range(1, size):
-        w, w0 = flat[..., i], flat0[..., i]
-        pad = np.isnan(w)
-        first_pad = np.isnan(run)
-        d, d0 = w - run, w0 - run0
-        s = relu_multiplier(np.nan_to_num(d0), np.nan_to_num(d))
-        s = np.where(pad, 0.0, np.where(first_pad, 1.0, s))
-        slopes.append(s)
-        run = np.where(pad, run, np.where(first_pad, w, run + np.maximum(d, 0)))
-        run0 = np.where(pad, run0, np.where(first_pad, w0, run0 + np.maximum(d0, 0)))
-    # backward: multiplier of each window element, (B, K, C, OH, OW, size)
-    g = m
-    per_elem: list[Array] = []
-    for i in range(size - 1, 0, -1):
-        s = slopes[i - 1][:, None]
-        per_elem.append(g * s)
-        g = g * (1 - s)
-    per_elem.append(g)
-    stacked = np.stack(per_elem[::-1], axis=-1)
-    kw = kernel[1]
-    bsz, k = m.shape[:2]
-    lead = stacked.reshape(bsz * k, *stacked.shape[2:])
-    back = K._scatter_windows(lambda p, q: lead[..., p * kw + q], x.shape[2:], kernel, stride,
-                              padding, m.dtype, lead.shape[:2])
-    return [back.reshape(bsz, k, *x.shape[1:])]
-
-
-def _gauss_legendre(n: int) -> tuple[Array, Array]:
-    nodes, weights = np.polynomial.legendre.leggauss(n)
-    return (nodes + 1) / 2, weights / 2
-
-
-def _mean_value_vjp(ctx: DfdContext, node: OpNode, m: Array,
-                    jvp: Callable[[Array, Array, int], Array],
-                    vjp: Callable[[Array, Array, int], Array]) -> list[Array]:
-    """v^T J_bar by Gauss-Legendre quadrature, refined until J_bar delta_x == delta_y."""
-    x = ctx.at.values[node.inputs[0]]
-    x0 = ctx.default.values[node.inputs[0]]
-    dy = ctx.at.values[node.name] - ctx.default.values[node.name]
-    axis = 1 + sample_axis(node, x.ndim - 1)
-    dx = x - x0
-    # J is analytic along the segment; its nearest complex singularity shrinks with the spread
-    n = 8 + int(4 * float(np.max(np.abs(dx), initial=0.0)))
-    tol = 64 * np.finfo(x.dtype).eps * max(1.0, float(np.max(np.abs(dy), initial=0.0)))
-    result = np.zeros_like(m)
-    for _ in range(6):
-        ts, ws = _gauss_legendre(n)
-        applied = np.zeros_like(dx)
-        result = np.zeros_like(m)
-        for t, w in zip(ts, ws):
-            s = K.softmax(x0 + t * dx, axis)
-            applied += w * jvp(s, dx, axis)
-            result += w * vjp(s[:, None], m, axis + 1)
-        if np.max(np.abs(applied - dy), initial=0.0) <= tol:
-            break
-        n *= 2
-    return [result]
-
-
-def _softmax(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
-    # softmax's Jacobian is symmetric: its VJP is its JVP
-    return _mean_value_vjp(ctx, node, m, K.softmax_jvp, K.softmax_jvp)
-
-
-def _log_softmax(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
-    return _mean_value_vjp(ctx, node, m, K.log_softmax_jvp, K.log_softmax_vjp)
-
-
-DFD_RULES: dict[OpKind, DfdRule] = {
-    **{kind: _affine for kind in AFFINE_KINDS},
-    OpKind.ACTIVATION: _rescale,
-    OpKind.MAXPOOL2D: _maxpool,
-    OpKind.SOFTMAX: _softmax,
-    OpKind.LOG_SOFTMAX: _log_softmax,
-}
-
-
-def dfd_rule(node: OpNode) -> DfdRule:
-    rule = DFD_RULES.get(node.kind)
-    if rule is None:
-        raise UnsupportedOp(f"the dfd pass has no rule for op '{node.kind.value}'", node.pos)
-    return rule
+def dfd_step(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
+    """Multipliers of the node's inputs from its own (seed 004, eq. 4: the chain rule)."""
+    params = ctx.model.params[node.name]  # type: ignore[attr-defined]
+    xs = [ctx.at.values[i] for i in node.inputs]
+    y = ctx.at.values[node.name]
+    if node.kind in DFD_BY_VJP:  # eq. 7: an affine op's multipliers are its weights
+        vjp = require_kernel(K, node, "vjp", "dfd")
+        return vjp(m, xs, y, ctx.at.local.get(node.name), params, **kernel_attrs(node))
+    kernel = require_kernel(K, node, "dfd", "dfd")
+    if node.kind is OpKind.ACTIVATION:
+        table = ctx.model.activations  # type: ignore[attr-defined]
+        z0 = ctx.default.values[node.inputs[0]]
+        z = ctx.at.values[node.inputs[0]]
+        local = table.multiplier(node.name, z0, z)   # eq. 16-17, the rescale rule
+    else:
+        local = ctx.at.local.get(node.name)
+    xs0 = [ctx.default.values[i] for i in node.inputs]
+    return kernel(m, xs, xs0, y, ctx.default.values[node.name], local, params,
+                  **kernel_attrs(node))
 
 
 def resolve_baseline(model: object, inputs: Mapping[str, Array], baseline: object,
@@ -249,7 +138,7 @@ def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
         m = mult.pop(node.name, None)
         if m is None:
             continue
-        for i, g in zip(node.inputs, dfd_rule(node)(ctx, node, m)):
+        for i, g in zip(node.inputs, dfd_step(ctx, node, m)):
             mult[i] = mult[i] + g if i in mult else g
     result = {}
     for name, x in inputs.items():

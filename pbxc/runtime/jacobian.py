@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pbxc.codegen import numpy_kernels as K
 from pbxc.graph.ir import OpNode
 from pbxc.lower.plan import JacobianPlan, path_nodes, plan_jacobian, size
 from pbxc.ops import OpKind
 from pbxc.runtime.linearize import Point, jvp_rule, vjp_rule
-from pbxc.runtime.numpy_forward import forward_rule, pool_geometry
+from pbxc.runtime.numpy_forward import forward_rule, local_data
 
 Array = np.ndarray
 
@@ -48,11 +47,12 @@ def linearize(model: object, inputs: Mapping[str, Array]) -> Linearization:
             table = model.activations  # type: ignore[attr-defined]
             values[node.name] = table(node.name, xs[0])
             local[node.name] = table.derivative(node.name, xs[0])
-        elif node.kind is OpKind.MAXPOOL2D:
-            values[node.name], local[node.name] = K.maxpool2d(xs[0], *pool_geometry(node))
         else:
             params = model.params[node.name]  # type: ignore[attr-defined]
             values[node.name] = forward_rule(node)(node, xs, params)
+            extra = local_data(node, xs, params)
+            if extra is not None:
+                local[node.name] = extra
     return Linearization(values, local)
 
 
