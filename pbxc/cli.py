@@ -319,6 +319,26 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pbxc.lower.plan import plan_jacobian
+    from pbxc.pipeline import load
+    from pbxc.runtime.compile import compile_model
+
+    model = load(args.model, dtype=args.dtype)
+    if args.explain_plan:
+        for out in model.output_names:
+            for wrt in model.input_names:
+                plan = plan_jacobian(model.graph, wrt, out, args.batch)
+                print(f"d {out} / d {wrt}:")
+                print(plan.explain())
+    if args.output:
+        files = compile_model(model, args.output)
+        print(f"wrote {', '.join(str(f) for f in files)}")
+    elif not args.explain_plan:
+        raise UsageError("give -o DIR to write the compiled module, or --explain-plan")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -364,6 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="samples per step")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("compile", help="write standalone NumPy code for every pass")
+    p.add_argument("model", help="the .pbx file")
+    p.add_argument("--output", "-o", help="the directory to write")
+    p.add_argument("--target", default="numpy", choices=["numpy"],
+                   help="the backend to generate for")
+    p.add_argument("--explain-plan", action="store_true",
+                   help="print the Jacobian accumulation plan and its cost estimate")
+    p.add_argument("--batch", type=int, default=256, help="batch size the plan is made for")
+    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("graph", help="print the computation graph")
     p.add_argument("model", help="the .pbx file")

@@ -43,6 +43,7 @@ class ActivationTable:
     functions: dict[ActivationKey, Callable[[np.ndarray], np.ndarray]]
     derivatives: dict[ActivationKey, Callable[[np.ndarray], np.ndarray]]
     source: str
+    function_names: dict[ActivationKey, str]     # key -> generated name (act_i; d + it)
 
     def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
         return self._apply(self.functions[self.keys[node_name]], z)
@@ -89,7 +90,7 @@ def compile_activations(graph: ModelGraph) -> ActivationTable:
     module = load_generated_module(source, f"{graph.name}_activations")
     functions = {key: getattr(module, fname) for key, fname in distinct.items()}
     derivatives = {key: getattr(module, f"d{fname}") for key, fname in distinct.items()}
-    return ActivationTable(keys, functions, derivatives, source)
+    return ActivationTable(keys, functions, derivatives, source, distinct)
 
 
 def _first_bad_index(array: np.ndarray) -> tuple[int, ...]:
