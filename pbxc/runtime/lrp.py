@@ -1,0 +1,432 @@
+"""Layer-wise relevance propagation on the NumPy backend, with a conservation ledger.
+
+``lrp(model, inputs, target, composite, rule, overrides, output)`` starts from the target
+logit f_c(x) (zeros elsewhere) and walks the graph backwards. Layers with weights (linear,
+conv), parameter-free linear maps (avgpool, global_avgpool, add) and per-channel affine maps
+(batchnorm, normalize) run a :class:`~pbxc.runtime.lrp_rules.Rule` on one engine: forward
+z with modified parameters, s = R / stab(z), backward c = rho(W)^T s through the same
+transposed kernels as the reverse-mode Jacobian, R = a c. Other ops route relevance: max
+pooling to each window's argmax (the first maximum in row-major order, as PyTorch),
+flatten/reshape by reshaping, concat by splitting, elementwise activations unchanged.
+A softmax or log-softmax output is skipped: relevance starts at its input, the logits.
+
+Every layer's ledger entry records the relevance it received, what it passed on, and what its
+bias and its stabiliser absorbed; ``sum(R_in) + bias + stabiliser == R_out`` up to rounding,
+per layer and for the whole network. See ``specs/lrp.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pbxc.codegen import numpy_kernels as K
+from pbxc.errors import UnsupportedOp
+from pbxc.graph.ir import OpNode
+from pbxc.lower.calls import kernel_attrs
+from pbxc.ops import OpKind
+from pbxc.runtime.jacobian import linearize
+from pbxc.runtime.lrp_rules import (
+    COMPOSITES,
+    LRP0,
+    RULE_KINDS,
+    WEIGHTED_KINDS,
+    AlphaBeta,
+    Composite,
+    Epsilon,
+    Flat,
+    Gamma,
+    LrpConfigError,
+    Norm,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+    get_composite,
+    register_composite,
+)
+
+Array = np.ndarray
+
+__all__ = [
+    "COMPOSITES", "LRP0", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "LayerLedger",
+    "Ledger", "LrpConfigError", "LrpResult", "Norm", "Rule", "WSquare", "ZBox", "ZPlus",
+    "get_composite", "lrp", "register_composite",
+]
+
+PASS = "lrp"
+
+
+# ---------------------------------------------------------------- node attributes
+
+def conv_args(node: OpNode) -> tuple[Any, Any, Any, int]:
+    a = kernel_attrs(node)
+    return a["stride"], a["padding"], a["dilation"], a["groups"]
+
+
+def pool_geometry(node: OpNode) -> tuple[Any, Any, Any]:
+    a = kernel_attrs(node)
+    return a["kernel"], a["stride"], a["padding"]
+
+
+def sample_param(v: Array, sample_shape: tuple[int, ...]) -> Array:
+    """A normalize parameter (scalar, per channel [C], or per element) as (*sample_shape)."""
+    if v.ndim == 0 or v.shape == tuple(sample_shape):
+        return np.broadcast_to(v, sample_shape)
+    return np.broadcast_to(v.reshape((-1,) + (1,) * (len(sample_shape) - 1)), sample_shape)
+
+
+# ---------------------------------------------------------------- the ledger
+
+def _per_sample(a: Array) -> Array:
+    return a.reshape(a.shape[0], -1).sum(axis=1)
+
+
+def _relative(parts_in: Array, absorbed: list[Array], out: Array) -> Array:
+    residual = parts_in + sum(absorbed) - out
+    scale = np.maximum(np.abs(out), np.abs(parts_in) + sum(np.abs(a) for a in absorbed))
+    return np.abs(residual) / np.where(scale > 0, scale, 1.0)
+
+
+@dataclass
+class LayerLedger:
+    """One node's relevance budget, per sample (each field is shaped (B,)).
+
+    ``relevance_out``: relevance at the node's output (received from above);
+    ``relevance_in``: total relevance handed to its inputs; ``bias``: absorbed by the bias
+    terms, sum_g coef_g sum_k s_gk rho(b)_k; ``stabiliser``: absorbed by the epsilon
+    stabiliser, sum_g coef_g sum_k (R_k - s_gk z_gk).
+    """
+
+    node: str
+    op: str
+    rule: str
+    relevance_out: Array
+    relevance_in: Array
+    bias: Array
+    stabiliser: Array
+
+    @property
+    def absorbed(self) -> Array:
+        return self.bias + self.stabiliser
+
+    @property
+    def conservation_error(self) -> Array:
+        """|R_in + bias + stabiliser - R_out| / max(|R_out|, |R_in| + |bias| + |stabiliser|)."""
+        return _relative(self.relevance_in, [self.bias, self.stabiliser], self.relevance_out)
+
+
+@dataclass
+class Ledger:
+    """Per-layer entries (reverse topological order) and the network's total budget."""
+
+    layers: dict[str, LayerLedger]
+    start: Array        # (B,) the starting relevance f_c(x)
+    inputs: Array       # (B,) the relevance that reached the model inputs
+
+    @property
+    def bias(self) -> Array:
+        return sum((e.bias for e in self.layers.values()), np.zeros_like(self.start))
+
+    @property
+    def stabiliser(self) -> Array:
+        return sum((e.stabiliser for e in self.layers.values()), np.zeros_like(self.start))
+
+    @property
+    def conservation_error(self) -> Array:
+        """Overall, per sample: |R_inputs + absorbed - f_c(x)| relative, as per layer."""
+        return _relative(self.inputs, [self.bias, self.stabiliser], self.start)
+
+    @property
+    def max_layer_error(self) -> float:
+        return max((float(e.conservation_error.max()) for e in self.layers.values()),
+                   default=0.0)
+
+    def table(self) -> str:
+        """A plain-text summary, summed over the batch."""
+        rows = [f"{'node':<12} {'op':<15} {'rule':<34} {'R_out':>12} {'R_in':>12} "
+                f"{'bias':>12} {'stabiliser':>12} {'rel.err':>9}"]
+        for e in self.layers.values():
+            rows.append(f"{e.node:<12} {e.op:<15} {e.rule:<34} {e.relevance_out.sum():>12.5g} "
+                        f"{e.relevance_in.sum():>12.5g} {e.bias.sum():>12.5g} "
+                        f"{e.stabiliser.sum():>12.5g} {e.conservation_error.max():>9.2g}")
+        rows.append(f"total: start {self.start.sum():.6g} = inputs {self.inputs.sum():.6g} + "
+                    f"bias {self.bias.sum():.6g} + stabiliser {self.stabiliser.sum():.6g} "
+                    f"(rel. error {self.conservation_error.max():.2g})")
+        return "\n".join(rows)
+
+
+@dataclass
+class LrpResult:
+    """``relevance``: input name -> (B, *input_shape); ``outputs``: forward outputs by name;
+    ``targets``: (B,) flat indices of the explained logit; ``ledger``: the conservation
+    ledger; ``rules``: node -> rule used; ``maxpool_ties``: max-pool node -> number of
+    windows that received nonzero relevance while their maximum was attained more than once
+    (relevance went to the first maximum in row-major order)."""
+
+    relevance: dict[str, Array]
+    outputs: dict[str, Array]
+    targets: Array
+    ledger: Ledger
+    start: str
+    rules: dict[str, str] = field(default_factory=dict)
+    maxpool_ties: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conservation_error(self) -> Array:
+        return self.ledger.conservation_error
+
+
+# ---------------------------------------------------------------- linear maps for the engine
+
+@dataclass(frozen=True)
+class LinearMap:
+    """An op as z = W a + b: its parameters, the bias-free forward, the transpose, and how a
+    bias vector broadcasts onto z."""
+
+    params: Callable[[OpNode, Mapping[str, Array], list[Array]], tuple[Array, Array | None]]
+    forward: Callable[[OpNode, list[Array], Array], Array]
+    transpose: Callable[[OpNode, Array, Array, list[Array]], list[Array]]
+    bias: Callable[[Array, Array], Array] = lambda b, z: b
+
+
+def _channel(b: Array, z: Array) -> Array:
+    return K.channel_view(b, z.ndim - 1)
+
+
+def _weight_bias(node: OpNode, p: Mapping[str, Array], xs: list[Array]
+                 ) -> tuple[Array, Array | None]:
+    return p["weight"], p.get("bias")
+
+
+def _unit(node: OpNode, p: Mapping[str, Array], xs: list[Array]) -> tuple[Array, Array | None]:
+    return np.ones((), dtype=xs[0].dtype), None
+
+
+def _bn_params(node: OpNode, p: Mapping[str, Array], xs: list[Array]
+               ) -> tuple[Array, Array | None]:
+    scale, shift = K.batchnorm_scale_shift(p["weight"], p["bias"], p["running_mean"],
+                                           p["running_var"], kernel_attrs(node)["eps"])
+    rank = xs[0].ndim - 1
+    return K.channel_view(scale, rank)[0], K.channel_view(shift, rank)[0]
+
+
+def _normalize_params(node: OpNode, p: Mapping[str, Array], xs: list[Array]
+                      ) -> tuple[Array, Array | None]:
+    shape = xs[0].shape[1:]
+    inv = 1.0 / sample_param(p["std"], shape)
+    return inv, -sample_param(p["mean"], shape) * inv
+
+
+def _pool(node: OpNode, xs: list[Array], w: Array) -> Array:
+    return w * K.avgpool2d(xs[0], *pool_geometry(node), kernel_attrs(node)["count_include_pad"])
+
+
+def _pool_t(node: OpNode, s: Array, w: Array, xs: list[Array]) -> list[Array]:
+    return [w * K.avgpool2d_transpose(s, xs[0].shape[2:], *pool_geometry(node),
+                                      kernel_attrs(node)["count_include_pad"])]
+
+
+LINEAR_MAPS: dict[OpKind, LinearMap] = {
+    OpKind.LINEAR: LinearMap(_weight_bias, lambda n, xs, w: xs[0] @ w.T,
+                             lambda n, s, w, xs: [s @ w]),
+    OpKind.CONV2D: LinearMap(
+        _weight_bias, lambda n, xs, w: K.conv2d(xs[0], w, None, *conv_args(n)),
+        lambda n, s, w, xs: [K.conv2d_transpose(s, w, xs[0].shape[2:], *conv_args(n))],
+        _channel),
+    OpKind.CONV1D: LinearMap(
+        _weight_bias, lambda n, xs, w: K.conv1d(xs[0], w, None, *conv_args(n)),
+        lambda n, s, w, xs: [K.conv1d_transpose(s, w, xs[0].shape[2], *conv_args(n))],
+        _channel),
+    OpKind.AVGPOOL2D: LinearMap(_unit, _pool, _pool_t),
+    OpKind.GLOBAL_AVGPOOL: LinearMap(
+        _unit, lambda n, xs, w: w * K.global_avgpool(xs[0]),
+        lambda n, s, w, xs: [w * K.global_avgpool_transpose(s, xs[0].shape[2:])]),
+    OpKind.ADD: LinearMap(_unit, lambda n, xs, w: w * sum(xs[1:], xs[0]),
+                          lambda n, s, w, xs: [w * s for _ in xs]),
+    OpKind.BATCHNORM: LinearMap(_bn_params, lambda n, xs, w: xs[0] * w[None],
+                                lambda n, s, w, xs: [s * w[None]], lambda b, z: b[None]),
+    OpKind.NORMALIZE: LinearMap(_normalize_params, lambda n, xs, w: xs[0] * w[None],
+                                lambda n, s, w, xs: [s * w[None]], lambda b, z: b[None]),
+}
+
+
+def apply_rule(rule: Rule, node: OpNode, params: Mapping[str, Array], xs: list[Array],
+               relevance: Array) -> tuple[list[Array], Array, Array]:
+    """The engine: relevance at the node's output -> (relevance per input, bias, stabiliser)."""
+    lmap = LINEAR_MAPS[node.kind]
+    w, b = lmap.params(node, params, xs)
+    r_in = [np.zeros_like(x) for x in xs]
+    batch = relevance.shape[0]
+    bias_abs = np.zeros(batch, dtype=relevance.dtype)
+    stab_abs = np.zeros(batch, dtype=relevance.dtype)
+    for group in rule.groups():
+        z = np.zeros_like(relevance)
+        zb = np.zeros_like(relevance)
+        passes = []
+        for term in group.terms:
+            ins = [term.input(x) for x in xs]
+            wt = term.weight(w)
+            zt = lmap.forward(node, ins, wt)
+            if term.bias is not None and b is not None:
+                bt = np.broadcast_to(lmap.bias(term.bias(b), zt), zt.shape)
+                zt = zt + bt
+                zb = zb + term.sign * bt
+            z = z + term.sign * zt
+            passes.append((term.sign, ins, wt))
+        zs = rule.stabilise(z)
+        s = np.divide(relevance, zs, out=np.zeros_like(relevance), where=zs != 0)
+        for sign, ins, wt in passes:
+            for i, c in enumerate(lmap.transpose(node, s, wt, xs)):
+                r_in[i] += (group.coef * sign) * ins[i] * c
+        bias_abs += group.coef * _per_sample(s * zb)
+        stab_abs += group.coef * _per_sample(relevance - s * z)
+    return r_in, bias_abs, stab_abs
+
+
+# ---------------------------------------------------------------- routing ops
+
+def _maxpool(node: OpNode, x: Array, index: Array, relevance: Array) -> tuple[Array, int]:
+    geometry = pool_geometry(node)
+    win = K.windows2d(x, *geometry, pad_value=-np.inf)
+    flat = win.reshape(*win.shape[:4], -1)
+    best = np.take_along_axis(flat, index[..., None], axis=4)
+    tied = (flat == best).sum(axis=4) > 1
+    ties = int(np.count_nonzero(tied & (relevance != 0)))
+    return K.maxpool2d_transpose(relevance, index, x.shape[2:], *geometry), ties
+
+
+def _route(node: OpNode, xs: list[Array], out: Array, relevance: Array) -> list[Array]:
+    if node.kind in (OpKind.FLATTEN, OpKind.RESHAPE):
+        return [relevance.reshape(xs[0].shape)]
+    if node.kind is OpKind.ACTIVATION:
+        return [relevance]
+    if node.kind is OpKind.CONCAT:
+        axis = 1 + int(kernel_attrs(node)["axis"])
+        cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
+        return list(np.split(relevance, cuts, axis=axis))
+    raise unsupported(node)
+
+
+def unsupported(node: OpNode, why: str = "") -> UnsupportedOp:
+    return UnsupportedOp(f"the {PASS} pass has no rule for op '{node.kind.value}' "
+                         f"(value '{node.name}'){why}", node.pos)
+
+
+ROUTED = frozenset({OpKind.FLATTEN, OpKind.RESHAPE, OpKind.ACTIVATION, OpKind.CONCAT,
+                    OpKind.MAXPOOL2D})
+OUTPUT_ONLY = frozenset({OpKind.SOFTMAX, OpKind.LOG_SOFTMAX})
+
+
+# ---------------------------------------------------------------- rules per node
+
+def _first_weighted(model: Any) -> str | None:
+    return next((n.name for n in model.nodes if n.kind in WEIGHTED_KINDS), None)
+
+
+def resolve_rules(model: Any, values: Mapping[str, Array], composite: Composite | str | None,
+                  rule: Rule | None, overrides: Mapping[str, Rule] | None) -> dict[str, Rule]:
+    """The rule of every node the engine runs: overrides > rule > composite > "epsilon"."""
+    if rule is not None and composite is not None:
+        raise LrpConfigError("give either rule= (one rule for every layer) or composite=, "
+                             "not both")
+    if rule is not None and not isinstance(rule, Rule):
+        raise LrpConfigError(f"rule must be a pbxc LRP Rule, got {rule!r}")
+    first = _first_weighted(model)
+    if isinstance(composite, str):
+        kwargs: dict[str, object] = {}
+        if composite == "epsilon-gamma-box" and first is not None:
+            # bounds from the batch itself: the range of the first weighted layer's input
+            data = values[model.graph.node(first).inputs[0]]
+            kwargs = {"low": float(data.min()), "high": float(data.max())}
+        composite = get_composite(composite, **kwargs)
+    elif composite is None:
+        composite = get_composite("epsilon")
+    elif not isinstance(composite, Composite):
+        raise LrpConfigError(f"composite must be a name or a Composite, got {composite!r}")
+    rules: dict[str, Rule] = {}
+    for node in model.nodes:
+        if node.kind in RULE_KINDS:
+            rules[node.name] = rule if rule is not None else composite.rule_for(
+                node.kind, node.name == first)
+    for name, r in (overrides or {}).items():
+        if name not in rules:
+            kind = model.graph.node(name).kind.value if name in model.graph.digraph else None
+            what = f"a '{kind}' op, which routes relevance without a rule" if kind else \
+                "not a value of this model"
+            raise LrpConfigError(f"cannot override the LRP rule of '{name}': it is {what}")
+        if not isinstance(r, Rule):
+            raise LrpConfigError(f"override for '{name}' must be a Rule, got {r!r}")
+        rules[name] = r
+    return rules
+
+
+# ---------------------------------------------------------------- the pass
+
+def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str | None = None,
+        rule: Rule | None = None, overrides: Mapping[str, Rule] | None = None,
+        output: str | None = None) -> LrpResult:
+    """Layer-wise relevance propagation of the target logit back to the model inputs.
+
+    ``inputs``: a batch array (single-input models) or a dict by input name. ``target``: None
+    (the predicted class), a class index, or one index per sample. ``composite``: a registered
+    name ("epsilon" by default, "lrp0", "epsilon-plus", "epsilon-gamma-box") or a
+    :class:`Composite`; ``rule``: one rule for every layer instead; ``overrides``: node name ->
+    rule. ``output``: which model output (default the first); a softmax/log-softmax output
+    starts relevance at its input.
+    """
+    prepared = model.prepare_inputs(inputs)
+    output = output or model.output_names[0]
+    if output not in model.graph.digraph:
+        raise LrpConfigError(f"model '{model.name}' has no value '{output}'")
+    lin = linearize(model, prepared)
+    values = lin.values
+    out_node = model.graph.node(output)
+    start = out_node.inputs[0] if out_node.kind in OUTPUT_ONLY else output
+    logits = values[start]
+    batch = logits.shape[0]
+    targets = model.targets(logits, target)
+    flat = logits.reshape(batch, -1)
+    seed = np.zeros_like(flat)
+    rows = np.arange(batch)
+    seed[rows, targets] = flat[rows, targets]
+    relevance: dict[str, Array] = {start: seed.reshape(logits.shape)}
+    rules = resolve_rules(model, values, composite, rule, overrides)
+    layers: dict[str, LayerLedger] = {}
+    ties: dict[str, int] = {}
+    for node in reversed(model.nodes):
+        r_out = relevance.pop(node.name, None) if node.kind is not OpKind.INPUT else None
+        if r_out is None:
+            continue
+        xs = [values[i] for i in node.inputs]
+        zero = np.zeros(batch, dtype=r_out.dtype)
+        bias, stab = zero, zero
+        label = "route"
+        if node.name in rules:
+            node_rule = rules[node.name]
+            label = node_rule.describe()
+            r_in, bias, stab = apply_rule(node_rule, node, model.params[node.name], xs, r_out)
+        elif node.kind is OpKind.MAXPOOL2D:
+            assert node.name in lin.local
+            r0, ties[node.name] = _maxpool(node, xs[0], lin.local[node.name], r_out)
+            r_in, label = [r0], "winner-take-all"
+        elif node.kind in ROUTED:
+            r_in = _route(node, xs, values[node.name], r_out)
+        elif node.kind in OUTPUT_ONLY:
+            raise unsupported(node, "; softmax and log_softmax are supported only as the "
+                                    "explained output, where relevance starts at the logits")
+        else:
+            raise unsupported(node)
+        layers[node.name] = LayerLedger(node.name, node.kind.value, label, _per_sample(r_out),
+                                        sum((_per_sample(r) for r in r_in), zero), bias, stab)
+        for name, r_i in zip(node.inputs, r_in):
+            relevance[name] = relevance[name] + r_i if name in relevance else r_i
+    result = {name: relevance.get(name, np.zeros_like(x)) for name, x in prepared.items()}
+    reached = sum((_per_sample(r) for r in result.values()), np.zeros(batch, logits.dtype))
+    ledger = Ledger(layers, _per_sample(seed), reached)
+    outputs = {name: values[name] for name in model.output_names}
+    return LrpResult(result, outputs, targets, ledger, start,
+                     {name: r.describe() for name, r in rules.items()}, ties)
