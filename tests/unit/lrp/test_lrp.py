@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def test_epsilon_to_zero_approaches_lrp0(name: str) -> None:
     gaps = [np.abs(lrp(model, x, rule=Epsilon(epsilon=eps)).relevance[model.input_names[0]]
                    - reference).max() / scale for eps in (1e-1, 1e-3, 1e-5, 1e-7, 1e-9)]
     assert gaps[0] > 1e-4                       # epsilon matters at all
-    assert all(b < a for a, b in zip(gaps, gaps[1:])), gaps
+    assert all(b < a for a, b in itertools.pairwise(gaps)), gaps
     assert gaps[-1] < 1e-4, gaps
     assert gaps[-1] < 0.05 * gaps[-2], gaps     # first order in epsilon near 0
 
@@ -259,7 +260,7 @@ def test_rule_parameters_are_checked() -> None:
 
 def test_unknown_composite_and_bad_override() -> None:
     model, x = example("breast_cancer_mlp")
-    with pytest.raises(LrpConfigError, match="unknown LRP composite 'epsilon-gama'.*epsilon-plus"):
+    with pytest.raises(LrpConfigError, match=r"unknown LRP composite 'epsilon-gama'.*epsilon-plus"):
         lrp(model, x, composite="epsilon-gama")
     with pytest.raises(LrpConfigError, match="h1"):
         lrp(model, x, overrides={"h1": LRP0()})
@@ -272,6 +273,6 @@ def test_unsupported_op_names_pass_op_and_position(write_model: Writer) -> None:
     model = pbxc.load(write_model('model u\nweights "w.npz"\ninput x: float64[3]\n'
                                   "h = softmax(linear(x, @a, bias=false))\n"
                                   "output y = linear(h, @b, bias=false)", w))
-    with pytest.raises(pbxc.UnsupportedOp, match="lrp pass.*'softmax'") as info:
+    with pytest.raises(pbxc.UnsupportedOp, match=r"lrp pass.*'softmax'") as info:
         lrp(model, RNG.normal(size=(2, 3)))
     assert info.value.pos is not None and info.value.pos.line == 4
