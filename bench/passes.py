@@ -1,0 +1,197 @@
+"""pbxc's passes beside their peers, in one run: times, ratios and FLOP-bound limits.
+
+    python bench/passes.py [--batches 1 32 256] [--dtypes float64 float32] [--quick]
+
+Models: the 784-512-512-512-10 tanh MLP (seeded weights) and the shipped digits CNN. Peers
+that are not installed are reported as such (torch, jax, captum, zennit). The FLOP-bound
+limit of a pass is its multiply-adds divided by the GEMM rate measured in this run; for the
+Jacobian they are the chosen plan's, for LRP and DFD two and three forward passes' worth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    EXAMPLES,
+    MLP_WIDTHS,
+    digits_inputs,
+    gemm_rate,
+    load_digits,
+    load_mlp,
+    median_time,
+    mlp_weights,
+)
+
+from pbxc.lower.plan import plan_jacobian, vector_cost  # noqa: E402
+from pbxc.ops import WEIGHTED  # noqa: E402
+
+
+def have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def torch_mlp(dtype: str):  # type: ignore[no-untyped-def]
+    import torch
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    w = mlp_weights()
+    for i, (a, b) in enumerate(zip(MLP_WIDTHS, MLP_WIDTHS[1:])):
+        lin = nn.Linear(a, b)
+        lin.weight.data = torch.from_numpy(w[f"fc{i}.weight"])
+        lin.bias.data = torch.from_numpy(w[f"fc{i}.bias"])
+        layers.append(lin)
+        if i < len(MLP_WIDTHS) - 2:
+            layers.append(nn.Tanh())
+    net = nn.Sequential(*layers).to(getattr(torch, dtype)).eval()
+    return net
+
+
+def torch_digits(dtype: str):  # type: ignore[no-untyped-def]
+    import torch
+    from torch import nn
+
+    w = np.load(EXAMPLES / "digits_cnn.npz")
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Flatten(), nn.Linear(64, 10))
+    keys = ["conv1", "conv2", "fc"]
+    for module, key in zip([net[0], net[3], net[7]], keys):
+        module.weight.data = torch.from_numpy(w[f"{key}.weight"])
+        module.bias.data = torch.from_numpy(w[f"{key}.bias"])
+    return net.to(getattr(torch, dtype)).eval()
+
+
+def forward_macs(model) -> int:  # type: ignore[no-untyped-def]
+    """Multiply-adds of one sample's forward pass through the weighted layers."""
+    return sum(vector_cost(n, model.graph) for n in model.nodes if n.kind in WEIGHTED)
+
+
+def peers_for(name: str, dtype: str, x: np.ndarray) -> dict[str, dict[str, Callable[[], object]]]:
+    """Peer implementations, per pass, that are installed here."""
+    peers: dict[str, dict[str, Callable[[], object]]] = {"jacobian": {}, "lrp": {}, "dfd": {}}
+    if have("torch"):
+        import torch
+        from torch.func import jacfwd, jacrev, vmap
+
+        torch.set_num_threads(2)
+        net = torch_mlp(dtype) if name == "mlp" else torch_digits(dtype)
+        xt = torch.from_numpy(x)
+
+        def single(v: torch.Tensor) -> torch.Tensor:
+            return net(v[None])[0]
+
+        peers["jacobian"]["torch vmap(jacrev)"] = lambda: vmap(jacrev(single))(xt)
+        peers["jacobian"]["torch vmap(jacfwd)"] = lambda: vmap(jacfwd(single))(xt)
+        if have("captum"):
+            from captum.attr import DeepLift
+
+            dl = DeepLift(net)
+            target = net(xt).argmax(dim=1)
+            peers["dfd"]["captum DeepLift"] = lambda: dl.attribute(xt, torch.zeros_like(xt),
+                                                                   target=target)
+        if have("zennit"):
+            from zennit.composites import EpsilonPlusFlat
+
+            def zennit_lrp() -> object:
+                from zennit.attribution import Gradient
+
+                with Gradient(model=net, composite=EpsilonPlusFlat()) as attributor:
+                    out = net(xt)
+                    onehot = torch.eye(out.shape[1], dtype=out.dtype)[out.argmax(1)]
+                    return attributor(xt, onehot)
+            peers["lrp"]["zennit EpsilonPlusFlat"] = zennit_lrp
+    if have("jax"):
+        import jax
+        import jax.numpy as jnp
+
+        jax.config.update("jax_enable_x64", dtype == "float64")
+        if name == "mlp":
+            w = mlp_weights()
+            params = [(jnp.asarray(w[f"fc{i}.weight"], dtype), jnp.asarray(w[f"fc{i}.bias"],
+                                                                              dtype))
+                      for i in range(len(MLP_WIDTHS) - 1)]
+
+            def f(v):  # type: ignore[no-untyped-def]
+                for i, (wt, b) in enumerate(params):
+                    v = v @ wt.T + b
+                    if i < len(params) - 1:
+                        v = jnp.tanh(v)
+                return v
+
+            xj = jnp.asarray(x)
+            jr = jax.jit(jax.vmap(jax.jacrev(f)))
+            jf = jax.jit(jax.vmap(jax.jacfwd(f)))
+            peers["jacobian"]["jax jacrev (jit)"] = lambda: jr(xj).block_until_ready()
+            peers["jacobian"]["jax jacfwd (jit)"] = lambda: jf(xj).block_until_ready()
+    return peers
+
+
+def run(batches: list[int], dtypes: list[str], quick: bool) -> None:
+    print("missing peers (not installed): "
+          + (", ".join(p for p in ("torch", "jax", "captum", "zennit") if not have(p)) or "none"))
+    header = (f"{'model':<6} {'dtype':<8} {'batch':>5}  {'pass':<9} {'pbxc ms':>9}  "
+              f"{'best peer':<24} {'peer ms':>9} {'ratio':>6}  {'limit ms':>9} {'/limit':>6}")
+    for dtype in dtypes:
+        rate = gemm_rate(dtype)
+        print(f"\nGEMM rate ({dtype}, 512^3): {2 * rate / 1e9:.1f} GFLOP/s")
+        print(header)
+        for name in ("mlp", "digits"):
+            model = load_mlp(dtype) if name == "mlp" else load_digits(dtype)
+            for batch in batches:
+                rng = np.random.default_rng(0)
+                x = (rng.normal(size=(batch, 784)).astype(dtype) if name == "mlp"
+                     else digits_inputs(batch, dtype))
+                plan = plan_jacobian(model.graph, model.input_names[0], model.output_names[0],
+                                     batch)
+                fwd = forward_macs(model) * batch
+                limits = {"jacobian": plan.flops_per_sample * batch / rate,
+                          "lrp": 2 * fwd / rate, "dfd": 3 * fwd / rate, "forward": fwd / rate}
+                ours: dict[str, Callable[[], object]] = {
+                    "forward": lambda: model.forward(x),
+                    "jacobian": lambda: model.jacobian(x),
+                    "dfd": lambda: model.dfd(x, baseline="zeros"),
+                }
+                if hasattr(model, "lrp"):
+                    ours["lrp"] = lambda: model.lrp(x, composite="epsilon")
+                peers = peers_for(name, dtype, x)
+                n_in = x[0].size
+                peers["jacobian"]["finite differences"] = lambda: model.forward(
+                    np.repeat(x, n_in + 1, axis=0))
+                for pass_name, fn in ours.items():
+                    t = median_time(fn, repeat=3 if quick else 7)
+                    best_name, best = "-", float("nan")
+                    for peer_name, peer_fn in peers.get(pass_name, {}).items():
+                        try:
+                            pt = median_time(peer_fn, repeat=3 if quick else 7)
+                        except Exception as err:  # a peer failing is reported, not fatal
+                            print(f"  ({peer_name} failed: {type(err).__name__}: {err})")
+                            continue
+                        if not best < pt:
+                            best_name, best = peer_name, pt
+                    limit = limits[pass_name]
+                    print(f"{name:<6} {dtype:<8} {batch:>5}  {pass_name:<9} {t * 1e3:>9.2f}  "
+                          f"{best_name:<24} {best * 1e3:>9.2f} {t / best:>6.2f}  "
+                          f"{limit * 1e3:>9.2f} {t / limit:>6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    run(args.batches, args.dtypes, args.quick)
+
+
+if __name__ == "__main__":
+    main()
