@@ -85,9 +85,12 @@ def _per_sample(a: Array) -> Array:
     return a.reshape(a.shape[0], -1).sum(axis=1)
 
 
-def _relative(parts_in: Array, absorbed: list[Array], out: Array) -> Array:
+def _relative(parts_in: Array, absorbed: list[Array], out: Array,
+              magnitude: Array | None = None) -> Array:
     residual = parts_in + sum(absorbed) - out
     scale = np.maximum(np.abs(out), np.abs(parts_in) + sum(np.abs(a) for a in absorbed))
+    if magnitude is not None:
+        scale = np.maximum(scale, magnitude)
     return np.abs(residual) / np.where(scale > 0, scale, 1.0)
 
 
@@ -98,7 +101,8 @@ class LayerLedger:
     ``relevance_out``: relevance at the node's output (received from above);
     ``relevance_in``: total relevance handed to its inputs; ``bias``: absorbed by the bias
     terms, sum_g coef_g sum_k s_gk rho(b)_k; ``stabiliser``: absorbed by the epsilon
-    stabiliser, sum_g coef_g sum_k (R_k - s_gk z_gk).
+    stabiliser, sum_g coef_g sum_k (R_k - s_gk z_gk); ``magnitude``: sum_k |R_k| +
+    sum_j |R_j|, the size of the sums whose rounding the check allows for.
     """
 
     node: str
@@ -108,6 +112,7 @@ class LayerLedger:
     relevance_in: Array
     bias: Array
     stabiliser: Array
+    magnitude: Array | None = None
 
     @property
     def absorbed(self) -> Array:
@@ -115,8 +120,10 @@ class LayerLedger:
 
     @property
     def conservation_error(self) -> Array:
-        """|R_in + bias + stabiliser - R_out| / max(|R_out|, |R_in| + |bias| + |stabiliser|)."""
-        return _relative(self.relevance_in, [self.bias, self.stabiliser], self.relevance_out)
+        """|R_in + bias + stabiliser - R_out| / max(|R_out|, |R_in| + |bias| + |stabiliser|,
+        magnitude)."""
+        return _relative(self.relevance_in, [self.bias, self.stabiliser], self.relevance_out,
+                         self.magnitude)
 
 
 @dataclass
@@ -421,7 +428,9 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
         else:
             raise unsupported(node)
         layers[node.name] = LayerLedger(node.name, node.kind.value, label, _per_sample(r_out),
-                                        sum((_per_sample(r) for r in r_in), zero), bias, stab)
+                                        sum((_per_sample(r) for r in r_in), zero), bias, stab,
+                                        _per_sample(np.abs(r_out))
+                                        + sum((_per_sample(np.abs(r)) for r in r_in), zero))
         for name, r_i in zip(node.inputs, r_in):
             relevance[name] = relevance[name] + r_i if name in relevance else r_i
     result = {name: relevance.get(name, np.zeros_like(x)) for name, x in prepared.items()}
