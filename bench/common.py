@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -21,7 +22,7 @@ def mlp_weights(seed: int = 0) -> dict[str, np.ndarray]:
     """The 784-512-512-512-10 tanh MLP's weights, from a seeded generator (PyTorch init)."""
     rng = np.random.default_rng(seed)
     weights = {}
-    for i, (a, b) in enumerate(zip(MLP_WIDTHS, MLP_WIDTHS[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(MLP_WIDTHS)):
         bound = 1 / np.sqrt(a)
         weights[f"fc{i}.weight"] = rng.uniform(-bound, bound, size=(b, a))
         weights[f"fc{i}.bias"] = rng.uniform(-bound, bound, size=b)

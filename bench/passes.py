@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     EXAMPLES,
     MLP_WIDTHS,
     digits_inputs,
@@ -30,8 +31,8 @@ from common import (  # noqa: E402
     mlp_weights,
 )
 
-from pbxc.lower.plan import plan_jacobian, vector_cost  # noqa: E402
-from pbxc.ops import WEIGHTED  # noqa: E402
+from pbxc.lower.plan import plan_jacobian, vector_cost
+from pbxc.ops import WEIGHTED
 
 
 def have(module: str) -> bool:
@@ -44,7 +45,7 @@ def torch_mlp(dtype: str):  # type: ignore[no-untyped-def]
 
     layers: list[nn.Module] = []
     w = mlp_weights()
-    for i, (a, b) in enumerate(zip(MLP_WIDTHS, MLP_WIDTHS[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(MLP_WIDTHS)):
         lin = nn.Linear(a, b)
         lin.weight.data = torch.from_numpy(w[f"fc{i}.weight"])
         lin.bias.data = torch.from_numpy(w[f"fc{i}.bias"])
@@ -135,6 +136,21 @@ def peers_for(name: str, dtype: str, x: np.ndarray) -> dict[str, dict[str, Calla
     return peers
 
 
+def our_passes(model, x: np.ndarray) -> dict[str, Callable[[], object]]:  # type: ignore[no-untyped-def]
+    return {
+        "forward": lambda: model.forward(x),
+        "jacobian": lambda: model.jacobian(x),
+        "lrp": lambda: model.lrp(x, composite="epsilon"),
+        "dfd": lambda: model.dfd(x, baseline="zeros"),
+    }
+
+
+def finite_differences(model, x: np.ndarray) -> Callable[[], object]:  # type: ignore[no-untyped-def]
+    """The cost of a one-sided finite-difference Jacobian: m + 1 forward passes, batched."""
+    stacked = np.repeat(x, x[0].size + 1, axis=0)
+    return lambda: model.forward(stacked)
+
+
 def run(batches: list[int], dtypes: list[str], quick: bool) -> None:
     print("missing peers (not installed): "
           + (", ".join(p for p in ("torch", "jax", "captum", "zennit") if not have(p)) or "none"))
@@ -155,17 +171,9 @@ def run(batches: list[int], dtypes: list[str], quick: bool) -> None:
                 fwd = forward_macs(model) * batch
                 limits = {"jacobian": plan.flops_per_sample * batch / rate,
                           "lrp": 2 * fwd / rate, "dfd": 3 * fwd / rate, "forward": fwd / rate}
-                ours: dict[str, Callable[[], object]] = {
-                    "forward": lambda: model.forward(x),
-                    "jacobian": lambda: model.jacobian(x),
-                    "dfd": lambda: model.dfd(x, baseline="zeros"),
-                }
-                if hasattr(model, "lrp"):
-                    ours["lrp"] = lambda: model.lrp(x, composite="epsilon")
+                ours = our_passes(model, x)
                 peers = peers_for(name, dtype, x)
-                n_in = x[0].size
-                peers["jacobian"]["finite differences"] = lambda: model.forward(
-                    np.repeat(x, n_in + 1, axis=0))
+                peers["jacobian"]["finite differences"] = finite_differences(model, x)
                 for pass_name, fn in ours.items():
                     t = median_time(fn, repeat=3 if quick else 7)
                     best_name, best = "-", float("nan")

@@ -293,8 +293,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             add("summation_error", res_d.summation_error)
             targets = res_d.targets
         else:
-            res_l = model.lrp(  # type: ignore[attr-defined]
-                xb, target=target, output=output, rule=args.rule,
+            res_l = model.lrp(xb, target=target, output=output, rule=args.rule,
                               composite=args.composite)
             add("attributions", res_l.relevance[model.input_names[0]])
             for key, value in res_l.ledger_arrays().items():

@@ -21,20 +21,36 @@ def windows2d(x, kernel, stride, padding, dilation=(1, 1), pad_value=0.0):
     return win[:, :, ::sh, ::sw, ::dh, ::dw]
 
 
+def im2col(x, kernel, stride, padding, dilation):
+    """(N, C, H, W) -> columns (C, kh, kw, N, OH, OW): one strided copy per kernel offset,
+    laid out so that a convolution is a single GEMM."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    n, c, h, w = x.shape
+    oh = (h - dh * (kh - 1) - 1) // sh + 1
+    ow = (w - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
+    xt = x.transpose(1, 0, 2, 3)
+    for p in range(kh):
+        for q in range(kw):
+            cols[:, p, q] = xt[:, :, p * dh:p * dh + sh * (oh - 1) + 1:sh,
+                               q * dw:q * dw + sw * (ow - 1) + 1:sw]
+    return cols
+
+
 def conv2d(x, weight, bias, stride, padding, dilation, groups):
     """PyTorch's conv2d (cross-correlation); weight [out, in/groups, kh, kw]."""
     n = x.shape[0]
     out_ch, in_per_group, kh, kw = weight.shape
-    win = windows2d(x, (kh, kw), stride, padding, dilation)
-    oh, ow = win.shape[2:4]
-    if groups == 1:
-        y = np.tensordot(win, weight, axes=([1, 4, 5], [1, 2, 3]))  # N, OH, OW, O
-        y = np.moveaxis(y, 3, 1)
-    else:
-        win = win.reshape(n, groups, in_per_group, oh, ow, kh, kw)
-        wg = weight.reshape(groups, out_ch // groups, in_per_group, kh, kw)
-        y = np.einsum("bgchwij,gocij->bgohw", win, wg, optimize=True)
-        y = y.reshape(n, out_ch, oh, ow)
+    cols = im2col(x, (kh, kw), stride, padding, dilation)
+    oh, ow = cols.shape[4:]
+    opg = out_ch // groups
+    y = np.empty((out_ch, n * oh * ow), dtype=np.result_type(x, weight))
+    for g in range(groups):
+        block = cols[g * in_per_group:(g + 1) * in_per_group].reshape(in_per_group * kh * kw, -1)
+        y[g * opg:(g + 1) * opg] = weight[g * opg:(g + 1) * opg].reshape(opg, -1) @ block
+    y = y.reshape(out_ch, n, oh, ow).transpose(1, 0, 2, 3)
     if bias is not None:
         y = y + bias[None, :, None, None]
     return np.ascontiguousarray(y)

@@ -186,6 +186,13 @@ class LrpResult:
     def conservation_error(self) -> Array:
         return self.ledger.conservation_error
 
+    def ledger_arrays(self) -> dict[str, Array]:
+        """Per-sample ledger totals, for saving beside the attributions."""
+        ledger = self.ledger
+        return {"relevance_start": ledger.start, "relevance_inputs": ledger.inputs,
+                "absorbed_bias": ledger.bias, "absorbed_stabiliser": ledger.stabiliser,
+                "conservation_error": ledger.conservation_error}
+
 
 # ---------------------------------------------------------------- linear maps for the engine
 

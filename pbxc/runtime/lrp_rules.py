@@ -347,3 +347,33 @@ def get_composite(name: str, **kwargs: object) -> Composite:
         raise LrpConfigError(f"unknown LRP composite '{name}'; known: "
                              f"{', '.join(sorted(COMPOSITES))}")
     return factory(**kwargs)
+
+
+RULES_BY_NAME: dict[str, tuple[type[Rule], tuple[str, ...]]] = {
+    "lrp0": (LRP0, ()),
+    "epsilon": (Epsilon, ("epsilon",)),
+    "gamma": (Gamma, ("gamma",)),
+    "zplus": (ZPlus, ()),
+    "alphabeta": (AlphaBeta, ("alpha", "beta")),
+    "wsquare": (WSquare, ()),
+    "flat": (Flat, ()),
+    "zbox": (ZBox, ("low", "high")),
+}
+
+
+def rule_from_spec(spec: str) -> Rule:
+    """A rule from text such as ``epsilon``, ``epsilon:0.25``, ``gamma:0.5``,
+    ``alphabeta:2:1`` or ``zbox:-1:1``: the name, then its parameters in order."""
+    name, *values = spec.split(":")
+    if name not in RULES_BY_NAME:
+        raise LrpConfigError(f"unknown LRP rule '{name}'; known rules: "
+                             + ", ".join(sorted(RULES_BY_NAME)))
+    cls, params = RULES_BY_NAME[name]
+    if len(values) > len(params):
+        raise LrpConfigError(f"rule '{name}' takes {len(params)} parameter(s) "
+                             f"({', '.join(params) or 'none'}), got {len(values)}")
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        raise LrpConfigError(f"rule parameters must be numbers, got '{spec}'") from None
+    return cls(**dict(zip(params, numbers)))  # type: ignore[arg-type]

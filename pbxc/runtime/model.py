@@ -16,6 +16,8 @@ from pbxc.lower.plan import path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.codeload import load_generated_module
 from pbxc.runtime.dfd import DfdResult, dfd, resolve_baseline
+from pbxc.runtime.lrp import LrpResult, lrp
+from pbxc.runtime.lrp_rules import rule_from_spec
 from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.numpy_forward import forward_rule
 from pbxc.symbolic.activations import ActivationKey, Z, activation_expression, activation_key
@@ -324,6 +326,23 @@ class Model:
         delta = flat[np.arange(len(c)), c] - y0[np.arange(len(c)), c]
         contributions = {k: mult[k] * (inputs[k] - default[k]) for k in inputs}
         return DfdResult(contributions, mult, default, y, base.values[output], c, delta)
+
+    def lrp(self, x: np.ndarray | Mapping[str, np.ndarray], *, target: Any = None,
+            rule: Any = None, composite: Any = None, overrides: Mapping[str, Any] | None = None,
+            output: str | None = None) -> LrpResult:
+        """Layer-wise relevance propagation of the target logit (see ``specs/lrp.md``).
+
+        ``rule``: a Rule, or text such as "epsilon:0.25", "gamma", "zplus", "alphabeta:2:1";
+        ``composite``: a name ("epsilon", "lrp0", "epsilon-plus", "epsilon-gamma-box") or a
+        Composite; ``overrides``: node name -> rule. The result carries the ledger.
+        """
+        if isinstance(rule, str):
+            rule = rule_from_spec(rule)
+        if overrides:
+            overrides = {k: rule_from_spec(v) if isinstance(v, str) else v
+                         for k, v in overrides.items()}
+        return lrp(self, x, target=target, composite=composite, rule=rule,
+                   overrides=overrides, output=output)
 
     def source_of(self, node_name: str) -> SourcePos:
         return self.graph.node(node_name).pos

@@ -184,3 +184,21 @@ def test_explain_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "explain", model, "-m", "gradient", "-i", ref, "--key", "inputs",
                        "--target", "5")
     assert code == 1 and "target must be" in err
+
+
+def test_explain_lrp_saves_the_ledger(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "l.npz"
+    ref = EXAMPLES / "digits_cnn_reference.npz"
+    code, _, err = run(capsys, "explain", str(EXAMPLES / "digits_cnn.pbx"), "-m", "lrp",
+                       "-i", str(ref), "--key", "inputs", "--rule", "epsilon:0.01",
+                       "--dtype", "float64", "-o", str(out))
+    assert code == 0, err
+    with np.load(out) as saved:
+        start, inputs = saved["relevance_start"], saved["relevance_inputs"]
+        absorbed = saved["absorbed_bias"] + saved["absorbed_stabiliser"]
+        np.testing.assert_allclose(inputs + absorbed, start, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(saved["attributions"].reshape(len(start), -1).sum(axis=1),
+                                   inputs, rtol=1e-12, atol=1e-12)
+    code, _, err = run(capsys, "explain", str(EXAMPLES / "digits_cnn.pbx"), "-m", "lrp",
+                       "-i", str(ref), "--key", "inputs", "--rule", "alphabeta:2:2")
+    assert code == 1 and "alpha - beta = 1" in err
