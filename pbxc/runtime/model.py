@@ -16,9 +16,9 @@ from pbxc.lower.plan import path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.codeload import load_generated_module
 from pbxc.runtime.dfd import DfdResult, dfd, resolve_baseline
+from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.lrp import LrpResult, lrp
 from pbxc.runtime.lrp_rules import rule_from_spec
-from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.numpy_forward import forward_rule
 from pbxc.symbolic.activations import ActivationKey, Z, activation_expression, activation_key
 from pbxc.weights.store import WeightStore
