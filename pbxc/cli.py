@@ -17,6 +17,9 @@ from pbxc.errors import InputError, PbxError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
+#: Modules with a ``register(subparsers)`` function adding more subcommands.
+EXTENSION_COMMANDS: tuple[str, ...] = ()
+
 
 class UsageError(Exception):
     """Bad command-line usage (exit 2)."""
@@ -400,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", "-f", choices=["text", "dot", "json"], default="text")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_graph)
+
+    # commands that live in their own top-level modules (pbxc/cli_<name>.py)
+    for module_name in EXTENSION_COMMANDS:
+        import importlib
+
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

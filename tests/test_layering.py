@@ -20,6 +20,8 @@ def stage_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "pbxc" or len(parts) < 2:
         return None
+    if parts[1].startswith("cli_"):  # pbxc/cli_<name>.py: more commands, top level
+        return "cli"
     return parts[1]
 
 
