@@ -521,3 +521,217 @@ def activation_vjp(v, xs, y, local, p):
 
 def activation_dfd(m, xs, xs0, y, y0, local, p):
     return [m * local[:, None]]
+
+
+# =============================================================================== LRP engine
+# Layer-wise relevance propagation (slides, seed 003): the generic rule
+#   R_j = sum_k a_j rho(w_jk) / stab(sum_j a_j rho(w_jk) + rho(b_k)) R_k
+# in four steps: z forward with modified parameters, s = R / stab(z), c = rho(W)^T s, R = a c.
+# A rule is data: groups (coef, terms), each term (sign, input modifier, weight modifier,
+# bias modifier or None); see pbxc.runtime.lrp_rules. Each op with a rule supplies
+# <op>_lrp_params (W and b as the engine sees them), <op>_lrp_forward, <op>_lrp_transpose and
+# <op>_lrp_bias (how a bias vector broadcasts onto z).
+
+
+def lrp_modify(mod, a):
+    """Apply a modifier (name, parameter) to an activation, weight or bias array."""
+    name, param = mod
+    if name == "same":
+        return a
+    if name == "pos":
+        return np.maximum(a, 0)
+    if name == "neg":
+        return np.minimum(a, 0)
+    if name == "ones":
+        return np.ones_like(a)
+    if name == "square":
+        return a * a
+    if name == "gamma":
+        return a + param * np.maximum(a, 0)
+    if name == "const":
+        return np.broadcast_to(np.asarray(param, dtype=a.dtype), a.shape)
+    raise ValueError(f"unknown LRP modifier {name!r}")
+
+
+def lrp_stabilise(z, epsilon, placement):
+    """z + eps (the slides) or z + eps sign(z) with sign(0) = +1 (Zennit, Captum)."""
+    if placement == "slides":
+        return z + epsilon
+    return z + epsilon * np.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+
+
+def _per_sample_sum(a):
+    return a.reshape(a.shape[0], -1).sum(axis=1)
+
+
+def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, **attrs):
+    """Relevance at the op's output -> (relevance per input, absorbed by bias, by stabiliser)."""
+    table = globals()
+    w, b = table[f"{op}_lrp_params"](p, xs, **attrs)
+    forward, transpose = table[f"{op}_lrp_forward"], table[f"{op}_lrp_transpose"]
+    bias_view = table[f"{op}_lrp_bias"]
+    r_in = [np.zeros_like(x) for x in xs]
+    batch = relevance.shape[0]
+    bias_abs = np.zeros(batch, dtype=relevance.dtype)
+    stab_abs = np.zeros(batch, dtype=relevance.dtype)
+    for coef, terms in rule_groups:
+        z = np.zeros_like(relevance)
+        zb = np.zeros_like(relevance)
+        passes = []
+        for sign, in_mod, w_mod, b_mod in terms:
+            ins = [lrp_modify(in_mod, x) for x in xs]
+            wt = lrp_modify(w_mod, w)
+            zt = forward(ins, wt, **attrs)
+            if b_mod is not None and b is not None:
+                bt = np.broadcast_to(bias_view(lrp_modify(b_mod, b), zt), zt.shape)
+                zt = zt + bt
+                zb = zb + sign * bt
+            z = z + sign * zt
+            passes.append((sign, ins, wt))
+        zs = lrp_stabilise(z, epsilon, placement)
+        s = np.divide(relevance, zs, out=np.zeros_like(relevance), where=zs != 0)
+        for sign, ins, wt in passes:
+            for i, c in enumerate(transpose(s, wt, xs, **attrs)):
+                r_in[i] += (coef * sign) * ins[i] * c
+        bias_abs += coef * _per_sample_sum(s * zb)
+        stab_abs += coef * _per_sample_sum(relevance - s * z)
+    return r_in, bias_abs, stab_abs
+
+
+def lrp_maxpool(relevance, x, index, kernel, stride, padding):
+    """Winner takes all: each window's relevance to its argmax (the first maximum in row-major
+    order, as PyTorch). Also returns how many windows with relevance had a tied maximum."""
+    win = windows2d(x, kernel, stride, padding, pad_value=-np.inf)
+    flat = win.reshape(*win.shape[:4], -1)
+    best = np.take_along_axis(flat, index[..., None], axis=4)
+    ties = int(np.count_nonzero(((flat == best).sum(axis=4) > 1) & (relevance != 0)))
+    return maxpool2d_transpose(relevance, index, x.shape[2:], kernel, stride, padding), ties
+
+
+def _weight_bias(p, xs, **attrs):
+    return p["weight"], p.get("bias")
+
+
+def _unit_weight(p, xs, **attrs):
+    return np.ones((), dtype=xs[0].dtype), None
+
+
+def _bias_as_is(b, z):
+    return b
+
+
+def _bias_per_channel(b, z):
+    return channel_view(b, z.ndim - 1)
+
+
+def _bias_per_sample(b, z):
+    return b[None]
+
+
+linear_lrp_params = _weight_bias
+linear_lrp_bias = _bias_as_is
+
+
+def linear_lrp_forward(ins, w):
+    return matmul_last(ins[0], w.T)
+
+
+def linear_lrp_transpose(s, w, xs):
+    return [matmul_last(s, w)]
+
+
+conv2d_lrp_params = _weight_bias
+conv2d_lrp_bias = _bias_per_channel
+
+
+def conv2d_lrp_forward(ins, w, stride, padding, dilation, groups):
+    return conv2d(ins[0], w, None, stride, padding, dilation, groups)
+
+
+def conv2d_lrp_transpose(s, w, xs, stride, padding, dilation, groups):
+    return [conv2d_transpose(s, w, xs[0].shape[2:], stride, padding, dilation, groups)]
+
+
+conv1d_lrp_params = _weight_bias
+conv1d_lrp_bias = _bias_per_channel
+
+
+def conv1d_lrp_forward(ins, w, stride, padding, dilation, groups):
+    return conv1d(ins[0], w, None, stride, padding, dilation, groups)
+
+
+def conv1d_lrp_transpose(s, w, xs, stride, padding, dilation, groups):
+    return [conv1d_transpose(s, w, xs[0].shape[2], stride, padding, dilation, groups)]
+
+
+avgpool2d_lrp_params = _unit_weight
+avgpool2d_lrp_bias = _bias_as_is
+
+
+def avgpool2d_lrp_forward(ins, w, kernel, stride, padding, count_include_pad):
+    return w * avgpool2d(ins[0], kernel, stride, padding, count_include_pad)
+
+
+def avgpool2d_lrp_transpose(s, w, xs, kernel, stride, padding, count_include_pad):
+    return [w * avgpool2d_transpose(s, xs[0].shape[2:], kernel, stride, padding,
+                                    count_include_pad)]
+
+
+global_avgpool_lrp_params = _unit_weight
+global_avgpool_lrp_bias = _bias_as_is
+
+
+def global_avgpool_lrp_forward(ins, w):
+    return w * global_avgpool(ins[0])
+
+
+def global_avgpool_lrp_transpose(s, w, xs):
+    return [w * global_avgpool_transpose(s, xs[0].shape[2:])]
+
+
+add_lrp_params = _unit_weight
+add_lrp_bias = _bias_as_is
+
+
+def add_lrp_forward(ins, w):
+    return w * add_forward(ins, None)
+
+
+def add_lrp_transpose(s, w, xs):
+    return [w * s for _ in xs]
+
+
+def batchnorm_lrp_params(p, xs, eps):
+    scale, shift = batchnorm_scale_shift(p["weight"], p["bias"], p["running_mean"],
+                                         p["running_var"], eps)
+    rank = xs[0].ndim - 1
+    return channel_view(scale, rank)[0], channel_view(shift, rank)[0]
+
+
+batchnorm_lrp_bias = _bias_per_sample
+
+
+def batchnorm_lrp_forward(ins, w, eps):
+    return ins[0] * w[None]
+
+
+def batchnorm_lrp_transpose(s, w, xs, eps):
+    return [s * w[None]]
+
+
+def normalize_lrp_params(p, xs):
+    full = (1, *xs[0].shape[1:])
+    inv = 1.0 / np.broadcast_to(_sample_param(p["std"], full[1:]), full)[0]
+    mean = np.broadcast_to(_sample_param(p["mean"], full[1:]), full)[0]
+    return inv, -mean * inv
+
+
+normalize_lrp_bias = _bias_per_sample
+
+
+def normalize_lrp_forward(ins, w):
+    return ins[0] * w[None]
+
+
+def normalize_lrp_transpose(s, w, xs):
+    return [s * w[None]]

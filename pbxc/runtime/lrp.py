@@ -17,7 +17,7 @@ per layer and for the whole network. See ``specs/lrp.md``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,25 +58,6 @@ __all__ = [
 ]
 
 PASS = "lrp"
-
-
-# ---------------------------------------------------------------- node attributes
-
-def conv_args(node: OpNode) -> tuple[Any, Any, Any, int]:
-    a = kernel_attrs(node)
-    return a["stride"], a["padding"], a["dilation"], a["groups"]
-
-
-def pool_geometry(node: OpNode) -> tuple[Any, Any, Any]:
-    a = kernel_attrs(node)
-    return a["kernel"], a["stride"], a["padding"]
-
-
-def sample_param(v: Array, sample_shape: tuple[int, ...]) -> Array:
-    """A normalize parameter (scalar, per channel [C], or per element) as (*sample_shape)."""
-    if v.ndim == 0 or v.shape == tuple(sample_shape):
-        return np.broadcast_to(v, sample_shape)
-    return np.broadcast_to(v.reshape((-1,) + (1,) * (len(sample_shape) - 1)), sample_shape)
 
 
 # ---------------------------------------------------------------- the ledger
@@ -194,123 +175,11 @@ class LrpResult:
                 "conservation_error": ledger.conservation_error}
 
 
-# ---------------------------------------------------------------- linear maps for the engine
-
-@dataclass(frozen=True)
-class LinearMap:
-    """An op as z = W a + b: its parameters, the bias-free forward, the transpose, and how a
-    bias vector broadcasts onto z."""
-
-    params: Callable[[OpNode, Mapping[str, Array], list[Array]], tuple[Array, Array | None]]
-    forward: Callable[[OpNode, list[Array], Array], Array]
-    transpose: Callable[[OpNode, Array, Array, list[Array]], list[Array]]
-    bias: Callable[[Array, Array], Array] = lambda b, z: b
-
-
-def _channel(b: Array, z: Array) -> Array:
-    return K.channel_view(b, z.ndim - 1)
-
-
-def _weight_bias(node: OpNode, p: Mapping[str, Array], xs: list[Array]
-                 ) -> tuple[Array, Array | None]:
-    return p["weight"], p.get("bias")
-
-
-def _unit(node: OpNode, p: Mapping[str, Array], xs: list[Array]) -> tuple[Array, Array | None]:
-    return np.ones((), dtype=xs[0].dtype), None
-
-
-def _bn_params(node: OpNode, p: Mapping[str, Array], xs: list[Array]
-               ) -> tuple[Array, Array | None]:
-    scale, shift = K.batchnorm_scale_shift(p["weight"], p["bias"], p["running_mean"],
-                                           p["running_var"], kernel_attrs(node)["eps"])
-    rank = xs[0].ndim - 1
-    return K.channel_view(scale, rank)[0], K.channel_view(shift, rank)[0]
-
-
-def _normalize_params(node: OpNode, p: Mapping[str, Array], xs: list[Array]
-                      ) -> tuple[Array, Array | None]:
-    shape = xs[0].shape[1:]
-    inv = 1.0 / sample_param(p["std"], shape)
-    return inv, -sample_param(p["mean"], shape) * inv
-
-
-def _pool(node: OpNode, xs: list[Array], w: Array) -> Array:
-    return w * K.avgpool2d(xs[0], *pool_geometry(node), kernel_attrs(node)["count_include_pad"])
-
-
-def _pool_t(node: OpNode, s: Array, w: Array, xs: list[Array]) -> list[Array]:
-    return [w * K.avgpool2d_transpose(s, xs[0].shape[2:], *pool_geometry(node),
-                                      kernel_attrs(node)["count_include_pad"])]
-
-
-LINEAR_MAPS: dict[OpKind, LinearMap] = {
-    OpKind.LINEAR: LinearMap(_weight_bias, lambda n, xs, w: xs[0] @ w.T,
-                             lambda n, s, w, xs: [s @ w]),
-    OpKind.CONV2D: LinearMap(
-        _weight_bias, lambda n, xs, w: K.conv2d(xs[0], w, None, *conv_args(n)),
-        lambda n, s, w, xs: [K.conv2d_transpose(s, w, xs[0].shape[2:], *conv_args(n))],
-        _channel),
-    OpKind.CONV1D: LinearMap(
-        _weight_bias, lambda n, xs, w: K.conv1d(xs[0], w, None, *conv_args(n)),
-        lambda n, s, w, xs: [K.conv1d_transpose(s, w, xs[0].shape[2], *conv_args(n))],
-        _channel),
-    OpKind.AVGPOOL2D: LinearMap(_unit, _pool, _pool_t),
-    OpKind.GLOBAL_AVGPOOL: LinearMap(
-        _unit, lambda n, xs, w: w * K.global_avgpool(xs[0]),
-        lambda n, s, w, xs: [w * K.global_avgpool_transpose(s, xs[0].shape[2:])]),
-    OpKind.ADD: LinearMap(_unit, lambda n, xs, w: w * sum(xs[1:], xs[0]),
-                          lambda n, s, w, xs: [w * s for _ in xs]),
-    OpKind.BATCHNORM: LinearMap(_bn_params, lambda n, xs, w: xs[0] * w[None],
-                                lambda n, s, w, xs: [s * w[None]], lambda b, z: b[None]),
-    OpKind.NORMALIZE: LinearMap(_normalize_params, lambda n, xs, w: xs[0] * w[None],
-                                lambda n, s, w, xs: [s * w[None]], lambda b, z: b[None]),
-}
-
-
-def apply_rule(rule: Rule, node: OpNode, params: Mapping[str, Array], xs: list[Array],
-               relevance: Array) -> tuple[list[Array], Array, Array]:
-    """The engine: relevance at the node's output -> (relevance per input, bias, stabiliser)."""
-    lmap = LINEAR_MAPS[node.kind]
-    w, b = lmap.params(node, params, xs)
-    r_in = [np.zeros_like(x) for x in xs]
-    batch = relevance.shape[0]
-    bias_abs = np.zeros(batch, dtype=relevance.dtype)
-    stab_abs = np.zeros(batch, dtype=relevance.dtype)
-    for group in rule.groups():
-        z = np.zeros_like(relevance)
-        zb = np.zeros_like(relevance)
-        passes = []
-        for term in group.terms:
-            ins = [term.input(x) for x in xs]
-            wt = term.weight(w)
-            zt = lmap.forward(node, ins, wt)
-            if term.bias is not None and b is not None:
-                bt = np.broadcast_to(lmap.bias(term.bias(b), zt), zt.shape)
-                zt = zt + bt
-                zb = zb + term.sign * bt
-            z = z + term.sign * zt
-            passes.append((term.sign, ins, wt))
-        zs = rule.stabilise(z)
-        s = np.divide(relevance, zs, out=np.zeros_like(relevance), where=zs != 0)
-        for sign, ins, wt in passes:
-            for i, c in enumerate(lmap.transpose(node, s, wt, xs)):
-                r_in[i] += (group.coef * sign) * ins[i] * c
-        bias_abs += group.coef * _per_sample(s * zb)
-        stab_abs += group.coef * _per_sample(relevance - s * z)
-    return r_in, bias_abs, stab_abs
-
-
 # ---------------------------------------------------------------- routing ops
 
-def _maxpool(node: OpNode, x: Array, index: Array, relevance: Array) -> tuple[Array, int]:
-    geometry = pool_geometry(node)
-    win = K.windows2d(x, *geometry, pad_value=-np.inf)
-    flat = win.reshape(*win.shape[:4], -1)
-    best = np.take_along_axis(flat, index[..., None], axis=4)
-    tied = (flat == best).sum(axis=4) > 1
-    ties = int(np.count_nonzero(tied & (relevance != 0)))
-    return K.maxpool2d_transpose(relevance, index, x.shape[2:], *geometry), ties
+def _pool_geometry(node: OpNode) -> dict[str, Any]:
+    attrs = kernel_attrs(node)
+    return {k: attrs[k] for k in ("kernel", "stride", "padding")}
 
 
 def _route(node: OpNode, xs: list[Array], out: Array, relevance: Array) -> list[Array]:
@@ -422,10 +291,14 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
         if node.name in rules:
             node_rule = rules[node.name]
             label = node_rule.describe()
-            r_in, bias, stab = apply_rule(node_rule, node, model.params[node.name], xs, r_out)
+            r_in, bias, stab = K.lrp_rule_step(node.kind.value, r_out, xs,
+                                               model.params[node.name],
+                                               node_rule.groups_data(), node_rule.epsilon,
+                                               node_rule.placement, **kernel_attrs(node))
         elif node.kind is OpKind.MAXPOOL2D:
             assert node.name in lin.local
-            r0, ties[node.name] = _maxpool(node, xs[0], lin.local[node.name], r_out)
+            r0, ties[node.name] = K.lrp_maxpool(r_out, xs[0], lin.local[node.name],
+                                                **_pool_geometry(node))
             r_in, label = [r0], "winner-take-all"
         elif node.kind in ROUTED:
             r_in = _route(node, xs, values[node.name], r_out)

@@ -19,14 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import PbxError
 from pbxc.ops import OpKind
 
 Array = np.ndarray
-Modifier = Callable[[Array], Array]
+Modifier = tuple[str, Any]  # (name, parameter): see numpy_kernels.lrp_modify
 
 PLACEMENTS = ("sign", "slides")
 DEFAULT_PLACEMENT = "sign"
@@ -36,24 +38,13 @@ class LrpConfigError(PbxError, ValueError):
     """A rule's parameters, a composite's name or an override does not make sense."""
 
 
-def _same(x: Array) -> Array:
-    return x
-
-
-def _pos(x: Array) -> Array:
-    return np.maximum(x, 0)
-
-
-def _neg(x: Array) -> Array:
-    return np.minimum(x, 0)
-
-
-def _ones(x: Array) -> Array:
-    return np.ones_like(x)
-
-
-def _square(x: Array) -> Array:
-    return x * x
+# Modifiers are data, (name, parameter), applied by numpy_kernels.lrp_modify, so that a rule
+# can be printed into generated code as well as run here.
+SAME: Modifier = ("same", None)
+POS: Modifier = ("pos", None)
+NEG: Modifier = ("neg", None)
+ONES: Modifier = ("ones", None)
+SQUARE: Modifier = ("square", None)
 
 
 @dataclass(frozen=True)
@@ -65,6 +56,9 @@ class Term:
     bias: Modifier | None
     sign: float = 1.0
 
+    def as_data(self) -> tuple[float, Modifier, Modifier, Modifier | None]:
+        return (self.sign, self.input, self.weight, self.bias)
+
 
 @dataclass(frozen=True)
 class Group:
@@ -72,6 +66,10 @@ class Group:
 
     coef: float
     terms: tuple[Term, ...]
+
+    def as_data(self) -> tuple[float, tuple[tuple[float, Modifier, Modifier, Modifier | None],
+                                            ...]]:
+        return (self.coef, tuple(t.as_data() for t in self.terms))
 
 
 def _check_epsilon(epsilon: float, placement: str) -> None:
@@ -101,9 +99,11 @@ class Rule:
         raise NotImplementedError
 
     def stabilise(self, z: Array) -> Array:
-        if self.placement == "slides":
-            return z + self.epsilon
-        return z + self.epsilon * np.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+        return K.lrp_stabilise(z, self.epsilon, self.placement)
+
+    def groups_data(self) -> tuple[Any, ...]:
+        """The groups as plain data for ``numpy_kernels.lrp_rule_step``."""
+        return tuple(g.as_data() for g in self.groups())
 
     def describe(self) -> str:
         return f"{self.name}(epsilon={self.epsilon:g}, placement={self.placement})"
@@ -117,7 +117,7 @@ class Epsilon(Rule):
     name = "epsilon"
 
     def groups(self) -> tuple[Group, ...]:
-        return (Group(1.0, (Term(_same, _same, _same),)),)
+        return (Group(1.0, (Term(SAME, SAME, SAME),)),)
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,8 @@ class Gamma(Rule):
             raise LrpConfigError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
 
     def groups(self) -> tuple[Group, ...]:
-        g = self.gamma
-
-        def rho(w: Array) -> Array:
-            return w + g * np.maximum(w, 0)
-
-        return (Group(1.0, (Term(_same, rho, rho),)),)
+        rho: Modifier = ("gamma", self.gamma)
+        return (Group(1.0, (Term(SAME, rho, rho),)),)
 
     def describe(self) -> str:
         return f"gamma(gamma={self.gamma:g}, epsilon={self.epsilon:g})"
@@ -179,7 +175,7 @@ class ZPlus(Rule):
     name = "zplus"
 
     def groups(self) -> tuple[Group, ...]:
-        return (Group(1.0, (Term(_pos, _pos, _pos), Term(_neg, _neg, None))),)
+        return (Group(1.0, (Term(POS, POS, POS), Term(NEG, NEG, None))),)
 
 
 @dataclass(frozen=True)
@@ -203,8 +199,8 @@ class AlphaBeta(Rule):
                                  f"(alpha - beta = {self.alpha - self.beta!r})")
 
     def groups(self) -> tuple[Group, ...]:
-        plus = (Term(_pos, _pos, _pos), Term(_neg, _neg, None))
-        minus = (Term(_pos, _neg, _neg), Term(_neg, _pos, None))
+        plus = (Term(POS, POS, POS), Term(NEG, NEG, None))
+        minus = (Term(POS, NEG, NEG), Term(NEG, POS, None))
         return (Group(self.alpha, plus), Group(-self.beta, minus))
 
     def describe(self) -> str:
@@ -218,7 +214,7 @@ class WSquare(Rule):
     name = "wsquare"
 
     def groups(self) -> tuple[Group, ...]:
-        return (Group(1.0, (Term(_ones, _square, None),)),)
+        return (Group(1.0, (Term(ONES, SQUARE, None),)),)
 
 
 @dataclass(frozen=True)
@@ -228,7 +224,7 @@ class Flat(Rule):
     name = "flat"
 
     def groups(self) -> tuple[Group, ...]:
-        return (Group(1.0, (Term(_ones, _ones, None),)),)
+        return (Group(1.0, (Term(ONES, ONES, None),)),)
 
 
 @dataclass(frozen=True)
@@ -256,16 +252,10 @@ class ZBox(Rule):
             raise LrpConfigError("ZBox needs low <= high everywhere")
 
     def groups(self) -> tuple[Group, ...]:
-        low, high = np.asarray(self.low), np.asarray(self.high)
-
-        def lo(a: Array) -> Array:
-            return np.broadcast_to(low.astype(a.dtype), a.shape)
-
-        def hi(a: Array) -> Array:
-            return np.broadcast_to(high.astype(a.dtype), a.shape)
-
-        return (Group(1.0, (Term(_same, _same, _same), Term(lo, _pos, _pos, -1.0),
-                            Term(hi, _neg, _neg, -1.0))),)
+        lo: Modifier = ("const", self.low)
+        hi: Modifier = ("const", self.high)
+        return (Group(1.0, (Term(SAME, SAME, SAME), Term(lo, POS, POS, -1.0),
+                            Term(hi, NEG, NEG, -1.0))),)
 
     def describe(self) -> str:
         return "zbox"
