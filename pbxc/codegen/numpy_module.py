@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import networkx as nx
 
@@ -44,12 +45,40 @@ def _comment(node: OpNode, source_lines: Mapping[int, str]) -> str:
     return f"    # {node.pos.file}:{node.pos.line}: {text}"[:110]
 
 
+@dataclass(frozen=True)
+class LrpPlan:
+    """What the generated ``lrp`` needs: where relevance starts, each composite's rules as
+    data (node -> (groups, epsilon, placement)), and whose input range bounds z^B rules."""
+
+    start: str
+    rules: Mapping[str, Mapping[str, tuple[Any, float, str]]]
+    bounds_from: str | None
+
+
+def _print_rules(rules: Mapping[str, tuple[Any, float, str]]) -> str:
+    """Rules as Python literals; z^B bounds (const modifiers) print as ``low`` / ``high``."""
+    consts = iter(["low", "high"] * 10_000)
+
+    def lit(x: Any) -> str:
+        if isinstance(x, tuple) and len(x) == 2 and x[0] == "const":
+            return f"('const', {next(consts)})"
+        if isinstance(x, tuple):
+            inner = ", ".join(lit(v) for v in x)
+            return f"({inner},)" if len(x) == 1 else f"({inner})"
+        return repr(x)
+
+    rows = [f"        {name!r}: {lit(rule)}," for name, rule in rules.items()]
+    return "{\n" + "\n".join(rows) + "\n    }"
+
+
 class NumpyModuleRenderer:
     """Renders a model's passes as NumPy source; the CUDA renderer has the same method set."""
 
     def __init__(self, graph: ModelGraph, activation_source: str,
-                 activation_names: Mapping[str, str], source_text: str | None = None) -> None:
+                 activation_names: Mapping[str, str], source_text: str | None = None,
+                 lrp: LrpPlan | None = None) -> None:
         self.graph = graph
+        self.lrp = lrp
         self.nodes = [n for n in graph.topological() if n.kind is not OpKind.INPUT]
         self.activation_source = activation_source
         self.act = activation_names  # node name -> generated function name (act_i)
@@ -118,6 +147,49 @@ class NumpyModuleRenderer:
                 assigned.add(name)
         return out
 
+    def lrp_body(self, start: str, rule_nodes: set[str]) -> list[str]:
+        """Straight-line relevance propagation from ``R_<start>`` to the first input."""
+        live = nx.ancestors(self.graph.digraph, start) | {start}
+        out = ["    bias = stabiliser = 0.0"]
+        assigned = {start}
+        for node in reversed(self.nodes):
+            if node.name not in live:
+                continue
+            out.append(_comment(node, self.lines))
+            r = var(node.name, "R")
+            xs = "[" + ", ".join(f"E[{var(i, 'v')!r}]" for i in node.inputs) + "]"
+            attrs = kernel_attrs(node)
+            if node.name in rule_nodes:
+                out.append(f"    _r, _b, _s = lrp_rule_step({node.kind.value!r}, {r}, {xs}, "
+                           f"P[{node.name!r}], *rules[{node.name!r}]{_attrs(node)})")
+                out.append("    bias, stabiliser = bias + _b, stabiliser + _s")
+            elif node.kind is OpKind.MAXPOOL2D:
+                geometry = ", ".join(f"{k}={attrs[k]!r}" for k in ("kernel", "stride",
+                                                                    "padding"))
+                out.append(f"    _r0, _ = lrp_maxpool({r}, E[{var(node.inputs[0], 'v')!r}], "
+                           f"E[{var(node.name, 'l')!r}], {geometry})")
+                out.append("    _r = [_r0]")
+            elif node.kind in (OpKind.FLATTEN, OpKind.RESHAPE):
+                out.append(f"    _r = [{r}.reshape(E[{var(node.inputs[0], 'v')!r}].shape)]")
+            elif node.kind is OpKind.ACTIVATION:
+                out.append(f"    _r = [{r}]")
+            elif node.kind is OpKind.CONCAT:
+                out.append(f"    _r = concat_vjp({r}[:, None], {xs}, None, None, None"
+                           f"{_attrs(node)})")
+                out.append("    _r = [piece[:, 0] for piece in _r]")
+            else:
+                out.append(f"    raise ValueError('lrp has no rule for op "
+                           f"{node.kind.value!r} (value {node.name!r})')")
+                continue
+            for k, name in enumerate(node.inputs):
+                if name not in live and name not in self.graph.input_names:
+                    continue
+                target = var(name, "R")
+                out.append(f"    {target} = {target} + _r[{k}]" if name in assigned
+                           else f"    {target} = _r[{k}]")
+                assigned.add(name)
+        return out
+
     # ---------------------------------------------------------------- module
     def render(self, header: str) -> str:
         graph = self.graph
@@ -162,8 +234,52 @@ class NumpyModuleRenderer:
             f"    return {var(wrt, 'g')}",
             "",
             RUNTIME_PASSES,
+            *self.render_lrp(),
         ]
         return "\n".join(parts) + "\n"
+
+    def render_lrp(self) -> list[str]:
+        if self.lrp is None:
+            return []
+        plan = self.lrp
+        names = sorted({n for rules in plan.rules.values() for n in rules})
+        out = ["", "def _lrp_rules(composite, low, high):",
+               '    """Each node\'s rule as (groups, epsilon, placement); see '
+               'numpy_kernels.lrp_rule_step."""']
+        for composite, rules in plan.rules.items():
+            out.append(f"    if composite == {composite!r}:")
+            out.append(f"        return {_print_rules(rules)}".replace("\n", "\n    "))
+        out.append(f"    raise ValueError('unknown composite %r; compiled: %s' % (composite, "
+                   f"{', '.join(sorted(plan.rules))!r}))")
+        out += ["", "", f"def _lrp_backward(E, P, {var(plan.start, 'R')}, rules):",
+                *self.lrp_body(plan.start, set(names)),
+                f"    return {var(self.graph.input_names[0], 'R')}, bias, stabiliser", "", ""]
+        bounds = (f"    if low is None:\n        low = float(E[{var(plan.bounds_from, 'v')!r}]"
+                  f".min())\n    if high is None:\n        high = float(E["
+                  f"{var(plan.bounds_from, 'v')!r}].max())") if plan.bounds_from else ""
+        out += [
+            "def lrp(x, target=None, composite='epsilon', low=None, high=None, dtype=None):",
+            '    """Layer-wise relevance propagation of the target logit (predicted by default).',
+            "",
+            "    Returns (relevance shaped like x, ledger) with ledger = {'start': f_c(x),",
+            "    'inputs': relevance reaching x, 'bias': absorbed by biases, 'stabiliser':",
+            "    absorbed by the stabiliser}, per sample. z^B bounds default to the batch's range.",
+            '    """',
+            "    P, xs = _prepare(x, dtype)",
+            "    E = _forward(*xs, P)",
+            f"    logits = E[{var(plan.start)!r}]",
+            "    c = _targets(logits, target)",
+            "    flat = logits.reshape(len(logits), -1)",
+            "    seed = np.zeros_like(flat)",
+            "    seed[np.arange(len(c)), c] = flat[np.arange(len(c)), c]",
+            bounds,
+            "    relevance, bias, stabiliser = _lrp_backward(E, P, seed.reshape(logits.shape),",
+            "                                                 _lrp_rules(composite, low, high))",
+            "    reached = relevance.reshape(len(relevance), -1).sum(axis=1)",
+            "    return relevance, {'start': seed.sum(axis=1), 'inputs': reached, 'bias': bias,",
+            "                       'stabiliser': stabiliser}",
+        ]
+        return out
 
 
 RUNTIME_HELPERS = '''

@@ -48,8 +48,17 @@ def test_generated_module_agrees_with_runtime(tmp_path: Path, name: str) -> None
                                rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(contributions.reshape(6, -1).sum(axis=1), delta, rtol=1e-12,
                                atol=1e-12)
+    for composite in ("epsilon", "lrp0", "epsilon-plus", "epsilon-gamma-box"):
+        relevance, ledger = gen.lrp(x, composite=composite)
+        ref_lrp = model.lrp(x, composite=composite)
+        np.testing.assert_allclose(relevance, ref_lrp.relevance[model.input_names[0]],
+                                   rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(ledger["inputs"] + ledger["bias"] + ledger["stabiliser"],
+                                   ledger["start"], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown composite"):
+        gen.lrp(x, composite="nope")
     manifest = json.loads(files[2].read_text())
-    assert manifest["model"] == name and "jacobian" in manifest["passes"]
+    assert manifest["model"] == name and {"jacobian", "lrp", "dfd"} <= set(manifest["passes"])
 
 
 def test_generated_module_needs_only_numpy(tmp_path: Path) -> None:
