@@ -124,8 +124,9 @@ class DfdResult:
 def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array],
         output: str, seed: Array) -> tuple[dict[str, Array], Linearization, Linearization]:
     """Multipliers of every input for the output combination ``seed`` (B, *out_shape)."""
-    at = linearize(model, inputs)
-    base = linearize(model, default)
+    # multipliers need values at both points (and max-pool windows), never f'
+    at = linearize(model, inputs, derivatives=False)
+    base = linearize(model, default, derivatives=False)
     ctx = DfdContext(model, at, base)
     graph = model.graph  # type: ignore[attr-defined]
     import networkx as nx

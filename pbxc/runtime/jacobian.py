@@ -35,8 +35,10 @@ class Linearization:
                      params, self.local.get(node.name))
 
 
-def linearize(model: object, inputs: Mapping[str, Array]) -> Linearization:
-    """Evaluate every node, keeping the local derivative data of nonlinear ops."""
+def linearize(model: object, inputs: Mapping[str, Array],
+              derivatives: bool = True) -> Linearization:
+    """Evaluate every node, keeping the local data of nonlinear ops: argmax indices of max
+    pooling, and (with ``derivatives``) f'(z) of activations."""
     values: dict[str, Array] = dict(inputs)
     local: dict[str, Array] = {}
     for node in model.nodes:  # type: ignore[attr-defined]
@@ -46,7 +48,8 @@ def linearize(model: object, inputs: Mapping[str, Array]) -> Linearization:
         if node.kind is OpKind.ACTIVATION:
             table = model.activations  # type: ignore[attr-defined]
             values[node.name] = table(node.name, xs[0])
-            local[node.name] = table.derivative(node.name, xs[0])
+            if derivatives:
+                local[node.name] = table.derivative(node.name, xs[0])
         else:
             params = model.params[node.name]  # type: ignore[attr-defined]
             values[node.name] = forward_rule(node)(node, xs, params)

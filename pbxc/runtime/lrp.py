@@ -265,7 +265,7 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     output = output or model.output_names[0]
     if output not in model.graph.digraph:
         raise LrpConfigError(f"model '{model.name}' has no value '{output}'")
-    lin = linearize(model, prepared)
+    lin = linearize(model, prepared, derivatives=False)  # LRP needs values and argmax only
     values = lin.values
     out_node = model.graph.node(output)
     start = out_node.inputs[0] if out_node.kind in OUTPUT_ONLY else output
