@@ -18,6 +18,12 @@ from pbxc.ops import OpKind
 
 # A kernel call costs about as much as this many multiply-adds, whatever the batch size.
 CALL_OVERHEAD = 20_000
+# Convolutions and pooling run as im2col and strided copies, several times slower per
+# multiply-add than one plain GEMM (bench/passes.py, digits CNN). A constant linear op whose
+# dense matrix is small may therefore be cheaper applied as that matrix.
+GEMM_ADVANTAGE = 8
+DENSE_LIMIT = 1 << 22  # entries of a dense op matrix worth caching
+DENSABLE = frozenset({OpKind.CONV1D, OpKind.CONV2D, OpKind.AVGPOOL2D})
 
 
 def size(shape: tuple[int, ...] | None) -> int:
@@ -48,6 +54,30 @@ def vector_cost(node: OpNode, graph: ModelGraph) -> int:
     raise UnsupportedOp(f"the jacobian plan has no cost rule for op '{kind.value}'", node.pos)
 
 
+def dense_cost(node: OpNode, graph: ModelGraph) -> int | None:
+    """Per-vector cost of applying a constant linear op as a cached dense matrix, or None."""
+    if node.kind not in DENSABLE:
+        return None
+    entries = size(node.shape) * size(graph.shape_of(node.inputs[0]))
+    if entries > DENSE_LIMIT:
+        return None
+    return max(1, entries // GEMM_ADVANTAGE)
+
+
+def op_costs(nodes: list[OpNode], graph: ModelGraph) -> tuple[list[int], set[str]]:
+    """Each op's cheapest per-vector cost, and which ops take their dense form for it."""
+    costs, dense = [], set()
+    for node in nodes:
+        native = vector_cost(node, graph)
+        alt = dense_cost(node, graph)
+        if alt is not None and alt < native:
+            costs.append(alt)
+            dense.add(node.name)
+        else:
+            costs.append(native)
+    return costs, dense
+
+
 @dataclass
 class ChainStep:
     """One step of a chain plan, in execution order."""
@@ -68,6 +98,7 @@ class JacobianPlan:
     alternatives: dict[str, int] = field(default_factory=dict)   # mode -> total cost
     steps: list[ChainStep] = field(default_factory=list)
     tree: object = None             # nested (i, j, how, children) for chain execution
+    dense_ops: set[str] = field(default_factory=set)   # ops applied as cached dense matrices
 
     @property
     def total_cost(self) -> int:
@@ -82,6 +113,8 @@ class JacobianPlan:
         for mode, cost in sorted(self.alternatives.items(), key=lambda kv: kv[1]):
             chosen = "  <- chosen" if mode == self.mode else ""
             lines.append(f"  {mode:<8} cost {cost:>16,}{chosen}")
+        if self.dense_ops:
+            lines.append("  as cached dense matrices: " + ", ".join(sorted(self.dense_ops)))
         for step in self.steps:
             seg = self.nodes[step.first] if step.first == step.last else \
                 f"{self.nodes[step.first]} .. {self.nodes[step.last]}"
@@ -111,16 +144,19 @@ def is_chain(graph: ModelGraph, wrt: str, nodes: list[OpNode]) -> bool:
 def plan_jacobian(graph: ModelGraph, wrt: str, output: str, batch: int,
                   mode: str = "auto") -> JacobianPlan:
     nodes = path_nodes(graph, wrt, output)
-    costs = [vector_cost(n, graph) for n in nodes]
+    costs, dense_ops = op_costs(nodes, graph)
     n_in, n_out = size(graph.shape_of(wrt)), size(graph.shape_of(output))
     calls = len(nodes)
-    forward = JacobianPlan("forward", [n.name for n in nodes], n_in * sum(costs), calls, batch)
-    reverse = JacobianPlan("reverse", [n.name for n in nodes], n_out * sum(costs), calls, batch)
+    forward = JacobianPlan("forward", [n.name for n in nodes], n_in * sum(costs), calls, batch,
+                           dense_ops=dense_ops)
+    reverse = JacobianPlan("reverse", [n.name for n in nodes], n_out * sum(costs), calls, batch,
+                           dense_ops=dense_ops)
     candidates = {"forward": forward, "reverse": reverse}
     if nodes and is_chain(graph, wrt, nodes):
         dims = [n_in] + [size(n.shape) for n in nodes]
         dense = [n.kind is OpKind.LINEAR for n in nodes]
         candidates["chain"] = _chain_plan([n.name for n in nodes], dims, costs, dense, batch)
+        candidates["chain"].dense_ops = dense_ops
     alternatives = {m: p.total_cost for m, p in candidates.items()}
     if mode == "auto":
         # ties go to the plain sweeps, which need no dense intermediates

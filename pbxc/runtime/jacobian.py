@@ -59,6 +59,49 @@ def linearize(model: object, inputs: Mapping[str, Array],
     return Linearization(values, local)
 
 
+class OpMaps:
+    """Each op's JVP and VJP at the linearisation point; ops the plan marks dense apply a
+    dense matrix cached on the model (their Jacobian does not depend on the input)."""
+
+    def __init__(self, model: object, lin: Linearization, dense_ops: set[str] = frozenset()
+                 ) -> None:
+        self.model, self.lin, self.dense_ops = model, lin, dense_ops
+
+    def matrix(self, node: OpNode) -> Array:
+        cache: dict[tuple[str, str], Array] = self.model.dense_cache  # type: ignore[attr-defined]
+        dtype = self.lin.values[node.name].dtype
+        key = (node.name, dtype.name)
+        if key not in cache:
+            in_shape = self.lin.values[node.inputs[0]].shape[1:]
+            out_shape = self.lin.values[node.name].shape[1:]
+            pt = Point(node, [np.zeros((1, *in_shape), dtype)], np.zeros((1, *out_shape), dtype),
+                       self.model.params[node.name])  # type: ignore[attr-defined]
+            t = jvp_rule(node)(pt, [identity_tangents(1, in_shape, dtype)])
+            cache[key] = np.ascontiguousarray(t.reshape(size(in_shape), size(out_shape)).T)
+        return cache[key]
+
+    def jvp(self, node: OpNode, ts: list[Array]) -> Array:
+        if node.name in self.dense_ops:
+            t = ts[0]
+            flat = t.reshape(*t.shape[:2], -1)
+            out = self.lin.values[node.name].shape[1:]
+            return matmul_rows(flat, self.matrix(node).T).reshape(*t.shape[:2], *out)
+        return jvp_rule(node)(self.lin.point(self.model, node), ts)
+
+    def vjp(self, node: OpNode, v: Array) -> list[Array]:
+        if node.name in self.dense_ops:
+            flat = v.reshape(*v.shape[:2], -1)
+            shape = self.lin.values[node.inputs[0]].shape[1:]
+            return [matmul_rows(flat, self.matrix(node)).reshape(*v.shape[:2], *shape)]
+        return vjp_rule(node)(self.lin.point(self.model, node), v)
+
+
+def matmul_rows(t: Array, m: Array) -> Array:
+    """(B, K, n) @ (n, p) as one GEMM."""
+    flat = np.ascontiguousarray(t).reshape(-1, t.shape[-1])
+    return (flat @ m).reshape(*t.shape[:-1], m.shape[1])
+
+
 def identity_tangents(batch: int, shape: tuple[int, ...], dtype: np.dtype) -> Array:
     n = size(shape)
     eye = np.broadcast_to(np.eye(n, dtype=dtype), (batch, n, n))
@@ -66,8 +109,9 @@ def identity_tangents(batch: int, shape: tuple[int, ...], dtype: np.dtype) -> Ar
 
 
 def forward_sweep(model: object, lin: Linearization, wrt: str, nodes: list[OpNode],
-                  keep: bool) -> dict[str, Array]:
+                  keep: bool, maps: OpMaps | None = None) -> dict[str, Array]:
     """Push identity tangents from ``wrt``: J of every node on the path, (B, n_in, *shape)."""
+    maps = maps or OpMaps(model, lin)
     x = lin.values[wrt]
     tangents = {wrt: identity_tangents(x.shape[0], x.shape[1:], x.dtype)}
     n_in = size(x.shape[1:])
@@ -84,7 +128,7 @@ def forward_sweep(model: object, lin: Linearization, wrt: str, nodes: list[OpNod
             else:  # an input that does not depend on wrt
                 v = lin.values[i]
                 ts.append(np.zeros((v.shape[0], n_in, *v.shape[1:]), dtype=v.dtype))
-        tangents[node.name] = jvp_rule(node)(lin.point(model, node), ts)
+        tangents[node.name] = maps.jvp(node, ts)
         if not keep:
             for i in node.inputs:
                 if i in remaining:
@@ -95,11 +139,13 @@ def forward_sweep(model: object, lin: Linearization, wrt: str, nodes: list[OpNod
 
 
 def reverse_sweep(model: object, lin: Linearization, wrt: str, output: str,
-                  nodes: list[OpNode], seed: Array | None = None) -> Array:
+                  nodes: list[OpNode], seed: Array | None = None,
+                  maps: OpMaps | None = None) -> Array:
     """Pull cotangents from ``output`` back to ``wrt``: (B, K, *in_shape).
 
     ``seed`` is (B, K, *out_shape); by default the identity (K = output size).
     """
+    maps = maps or OpMaps(model, lin)
     y = lin.values[output]
     cot = {output: seed if seed is not None else identity_tangents(y.shape[0], y.shape[1:],
                                                                    y.dtype)}
@@ -108,7 +154,7 @@ def reverse_sweep(model: object, lin: Linearization, wrt: str, output: str,
         v = cot.pop(node.name, None)
         if v is None:
             continue
-        grads = vjp_rule(node)(lin.point(model, node), v)
+        grads = maps.vjp(node, v)
         for i, g in zip(node.inputs, grads):
             if i not in on_path:
                 continue
@@ -132,6 +178,7 @@ def _flat_matrix(t: Array) -> Array:
 def chain_execute(model: object, lin: Linearization, wrt: str, nodes: list[OpNode],
                   plan: JacobianPlan) -> Array:
     """Evaluate the chain plan's bracketing; returns (B, n_out, n_in) per sample."""
+    maps = OpMaps(model, lin, plan.dense_ops)
     shapes = [lin.values[wrt].shape[1:]] + [lin.values[n.name].shape[1:] for n in nodes]
     batch = lin.values[wrt].shape[0]
     dtype = lin.values[wrt].dtype
@@ -141,11 +188,13 @@ def chain_execute(model: object, lin: Linearization, wrt: str, nodes: list[OpNod
         if node.kind is OpKind.LINEAR and len(shapes[i]) == 1:
             w = model.params[node.name]["weight"]  # type: ignore[attr-defined]
             return np.broadcast_to(w, (batch, *w.shape))
-        pt = lin.point(model, node)
+        if node.name in maps.dense_ops:
+            m = maps.matrix(node)
+            return np.broadcast_to(m, (batch, *m.shape))
         if size(shapes[i]) <= size(shapes[i + 1]):
-            t = jvp_rule(node)(pt, [identity_tangents(batch, shapes[i], dtype)])
+            t = maps.jvp(node, [identity_tangents(batch, shapes[i], dtype)])
             return np.swapaxes(_flat_matrix(t), 1, 2)
-        v = vjp_rule(node)(pt, identity_tangents(batch, shapes[i + 1], dtype))[0]
+        v = maps.vjp(node, identity_tangents(batch, shapes[i + 1], dtype))[0]
         return _flat_matrix(v)
 
     def run(tree: tuple) -> Array:  # -> (B, d_out, d_in)
@@ -155,12 +204,12 @@ def chain_execute(model: object, lin: Linearization, wrt: str, nodes: list[OpNod
         if action == "jvp":  # apply op j to the columns of M[i..j-1]
             m = run(children[0])
             t = np.swapaxes(m, 1, 2).reshape(batch, m.shape[2], *shapes[j])
-            out = jvp_rule(nodes[j])(lin.point(model, nodes[j]), [t])
+            out = maps.jvp(nodes[j], [t])
             return np.swapaxes(_flat_matrix(out), 1, 2)
         if action == "vjp":  # apply op i's transpose to the rows of M[i+1..j]
             m = run(children[0])
             v = m.reshape(batch, m.shape[1], *shapes[i + 1])
-            return _flat_matrix(vjp_rule(nodes[i])(lin.point(model, nodes[i]), v)[0])
+            return _flat_matrix(maps.vjp(nodes[i], v)[0])
         left, right = run(children[0]), run(children[1])
         return np.matmul(right, left)  # M[k+1..j] @ M[i..k]
 
@@ -195,7 +244,8 @@ def jacobian(model: object, inputs: Mapping[str, Array], output: str, wrt: str,
         flat = identity_tangents(batch, in_shape, lin.values[wrt].dtype)
         j = flat.reshape(batch, *out_shape, *in_shape)
     elif plan.mode == "forward":
-        tangents = forward_sweep(model, lin, wrt, nodes, keep=intermediates)
+        tangents = forward_sweep(model, lin, wrt, nodes, keep=intermediates,
+                                 maps=OpMaps(model, lin, plan.dense_ops))
         t = tangents[output]  # (B, n_in, *out_shape)
         j = np.moveaxis(t.reshape(batch, size(in_shape), size(out_shape)), 1, 2)
         j = j.reshape(batch, *out_shape, *in_shape)
@@ -206,7 +256,7 @@ def jacobian(model: object, inputs: Mapping[str, Array], output: str, wrt: str,
                 m = np.moveaxis(tan.reshape(batch, size(in_shape), size(shape)), 1, 2)
                 inter[name] = m.reshape(batch, *shape, *in_shape)
     elif plan.mode == "reverse":
-        v = reverse_sweep(model, lin, wrt, output, nodes)
+        v = reverse_sweep(model, lin, wrt, output, nodes, maps=OpMaps(model, lin, plan.dense_ops))
         j = v.reshape(batch, *out_shape, *in_shape)
     else:
         j = chain_execute(model, lin, wrt, nodes, plan).reshape(batch, *out_shape, *in_shape)

@@ -124,6 +124,9 @@ class Model:
             self.params[node.name] = bound
         self.weights = cast
         self.activations = compile_activations(graph)
+        # dense matrices of constant linear ops (conv, pooling) that a plan chose, by
+        # (node, dtype); weights never change after loading, so they stay valid
+        self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
 
     # ------------------------------------------------------------------ description
     @property
