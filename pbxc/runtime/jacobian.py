@@ -63,8 +63,8 @@ class OpMaps:
     """Each op's JVP and VJP at the linearisation point; ops the plan marks dense apply a
     dense matrix cached on the model (their Jacobian does not depend on the input)."""
 
-    def __init__(self, model: object, lin: Linearization, dense_ops: set[str] = frozenset()
-                 ) -> None:
+    def __init__(self, model: object, lin: Linearization,
+                 dense_ops: set[str] | frozenset[str] = frozenset()) -> None:
         self.model, self.lin, self.dense_ops = model, lin, dense_ops
 
     def matrix(self, node: OpNode) -> Array:
