@@ -195,3 +195,17 @@ def test_matches_torch_func_jacrev(name: str) -> None:
 
     theirs = vmap(jacrev(single))(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12 * np.abs(theirs).max())
+
+
+def test_dense_conv_matrices_agree_with_the_conv_kernels(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    from pbxc.lower import plan as plan_module
+
+    model, x = example("digits_cnn", n=5, jitter=0.05)
+    dense = model.jacobian(x)
+    assert dense.plan.dense_ops, "the small convolutions should be applied as dense matrices"
+    monkeypatch.setattr(plan_module, "DENSE_LIMIT", 0)
+    native = model.jacobian(x)
+    assert not native.plan.dense_ops
+    np.testing.assert_allclose(dense.jacobian, native.jacobian, rtol=1e-12,
+                               atol=1e-13 * np.abs(native.jacobian).max())
