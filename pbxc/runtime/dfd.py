@@ -27,7 +27,7 @@ from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import InputError
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, require_kernel
-from pbxc.ops import OpKind
+from pbxc.ops import WEIGHTED, OpKind
 from pbxc.runtime.jacobian import Linearization, linearize
 
 Array = np.ndarray
@@ -58,6 +58,44 @@ def dfd_step(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
     xs0 = [ctx.default.values[i] for i in node.inputs]
     return kernel(m, xs, xs0, y, ctx.default.values[node.name], local, params,
                   **kernel_attrs(node))
+
+
+def reveal_cancel_step(ctx: DfdContext, act: OpNode, layer: OpNode, m: Array) -> Array:
+    """RevealCancel (Shrikumar et al. 2017, DeepLIFT section 3.5.3) for ``act(layer(a))``.
+
+    The layer's change splits into positive and negative parts, dz+ = sum of w_j da_j > 0
+    and dz- = the rest; with M(u, v) the activation's exact secant multiplier,
+    m+ = (M(z0, z0 + dz+) + M(z0 + dz-, z)) / 2 and m- = (M(z0, z0 + dz-) + M(z0 + dz+, z)) / 2,
+    so m+ dz+ + m- dz- = f(z) - f(z0) and summation-to-delta still holds exactly. Each input
+    term w_j da_j then takes the multiplier of its sign. Returns the multipliers of ``a``.
+    """
+    table = ctx.model.activations  # type: ignore[attr-defined]
+    attrs = kernel_attrs(layer)
+    forward = getattr(K, f"{layer.kind.value}_lrp_forward")
+    transpose = getattr(K, f"{layer.kind.value}_lrp_transpose")
+    w = ctx.model.params[layer.name]["weight"]  # type: ignore[attr-defined]
+    w_pos, w_neg = np.maximum(w, 0), np.minimum(w, 0)
+    a, a0 = ctx.at.values[layer.inputs[0]], ctx.default.values[layer.inputs[0]]
+    da = a - a0
+    da_pos, da_neg = np.maximum(da, 0), np.minimum(da, 0)
+    dz_pos = forward([da_pos], w_pos, **attrs) + forward([da_neg], w_neg, **attrs)
+    dz_neg = forward([da_neg], w_pos, **attrs) + forward([da_pos], w_neg, **attrs)
+    z, z0 = ctx.at.values[layer.name], ctx.default.values[layer.name]
+    mult = table.multiplier
+    m_pos = (mult(act.name, z0, z0 + dz_pos) + mult(act.name, z0 + dz_neg, z)) / 2
+    m_neg = (mult(act.name, z0, z0 + dz_neg) + mult(act.name, z0 + dz_pos, z)) / 2
+    bk = m.shape[:2]
+
+    def back(g: Array, weight: Array) -> Array:
+        flat = g.reshape(bk[0] * bk[1], *g.shape[2:])
+        out = transpose(flat, weight, [np.repeat(a, bk[1], axis=0)], **attrs)[0]
+        return out.reshape(*bk, *out.shape[1:])
+
+    g_pos, g_neg = m * m_pos[:, None], m * m_neg[:, None]
+    up = (da >= 0)[:, None]
+    # a term w_j da_j is positive when w_j and da_j share a sign
+    return np.where(up, back(g_pos, w_pos) + back(g_neg, w_neg),
+                    back(g_pos, w_neg) + back(g_neg, w_pos))
 
 
 def resolve_baseline(model: object, inputs: Mapping[str, Array], baseline: object,
@@ -121,16 +159,40 @@ class DfdResult:
         return np.abs(self.total - self.delta) / scale
 
 
+NONLINEAR_RULES = ("rescale", "revealcancel")
+
+
+def reveal_cancel_pairs(model: object) -> dict[str, OpNode]:
+    """Activations whose input is a linear or conv layer that feeds nothing else: the pairs
+    RevealCancel treats together (other activations keep the rescale rule)."""
+    graph = model.graph  # type: ignore[attr-defined]
+    pairs = {}
+    for node in model.nodes:  # type: ignore[attr-defined]
+        if node.kind is OpKind.ACTIVATION:
+            layer = graph.node(node.inputs[0])
+            if layer.kind in WEIGHTED and list(graph.digraph.successors(layer.name)) == [
+                    node.name]:
+                pairs[node.name] = layer
+    return pairs
+
+
 def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array],
-        output: str, seed: Array) -> tuple[dict[str, Array], Linearization, Linearization]:
-    """Multipliers of every input for the output combination ``seed`` (B, *out_shape)."""
+        output: str, seed: Array, rule: str = "rescale", at: Linearization | None = None
+        ) -> tuple[dict[str, Array], Linearization, Linearization]:
+    """Multipliers of every input for the output combination ``seed`` (B, *out_shape).
+
+    ``rule``: "rescale" (seed 004, eq. 16-17) or "revealcancel" for the nonlinearities.
+    """
+    if rule not in NONLINEAR_RULES:
+        raise InputError(f"DFD rule must be one of {NONLINEAR_RULES}, got {rule!r}")
     # multipliers need values at both points (and max-pool windows), never f'
-    at = linearize(model, inputs, derivatives=False)
+    at = at or linearize(model, inputs, derivatives=False)
     base = linearize(model, default, derivatives=False)
     ctx = DfdContext(model, at, base)
     graph = model.graph  # type: ignore[attr-defined]
     import networkx as nx
 
+    pairs = reveal_cancel_pairs(model) if rule == "revealcancel" else {}
     needed = nx.ancestors(graph.digraph, output) | {output}
     mult: dict[str, Array] = {output: seed[:, None]}
     for node in reversed(model.nodes):  # type: ignore[attr-defined]
@@ -138,6 +200,11 @@ def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
             continue
         m = mult.pop(node.name, None)
         if m is None:
+            continue
+        if node.name in pairs:
+            layer = pairs[node.name]
+            target, g = layer.inputs[0], reveal_cancel_step(ctx, node, layer, m)
+            mult[target] = mult[target] + g if target in mult else g
             continue
         for i, g in zip(node.inputs, dfd_step(ctx, node, m)):
             mult[i] = mult[i] + g if i in mult else g

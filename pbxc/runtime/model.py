@@ -307,24 +307,26 @@ class Model:
         return grad, inputs, wrt
 
     def dfd(self, x: np.ndarray | Mapping[str, np.ndarray], *, baseline: Any = "zeros",
-            target: Any = None, output: str | None = None,
-            data: np.ndarray | None = None) -> DfdResult:
-        """DFD / DeepLIFT (rescale) contributions to the target output, per input.
+            target: Any = None, output: str | None = None, data: np.ndarray | None = None,
+            rule: str = "rescale") -> DfdResult:
+        """DFD / DeepLIFT contributions to the target output, per input.
 
         ``baseline``: "zeros", a number, "mean" (of ``data``), an array (one shared sample or
         one per sample), or a dict of these by input name. ``target``: "predicted" (default),
-        a class index, or one index per sample. The result's ``attributions`` sum to
+        a class index, or one index per sample. ``rule``: "rescale" or "revealcancel" for
+        the nonlinearities (see specs/dfd.md). The result's ``attributions`` sum to
         ``delta`` = f_c(x) - f_c(x0) (see ``summation_error``).
         """
         output, _ = self._io(output, None)
         inputs = self.prepare_inputs(x)
         default = resolve_baseline(self, inputs, baseline, data)
-        y = self.evaluate(inputs)[output]
+        at = linearize(self, inputs, derivatives=False)
+        y = at.values[output]
         c = self.targets(y, target)
         flat = y.reshape(y.shape[0], -1)
         seed = np.zeros_like(flat)
         seed[np.arange(len(c)), c] = 1
-        mult, _, base = dfd(self, inputs, default, output, seed.reshape(y.shape))
+        mult, _, base = dfd(self, inputs, default, output, seed.reshape(y.shape), rule, at)
         y0 = base.values[output].reshape(y.shape[0], -1)
         delta = flat[np.arange(len(c)), c] - y0[np.arange(len(c)), c]
         contributions = {k: mult[k] * (inputs[k] - default[k]) for k in inputs}

@@ -144,3 +144,28 @@ def test_baseline_errors() -> None:
         model.dfd(x, baseline="mean")
     with pytest.raises(pbxc.InputError, match="baseline for input 'x' has shape"):
         model.dfd(x, baseline=np.zeros(7))
+
+
+def test_reveal_cancel_by_hand(write_model: Callable[..., Path]) -> None:
+    """y = relu(a1 - a2) at a = (3, 1) against a0 = (0, 0): the DeepLIFT paper's example.
+
+    dz+ = 3, dz- = -1, z0 = 0, z = 2; m+ = (M(0, 3) + M(-1, 2)) / 2 = (1 + 2/3) / 2 = 5/6 and
+    m- = (M(0, -1) + M(3, 2)) / 2 = (0 + 1) / 2, so C = (5/6 * 3, 1/2 * -1) = (2.5, -0.5);
+    rescale gives m = 1 and C = (3, -1). Both sum to delta = 2.
+    """
+    model = pbxc.load(write_model('model rc\nweights "w.npz"\ninput a: float64[2]\n'
+                                  "output y = relu(linear(a, @l, bias=false))",
+                                  {"l.weight": np.array([[1.0, -1.0]])}))
+    x = np.array([[3.0, 1.0]])
+    reveal = model.dfd(x, rule="revealcancel").attributions["a"]
+    np.testing.assert_allclose(reveal, [[2.5, -0.5]], rtol=1e-15)
+    np.testing.assert_allclose(model.dfd(x).attributions["a"], [[3.0, -1.0]], rtol=1e-15)
+    with pytest.raises(pbxc.InputError, match="DFD rule must be one of"):
+        model.dfd(x, rule="gradient")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reveal_cancel_keeps_summation_to_delta(name: str) -> None:
+    model, x, data = example(name)
+    res = model.dfd(x, baseline="mean", data=data, rule="revealcancel")
+    assert np.all(res.summation_error <= 1e-12), res.summation_error.max()
