@@ -6,6 +6,7 @@ not know is an :class:`UnsupportedOp` naming the construct (never silently print
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import sympy
@@ -13,31 +14,12 @@ from sympy.codegen.rewriting import optimize, optims_c99
 from sympy.printing.numpy import NumPyPrinter
 
 from pbxc.errors import UnsupportedOp
+from pbxc.symbolic import numeric
 
-# Helpers every printed module defines (see ``NUMPY_PRELUDE``).
-NUMPY_PRELUDE = '''\
-import math
-
-import numpy as np
-
-try:
-    from scipy.special import erf as _erf, erfc as _erfc
-except ImportError:  # numpy-only fallback: exact to double precision, slower
-    _erf = np.vectorize(math.erf, otypes=[float])
-    _erfc = np.vectorize(math.erfc, otypes=[float])
-
-
-def _sigmoid(x):
-    # 1 / (1 + exp(-x)) without overflow for either sign of x
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
-
-
-def _softplus(x):
-    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
-    return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
-'''
-
+#: Helpers every printed module defines: the source of ``pbxc.symbolic.numeric``, verbatim, so
+#: a generated module computes exactly what the in-process evaluator computes and needs only
+#: numpy (scipy, when present, for a faster erf/erfc).
+NUMPY_PRELUDE = inspect.getsource(numeric)
 
 class PbxNumPyPrinter(NumPyPrinter):
     """Prints with ``np.`` and pbxc's stable helpers; raises on unsupported constructs."""
@@ -64,7 +46,58 @@ class PbxNumPyPrinter(NumPyPrinter):
         return f"_softplus({self._print(expr.args[0])})"
 
     def _print_NormalCdf(self, expr: sympy.Expr) -> str:
-        return f"(0.5 * _erfc({self._print(-expr.args[0] / sympy.sqrt(2))}))"
+        return f"_normal_cdf({self._print(expr.args[0])})"
+
+    def _print_Gauss(self, expr: sympy.Expr) -> str:
+        return f"_gauss({self._print(expr.args[0])})"
+
+    def _print_Expm1Ratio(self, expr: sympy.Expr) -> str:
+        return f"_expm1_ratio({self._print(expr.args[0])})"
+
+    def _print_Log1pRatio(self, expr: sympy.Expr) -> str:
+        return f"_log1p_ratio({self._print(expr.args[0])})"
+
+    def _print_SinhRatio(self, expr: sympy.Expr) -> str:
+        return f"_sinh_ratio({self._print(expr.args[0])})"
+
+    def _print_SinRatio(self, expr: sympy.Expr) -> str:
+        return f"_sin_ratio({self._print(expr.args[0])})"
+
+    def _print_AtanRatio(self, expr: sympy.Expr) -> str:
+        return f"_atan_ratio({self._print(expr.args[0])})"
+
+    def _print_IsFinite(self, expr: sympy.Expr) -> str:
+        return f"np.isfinite({self._print(expr.args[0])})"
+
+    def _print_SeriesPatch(self, expr: sympy.Expr) -> str:
+        z0, z, centre, radius, *tables = expr.args
+        printed = ", ".join("(" + ", ".join(repr(float(x)) for x in t) + ",)" for t in tables)
+        return (f"_series_patch({self._print(z0)}, {self._print(z)}, {float(centre)!r}, "
+                f"{float(radius)!r}, {printed})")
+
+    def _print_Max(self, expr: sympy.Expr) -> str:
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"np.maximum({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, expr: sympy.Expr) -> str:
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"np.minimum({out}, {self._print(a)})"
+        return out
+
+    def _print_sign(self, expr: sympy.Expr) -> str:
+        return f"np.sign({self._print(expr.args[0])})"
+
+    def _print_NaN(self, expr: sympy.Expr) -> str:
+        return "np.nan"
+
+    def _print_BooleanTrue(self, expr: sympy.Expr) -> str:
+        return "True"
+
+    def _print_BooleanFalse(self, expr: sympy.Expr) -> str:
+        return "False"
 
     def _print_Abs(self, expr: sympy.Expr) -> str:
         return f"np.abs({self._print(expr.args[0])})"

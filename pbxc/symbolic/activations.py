@@ -50,7 +50,8 @@ _BUILTINS: dict[str, Callable[..., sympy.Expr]] = {
     "softplus": lambda z, beta: Softplus(beta * z) / beta,
     "sigmoid": lambda z: Sigmoid(z),
     "tanh": lambda z: tanh(z),
-    "hardtanh": lambda z, lo, hi: Piecewise((lo, z < lo), (hi, z > hi), (z, True)),
+    # boundaries belong to the constant pieces, so the derivative there is 0 (as in PyTorch)
+    "hardtanh": lambda z, lo, hi: Piecewise((lo, z <= lo), (hi, z >= hi), (z, True)),
     "hardsigmoid": lambda z: Piecewise((0, z <= -3), (1, z >= 3), (z / 6 + Rational(1, 2), True)),
     "abs": lambda z: Abs(z),
     "exp": lambda z: exp(z),

@@ -1,0 +1,468 @@
+"""The exact calculus of one elementwise activation: f, f', f'', kinks, DFD multiplier.
+
+``derive_calculus(expr)`` derives everything a pass needs from the one sympy expression f(z),
+at compile time:
+
+* the smooth pieces of f and the breakpoints between them (``pieces.py``), with the one-sided
+  derivatives at each kink and the value a *convention* picks there;
+* f' and f'' of every piece, in forms without cancellation: f' is the divided difference of
+  ``difference.py`` at z0 = z (so sigmoid' prints as s(z) s(-z), tanh' as 4 s(2z) s(-2z)), and
+  near a critical point a Taylor patch (``patches.py``);
+* the DFD multiplier m(z0, z) = (f(z) - f(z0)) / (z - z0) (seed 004, eq. 16), with the exact
+  limit f'(z0) at z = z0 (eq. 17), as a routine of branches chosen per element.
+
+The results are sympy expressions and routines; the code generators print them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy
+from sympy import Abs, And, Eq, Max, Min, Piecewise, S
+from sympy.codegen.rewriting import optimize, optims_c99
+
+from pbxc.symbolic.activations import Z
+from pbxc.symbolic.difference import DELTA, Z0, DividedDifference, NoRule
+from pbxc.symbolic.evaluate import evaluate
+from pbxc.symbolic.functions import IsFinite, Sigmoid, Softplus
+from pbxc.symbolic.patches import Patch, find_patches, patch_value
+from pbxc.symbolic.pieces import Breakpoint, decompose, one_sided
+from pbxc.symbolic.precision import BAR, BUDGET, DTYPES, UNIT, secant_condition_limit
+from pbxc.symbolic.routine import PrecisionConstant, Routine
+
+#: kink conventions: the derivative used at a point where f is not differentiable
+CONVENTIONS = ("owner", "left", "right", "mean")
+#: "owner": the derivative of the expression that f, as written, evaluates at the point. For the
+#: built-ins this is PyTorch's choice: relu'(0) = 0, leaky_relu'(0) = alpha, elu'(0) = alpha,
+#: hardtanh'(+-1) = 0, hardsigmoid'(+-3) = 0, abs'(0) = 0 (Abs owns its kink as a point
+#: piece 0, the mean of -1 and 1).
+DEFAULT_CONVENTION = "owner"
+
+#: z0 of the accuracy grid spans [-SCALE_RANGE, SCALE_RANGE]; s_f = max |f'| there
+SCALE_RANGE = 30.0
+#: f evaluated to this many units in the last place, for the secant's switch
+KAPPA = 2.0
+#: the derivative's condition number above which a patch replaces the difference form
+PATCH_CONDITION = min(BAR[dt] / (2 * KAPPA * UNIT[dt]) for dt in DTYPES)
+#: order of the Taylor fallback for pieces without an exact divided-difference rule
+FALLBACK_ORDER = 6
+
+SECANT_LIMIT = sympy.Symbol("secant_limit", positive=True)
+FALLBACK_BUDGET = sympy.Symbol("taylor_budget", positive=True)
+_SECANT_CONSTANT = PrecisionConstant(
+    SECANT_LIMIT, secant_condition_limit(DTYPES[0], KAPPA),
+    secant_condition_limit(DTYPES[1], KAPPA),
+    "largest condition number (|f(z)| + |f(z0)|) / |f(z) - f(z0)| at which the secant is used")
+SMALLEST = sympy.Symbol("smallest_normal", positive=True)
+_SMALLEST_CONSTANT = PrecisionConstant(
+    SMALLEST, float(np.finfo(np.float64).tiny), float(np.finfo(np.float32).tiny),
+    "the smallest normal number")
+_FALLBACK_CONSTANT = PrecisionConstant(
+    FALLBACK_BUDGET, BUDGET[DTYPES[0]], BUDGET[DTYPES[1]],
+    "truncation error the Taylor fallback may have, relative to its value")
+
+
+class DerivationError(Exception):
+    """The activation cannot be analysed (e.g. branch conditions sympy cannot solve)."""
+
+
+@dataclass(frozen=True)
+class Kink:
+    """A point where f or f' is discontinuous, with the one-sided derivatives."""
+
+    point: sympy.Expr
+    left: sympy.Expr         # f'(c-)
+    right: sympy.Expr        # f'(c+)
+    owner: str               # "left", "right" or "point"
+    owner_slope: sympy.Expr  # derivative of the expression f evaluates at c
+    value: sympy.Expr        # f(c)
+    jump: sympy.Expr         # f(c+) - f(c-); 0 where f is continuous
+    left_second: sympy.Expr = S.Zero
+    right_second: sympy.Expr = S.Zero
+
+    def slope(self, convention: str = DEFAULT_CONVENTION) -> sympy.Expr:
+        if convention == "left":
+            return self.left
+        if convention == "right":
+            return self.right
+        if convention == "mean":
+            return (self.left + self.right) / 2
+        return self.owner_slope
+
+    def second(self, convention: str = DEFAULT_CONVENTION) -> sympy.Expr:
+        if convention == "left" or (convention == "owner" and self.owner == "left"):
+            return self.left_second
+        if convention == "right" or (convention == "owner" and self.owner == "right"):
+            return self.right_second
+        return (self.left_second + self.right_second) / 2
+
+
+@dataclass(frozen=True)
+class PieceCalculus:
+    """One smooth piece: f, f', f'' there and how its multiplier is computed."""
+
+    lower: sympy.Expr
+    upper: sympy.Expr
+    expr: sympy.Expr                 # stable form of f on the piece
+    df: sympy.Expr                   # stable f' (without patches)
+    d2f: sympy.Expr
+    rule: str                        # "constant", "linear", "exact" or "taylor"
+    difference: sympy.Expr | None    # the divided-difference form [f](z0, z), in Z0, Z, DELTA
+    patches: tuple[Patch, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def slope(self) -> sympy.Expr | None:
+        return self.df if self.rule in ("constant", "linear") else None
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch of a routine, for reports: its name, where it applies and what it computes."""
+
+    name: str
+    condition: str
+    formula: str
+
+
+@dataclass(frozen=True)
+class Calculus:
+    """Everything derived from f; see ``ActivationCalculus`` for the keyed, public form."""
+
+    f: sympy.Expr
+    f_stable: sympy.Expr
+    df: sympy.Expr
+    d2f: sympy.Expr
+    pieces: tuple[PieceCalculus, ...]
+    breakpoints: tuple[Breakpoint, ...]
+    kinks: tuple[Kink, ...]
+    convention: str
+    slope_scale: float
+    value: Routine
+    derivative: Routine
+    second_derivative: Routine
+    multiplier: Routine
+    branches: tuple[Branch, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def exact(self) -> bool:
+        """Whether every piece has a cancellation-free rule (no Taylor fallback)."""
+        return all(p.rule != "taylor" for p in self.pieces) and not self.notes
+
+
+# ---------------------------------------------------------------------------- stable forms
+_W = sympy.Wild("w")
+
+
+def stabilize(expr: sympy.Expr) -> sympy.Expr:
+    """Rewrite forms that cancel or overflow into ones that do not (sympy.codegen.rewriting)."""
+    out = expr
+    out = out.replace(sympy.log(1 + sympy.exp(_W)), Softplus(_W))
+    out = out.replace(1 / (1 + sympy.exp(-_W)), Sigmoid(_W))
+    out = out.replace(1 - Sigmoid(_W), Sigmoid(-_W))
+    out = out.replace(1 - sympy.tanh(_W) ** 2, 4 * Sigmoid(2 * _W) * Sigmoid(-2 * _W))
+    return optimize(out, optims_c99)  # exp(x) - 1 -> expm1(x), log(1 + x) -> log1p(x)
+
+
+def _as_float(value: sympy.Expr) -> float:
+    return float(sympy.N(value, 20))
+
+
+def _is_affine(expr: sympy.Expr) -> bool:
+    return bool(expr.is_polynomial(Z)) and sympy.degree(expr, Z) <= 1
+
+
+def _addends(expr: sympy.Expr) -> list[sympy.Expr]:
+    return list(expr.args) if isinstance(expr, sympy.Add) else [expr]
+
+
+# ---------------------------------------------------------------------------- pieces
+def _piece(lower: sympy.Expr, upper: sympy.Expr, expr: sympy.Expr
+           ) -> tuple[PieceCalculus, list[sympy.Expr]]:
+    g = stabilize(expr)
+    if not g.has(Z):
+        return PieceCalculus(lower, upper, g, S.Zero, S.Zero, "constant", S.Zero), []
+    if _is_affine(g):
+        slope = sympy.diff(g, Z)
+        return PieceCalculus(lower, upper, g, slope, S.Zero, "linear", slope), []
+    try:
+        difference = DividedDifference()(g)
+        diagonal = DividedDifference(diagonal=True)(g)
+        rule = "exact"
+    except NoRule:
+        difference = None
+        diagonal = stabilize(sympy.diff(g, Z))
+        rule = "taylor"
+    df = stabilize(diagonal)
+    d2f = stabilize(sympy.diff(df, Z))
+    return PieceCalculus(lower, upper, g, df, d2f, rule, difference), _addends(diagonal)
+
+
+def _with_patches(piece: PieceCalculus, terms: Sequence[sympy.Expr], slope_scale: float
+                  ) -> PieceCalculus:
+    lower = -np.inf if piece.lower.is_infinite else _as_float(piece.lower)
+    upper = np.inf if piece.upper.is_infinite else _as_float(piece.upper)
+    patches, notes = find_patches(piece.expr, terms, lower, upper, PATCH_CONDITION,
+                                  slope_scale)
+    return PieceCalculus(piece.lower, piece.upper, piece.expr, piece.df, piece.d2f, piece.rule,
+                         piece.difference, tuple(patches), tuple(notes))
+
+
+def _taylor_fallback(g: sympy.Expr) -> sympy.Expr:
+    """sum_k g^(k+1)(z0) d^k / (k+1)!, used where its next term is within the budget."""
+    derivs = [g]
+    for _ in range(FALLBACK_ORDER + 2):
+        derivs.append(stabilize(sympy.diff(derivs[-1], Z)))
+    at0 = [e.xreplace({Z: Z0}) for e in derivs]
+    series = sympy.Add(*[at0[k + 1] / sympy.factorial(k + 1) * DELTA**k
+                         for k in range(FALLBACK_ORDER + 1)])
+    nxt = at0[FALLBACK_ORDER + 2] / sympy.factorial(FALLBACK_ORDER + 2) \
+        * DELTA**(FALLBACK_ORDER + 1)
+    secant = (g - g.xreplace({Z: Z0})) / DELTA
+    return Piecewise((series, Abs(nxt) <= FALLBACK_BUDGET * Abs(series)), (secant, True))
+
+
+def piece_multiplier(piece: PieceCalculus, index: int) -> Routine:
+    """m(z0, z) on one smooth piece, as a routine of (Z0, Z)."""
+    if piece.rule in ("constant", "linear"):
+        return Routine(f"m_piece{index}", (Z0, Z), (), piece.df)
+    g1, g0 = piece.expr, piece.expr.xreplace({Z: Z0})
+    secant = sympy.Symbol("secant", real=True)
+    difference = sympy.Symbol("difference", real=True)
+    constants = [_SECANT_CONSTANT, _SMALLEST_CONSTANT]
+    if piece.difference is not None:
+        difference_form = piece.difference
+    else:
+        difference_form = _taylor_fallback(piece.expr)
+        constants.append(_FALLBACK_CONSTANT)
+    assignments: list[tuple[sympy.Symbol, sympy.Expr]] = [
+        (DELTA, Z - Z0), (secant, (g1 - g0) / DELTA), (difference, difference_form)]
+    # strict: a zero difference (z = z0, or f(z) = f(z0) by underflow) never takes the secant
+    # and the difference must be a normal number (a subnormal one has lost relative precision)
+    safe = And(Abs(g1) + Abs(g0) < SECANT_LIMIT * Abs(g1 - g0), Abs(g1 - g0) >= SMALLEST)
+    branches: list[tuple[sympy.Expr, sympy.Basic]] = []
+    for patch in piece.patches:
+        branches.append(patch_value(patch, Z0, Z))
+    branches += [(secant, safe), (difference, IsFinite(difference)), (secant, S.true)]
+    return Routine(f"m_piece{index}", (Z0, Z), tuple(assignments), Piecewise(*branches),
+                   tuple(constants))
+
+
+def piece_derivative(piece: PieceCalculus, index: int, z: sympy.Expr = Z
+                     ) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], sympy.Expr]:
+    """f'(z) on one piece: the stable derivative, and the Taylor patches near critical points."""
+    df = piece.df.xreplace({Z: z})
+    if not piece.patches:
+        return [], df
+    branches = [patch_value(patch, z, z) for patch in piece.patches]
+    branches.append((df, S.true))
+    return [], Piecewise(*branches)
+
+
+# ---------------------------------------------------------------------------- kinks
+def _membership(pieces: Sequence[PieceCalculus], breakpoints: Sequence[Breakpoint], j: int,
+                x: sympy.Expr) -> sympy.Basic:
+    """x lies in piece j (its open interval, and each end the piece owns)."""
+    conds: list[sympy.Basic] = []
+    if j > 0:
+        b = breakpoints[j - 1]
+        c = sympy.Float(_as_float(b.point), 17)
+        conds.append(x >= c if b.owner == "right" else x > c)
+    if j < len(pieces) - 1:
+        b = breakpoints[j]
+        c = sympy.Float(_as_float(b.point), 17)
+        conds.append(x <= c if b.owner == "left" else x < c)
+    return And(*conds) if conds else S.true
+
+
+def _kinks(pieces: Sequence[PieceCalculus], breakpoints: Sequence[Breakpoint]) -> list[Kink]:
+    kinks = []
+    for b in breakpoints:
+        left, right = pieces[b.index - 1], pieces[b.index]
+        c = b.point
+        fl, fr = one_sided(left.expr, c), one_sided(right.expr, c)
+        dl, dr = one_sided(left.df, c), one_sided(right.df, c)
+        d2l, d2r = one_sided(left.d2f, c), one_sided(right.d2f, c)
+        owner_slope = {"left": dl, "right": dr}.get(b.owner)
+        if owner_slope is None:
+            owner_slope = one_sided(sympy.diff(b.point_expr, Z), c)
+        jump = sympy.nsimplify(fr - fl) if (fr - fl).is_Float else sympy.simplify(fr - fl)
+        if sympy.simplify(dl - dr) == 0 and jump == 0 and b.owner != "point":
+            continue  # f is differentiable here; only higher derivatives change
+        kinks.append(Kink(c, dl, dr, b.owner, owner_slope, one_sided(b.point_expr, c), jump,
+                          d2l, d2r))
+    return kinks
+
+
+# ---------------------------------------------------------------------------- routines
+def _piecewise_routines(pieces: Sequence[PieceCalculus], breakpoints: Sequence[Breakpoint],
+                        kinks: Sequence[Kink], convention: str
+                        ) -> tuple[Routine, Routine, Routine]:
+    """(f', f'', m) for an activation of several pieces."""
+    {b.point: k for b in breakpoints for k in kinks if k.point == b.point}
+    # f'(z) and f''(z)
+    d_steps: list[tuple[sympy.Symbol, sympy.Expr]] = []
+    d_branches: list[tuple[sympy.Expr, sympy.Basic]] = []
+    s_branches: list[tuple[sympy.Expr, sympy.Basic]] = []
+    for k in kinks:
+        c = sympy.Float(_as_float(k.point), 17)
+        d_branches.append((k.slope(convention), Eq(Z, c)))
+        s_branches.append((k.second(convention), Eq(Z, c)))
+    for j, piece in enumerate(pieces):
+        steps, value = piece_derivative(piece, j)
+        d_steps.extend(steps)
+        member = _membership(pieces, breakpoints, j, Z)
+        d_branches.append((value, member))
+        s_branches.append((piece.d2f, member))
+    d_branches.append((S.NaN, S.true))
+    s_branches.append((S.NaN, S.true))
+    derivative = Routine("df", (Z,), tuple(d_steps), Piecewise(*d_branches))
+    second = Routine("d2f", (Z,), (), Piecewise(*s_branches))
+
+    # m(z0, z)
+    lo, hi, width = (sympy.Symbol(n, real=True) for n in ("lo", "hi", "width"))
+    steps = [(DELTA, Z - Z0), (lo, Min(Z0, Z)), (hi, Max(Z0, Z)), (width, hi - lo)]
+    constants: list[PrecisionConstant] = []
+    branches: list[tuple[sympy.Expr, sympy.Basic]] = []
+    for k in kinks:
+        c = sympy.Float(_as_float(k.point), 17)
+        branches.append((k.slope(convention), And(Eq(Z0, c), Eq(Z, c))))
+    crossing_terms: list[sympy.Expr] = []
+    for j, piece in enumerate(pieces):
+        routine = piece_multiplier(piece, j)
+        constants.extend(routine.precision_constants)
+        body, value = routine.inline({Z0: Z0, Z: Z}, prefix=f"p{j}_")
+        steps.extend(body)
+        member = And(_membership(pieces, breakpoints, j, Z0),
+                     _membership(pieces, breakpoints, j, Z))
+        branches.append((value, member))
+        a: sympy.Expr = lo
+        b: sympy.Expr = hi
+        if j > 0:
+            c = sympy.Float(_as_float(pieces[j].lower), 17)
+            a, b = Max(a, c), Max(b, c)
+        if j < len(pieces) - 1:
+            c = sympy.Float(_as_float(pieces[j].upper), 17)
+            a, b = Min(a, c), Min(b, c)
+        sa, sb = sympy.Symbol(f"a{j}", real=True), sympy.Symbol(f"b{j}", real=True)
+        sw = sympy.Symbol(f"w{j}", real=True)  # a symbol: sympy would distribute 1/6 * (b - a)
+        steps += [(sa, a), (sb, b), (sw, sb - sa)]
+        if piece.rule == "constant":
+            continue
+        # m = sum_j m_j(a_j, b_j) (b_j - a_j) / (hi - lo): the weights (b_j - a_j) / (hi - lo)
+        # lie in [0, 1], so no product underflows into subnormal numbers
+        share = sympy.Symbol(f"share{j}", real=True)
+        steps.append((share, sw / width))
+        if piece.rule == "linear":
+            crossing_terms.append(piece.df * share)
+        else:
+            body, value = routine.inline({Z0: sa, Z: sb}, prefix=f"x{j}_")
+            steps.extend(body)
+            crossing_terms.append(Piecewise((value * share, sw > 0), (0, True)))
+    for b in breakpoints:
+        c = sympy.Float(_as_float(b.point), 17)
+        left, right = pieces[b.index - 1], pieces[b.index]
+        at = one_sided(b.point_expr, b.point)
+        into = sympy.nsimplify(at - one_sided(left.expr, b.point))   # left limit -> f(c)
+        out_of = sympy.nsimplify(one_sided(right.expr, b.point) - at)  # f(c) -> right limit
+        if into != 0:
+            crossing_terms.append(Piecewise((_as_float(into) / width, And(lo < c, hi >= c)),
+                                            (0, True)))
+        if out_of != 0:
+            crossing_terms.append(Piecewise((_as_float(out_of) / width, And(lo <= c, hi > c)),
+                                            (0, True)))
+    branches.append((sympy.Add(*crossing_terms), S.true))
+    seen: dict[sympy.Symbol, PrecisionConstant] = {c.symbol: c for c in constants}
+    multiplier = Routine("m", (Z0, Z), tuple(steps), Piecewise(*branches),
+                         tuple(seen.values()))
+    return derivative, second, multiplier
+
+
+def _slope_scale(derivative: Routine, kinks: Sequence[Kink]) -> float:
+    grid = np.linspace(-SCALE_RANGE, SCALE_RANGE, 60001)
+    from pbxc.symbolic.evaluate import run_routine
+    values = np.abs(run_routine(derivative, [grid]))
+    scale = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
+    for k in kinks:
+        if abs(_as_float(k.point)) <= SCALE_RANGE:
+            scale = max(scale, abs(_as_float(k.left)), abs(_as_float(k.right)))
+    return scale if scale > 0 else 1.0
+
+
+def _branches(pieces: Sequence[PieceCalculus], kinks: Sequence[Kink], convention: str
+              ) -> tuple[Branch, ...]:
+    out: list[Branch] = []
+    for k in kinks:
+        out.append(Branch("kink", f"z0 = z = {k.point}",
+                          f"f'({k.point}) by the '{convention}' convention = "
+                          f"{k.slope(convention)}"))
+    multi = len(pieces) > 1
+    for j, p in enumerate(pieces):
+        where = f"z0, z in piece {j} ({p.lower}, {p.upper})" if multi else "every pair"
+        if p.rule in ("constant", "linear"):
+            out.append(Branch("slope", where, f"m = {p.df}"))
+            continue
+        for patch in p.patches:
+            out.append(Branch(
+                "patch", f"{where}; |z0 - c|, |z - c| <= {patch.radius:.4g}, "
+                f"c = {patch.center!r}",
+                f"Taylor series about c (critical point {patch.critical_point:.17g}), degree "
+                f"{patch.degree}, by Clenshaw's recurrence in s = u0 + u, p = u0 u"))
+        out.append(Branch(
+            "secant", f"{where}; z != z0 and (|f(z)| + |f(z0)|) / |f(z) - f(z0)| <= "
+            f"{_SECANT_CONSTANT.double:.3g} (float64), {_SECANT_CONSTANT.single:.3g} (float32)",
+            "m = (f(z) - f(z0)) / (z - z0)"))
+        if p.rule == "exact":
+            out.append(Branch("difference", f"{where}; otherwise (and z = z0: the limit "
+                              "f'(z0))", f"m = {p.difference}"))
+        else:
+            out.append(Branch("taylor", f"{where}; otherwise, while the next term is within "
+                              "the budget", f"Taylor series in d of order {FALLBACK_ORDER}"))
+    if multi:
+        out.append(Branch("crossing", "z0 and z in different pieces",
+                          "m = (sum over pieces of m_piece(a, b) (b - a) + jumps) / |z - z0|, "
+                          "a, b = [min, max](z0, z) clipped to the piece"))
+    return tuple(out)
+
+
+def derive_calculus(f: sympy.Expr, convention: str = DEFAULT_CONVENTION) -> Calculus:
+    """Everything about f(z); see the module docstring."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown kink convention '{convention}'; one of {CONVENTIONS}")
+    from pbxc.symbolic.pieces import PieceError
+    try:
+        raw_pieces, breakpoints = decompose(f)
+    except PieceError as exc:
+        raise DerivationError(str(exc)) from None
+    built = [_piece(p.lower, p.upper, p.expr) for p in raw_pieces]
+    pieces = [p for p, _ in built]
+    kinks = _kinks(pieces, breakpoints)
+    f_stable = stabilize(f)
+    value = Routine("f", (Z,), (), f_stable)
+
+    def routines(ps: Sequence[PieceCalculus]) -> tuple[Routine, Routine, Routine]:
+        if len(ps) == 1:
+            steps, df_value = piece_derivative(ps[0], 0)
+            return (Routine("df", (Z,), tuple(steps), df_value),
+                    Routine("d2f", (Z,), (), ps[0].d2f),
+                    piece_multiplier(ps[0], 0))
+        return _piecewise_routines(ps, breakpoints, kinks, convention)
+
+    derivative, _, _ = routines(pieces)
+    scale = _slope_scale(derivative, kinks)
+    pieces = [_with_patches(p, terms, scale) if p.rule == "exact" else p
+              for p, (_, terms) in zip(pieces, built)]
+    derivative, second, multiplier = routines(pieces)
+    df = derivative.expand()
+    notes = tuple(n for p in pieces for n in p.notes)
+    return Calculus(f, f_stable, df, second.expand(), tuple(pieces), tuple(breakpoints),
+                    tuple(kinks), convention, scale, value, derivative, second, multiplier,
+                    _branches(pieces, kinks, convention), notes)
+
+
+__all__ = ["CONVENTIONS", "DEFAULT_CONVENTION", "Branch", "Calculus", "DerivationError", "Kink",
+           "PieceCalculus", "derive_calculus", "evaluate", "stabilize"]
