@@ -7,6 +7,9 @@ not know is an :class:`UnsupportedOp` naming the construct (never silently print
 from __future__ import annotations
 
 import inspect
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sympy
@@ -14,7 +17,12 @@ from sympy.codegen.rewriting import optimize, optims_c99
 from sympy.printing.numpy import NumPyPrinter
 
 from pbxc.errors import UnsupportedOp
+from pbxc.parse import ast
 from pbxc.symbolic import numeric
+from pbxc.symbolic.activations import ActivationKey
+from pbxc.symbolic.calculus import DEFAULT_CONVENTION
+from pbxc.symbolic.derive import ActivationCalculus, derive
+from pbxc.symbolic.routine import Routine
 
 #: Helpers every printed module defines: the source of ``pbxc.symbolic.numeric``, verbatim, so
 #: a generated module computes exactly what the in-process evaluator computes and needs only
@@ -47,6 +55,10 @@ class PbxNumPyPrinter(NumPyPrinter):
 
     def _print_NormalCdf(self, expr: sympy.Expr) -> str:
         return f"_normal_cdf({self._print(expr.args[0])})"
+
+    def _print_Div(self, expr: sympy.Expr) -> str:
+        a, b = expr.args
+        return f"({self.parenthesize(a, 50)} / {self.parenthesize(b, 51)})"
 
     def _print_Gauss(self, expr: sympy.Expr) -> str:
         return f"_gauss({self._print(expr.args[0])})"
@@ -177,3 +189,157 @@ def render_function(name: str, args: list[str], expr: sympy.Expr, doc: str = "")
     body = print_numpy(expr)
     doc_line = f'    """{doc}"""\n' if doc else ""
     return f"def {name}({', '.join(args)}):\n{doc_line}    return {body}\n"
+
+
+# ---------------------------------------------------------------------------- routines
+class Div(sympy.Function):
+    """a / b, kept whole: sympy.cse would otherwise share 1/b between quotients, and a
+    reciprocal rounds once more and overflows where the quotient does not (b subnormal)."""
+
+    nargs = 2
+
+
+def protect_divisions(expr: sympy.Basic) -> sympy.Basic:
+    """Every x * y**-n as Div(x, y**n), so each quotient is printed as one division."""
+    if expr.is_Atom or not expr.args:
+        return expr
+    args = [protect_divisions(a) for a in expr.args]
+    if isinstance(expr, sympy.Mul):
+        num, den = [], []
+        for a, original in zip(args, expr.args):
+            if isinstance(original, sympy.Pow) and original.exp.is_Number and original.exp < 0:
+                den.append(protect_divisions(original.base ** -original.exp))
+            else:
+                num.append(a)
+        if den:
+            return Div(sympy.Mul(*num) if num else sympy.S.One, sympy.Mul(*den))
+        return sympy.Mul(*args)
+    if isinstance(expr, sympy.Pow) and expr.exp.is_Number and expr.exp < 0:
+        return Div(sympy.S.One, protect_divisions(expr.base ** -expr.exp))
+    return expr.func(*args)
+
+
+def live_assignments(assignments: Sequence[tuple[sympy.Symbol, sympy.Expr]],
+                     reduced: Sequence[sympy.Basic],
+                     replacements: Mapping[sympy.Symbol, sympy.Basic]) -> set[sympy.Symbol]:
+    """The assigned symbols the result needs (through later assignments and CSE temporaries)."""
+    def uses(expr: sympy.Basic, seen: set[sympy.Symbol]) -> set[sympy.Symbol]:
+        out: set[sympy.Symbol] = set()
+        for sym in expr.free_symbols:
+            if sym in replacements and sym not in seen:
+                seen.add(sym)
+                out |= uses(replacements[sym], seen)
+            out.add(sym)
+        return out
+
+    live = uses(reduced[-1], set())
+    for (sym, _), expr in reversed(list(zip(assignments, reduced[:-1]))):
+        if sym in live:
+            live |= uses(expr, set())
+    return live
+
+
+def routine_lines(routine: Routine, printer: Any) -> list[str]:
+    """``name = value`` lines for a routine's assignments and common subexpressions, then the
+    result as the last entry (``printer`` prints one expression; CSE by sympy.cse).
+
+    A common subexpression is emitted just before its first use, so it never refers to a
+    temporary that is not yet assigned.
+    """
+    exprs = [protect_divisions(expr) for _, expr in routine.assignments]
+    exprs.append(protect_divisions(routine.result))
+    taken = {s.name for s in routine.args} | {s.name for s, _ in routine.assignments} | {
+        c.symbol.name for c in routine.precision_constants}
+    symbols = (sympy.Symbol(f"_x{i}", real=True) for i in itertools.count()
+               if f"_x{i}" not in taken)
+    replacements, reduced = sympy.cse(exprs, symbols=symbols, order="none")
+    pending = dict(replacements)
+    emitted: set[sympy.Symbol] = set()
+    lines: list[str] = []
+
+    def need(expr: sympy.Basic) -> None:
+        for sym in sorted(expr.free_symbols, key=lambda x: x.name):
+            if sym in pending and sym not in emitted:
+                value = pending[sym]
+                need(value)
+                emitted.add(sym)
+                lines.append(f"{sym.name} = {printer.doprint(value)}")
+
+    used = live_assignments(routine.assignments, reduced, pending)
+    for (sym, _), expr in zip(routine.assignments, reduced[:-1]):
+        if sym in used:
+            need(expr)
+            lines.append(f"{sym.name} = {printer.doprint(expr)}")
+    need(reduced[-1])
+    lines.append(printer.doprint(reduced[-1]))
+    return lines
+
+
+def render_routine(name: str, routine: Routine, doc: str = "") -> str:
+    """A NumPy function computing ``routine`` elementwise, in float32 or float64 (its args')."""
+    printer = PbxNumPyPrinter()
+    args = [a.name for a in routine.args]
+    body = routine_lines(routine, printer)
+    out = [f"def {name}({', '.join(args)}):"]
+    if doc:
+        out.append(f'    """{doc}"""')
+    out.append(f"    {', '.join(args)}{',' if len(args) == 1 else ''} = _args({', '.join(args)})")
+    out.append('    with np.errstate(all="ignore"):')
+    for c in routine.precision_constants:
+        out.append(f"        {c.symbol.name} = {c.single!r} if _is_single({args[0]}) else "
+                   f"{c.double!r}")
+    for line in body[:-1]:
+        out.append(f"        {line}")
+    out.append(f"        return _finish({body[-1]}, {', '.join(args)})")
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class RenderedActivations:
+    """NumPy source for f, f', f'' and m of a set of activations, and the names in it."""
+
+    source: str
+    names: dict[ActivationKey, dict[str, str]]  # key -> {"f": ..., "df": ..., "d2f": ..., "m": ...}
+
+
+ROUTINE_DOCS = {
+    "f": "f(z)",
+    "df": "f'(z), the diagonal of the Jacobian; the kink convention at kinks",
+    "d2f": "f''(z) (one-sided at kinks, by the convention)",
+    "m": "the DFD multiplier (f(z) - f(z0)) / (z - z0), and f'(z0) at z = z0 (seed 004, "
+         "eq. 16-17)",
+}
+
+
+def render_activation_functions(keys: Sequence[ActivationKey | str],
+                                definitions: Mapping[str, ast.ActivationDef] | None = None,
+                                convention: str = DEFAULT_CONVENTION, prefix: str = "act",
+                                prelude: bool = True) -> RenderedActivations:
+    """NumPy source defining ``{prefix}{i}_{f,df,d2f,m}`` for each activation (i in order).
+
+    With ``prelude`` the source starts with ``NUMPY_PRELUDE`` and runs standalone (numpy only).
+    An unsupported construct is an :class:`UnsupportedOp` naming the activation and its line.
+    """
+    chunks = [NUMPY_PRELUDE] if prelude else []
+    names: dict[ActivationKey, dict[str, str]] = {}
+    for calc in _calculi(keys, definitions, convention):
+        if calc.key in names:
+            continue
+        i = len(names)
+        names[calc.key] = {}
+        for kind, routine in calc.routines().items():
+            fname = f"{prefix}{i}_{kind}"
+            try:
+                chunks.append(render_routine(fname, routine,
+                                             f"{calc.label}: {ROUTINE_DOCS[kind]}"))
+            except UnsupportedOp as exc:
+                raise UnsupportedOp(f"activation '{calc.label}': {exc.message}",
+                                    calc.key.pos) from None
+            names[calc.key][kind] = fname
+    return RenderedActivations("\n\n".join(chunks), names)
+
+
+def _calculi(keys: Sequence[ActivationKey | str],
+             definitions: Mapping[str, ast.ActivationDef] | None, convention: str
+             ) -> list[ActivationCalculus]:
+    return [derive(k, definitions, convention) for k in keys]

@@ -209,3 +209,79 @@ def _series_patch(z0, z, centre, radius, hi64, lo64, hi32, lo32):
             y2_hi, y2_lo, y1_hi, y1_lo = y1_hi, y1_lo, y_hi, y_lo
         out[inside] = y1_hi + y1_lo
     return out
+
+
+# ---------------------------------------------------------------- softmax and log_softmax
+# The Jacobians and DFD multipliers of softmax and log_softmax all have the form
+# M = diag(a) - c b^T along the softmax axis (c = a for softmax, c = 1 for log_softmax), so
+# they are applied in O(n) per sample and never stored as n x n matrices unless asked.
+
+
+def _logsumexp(x, axis=-1):
+    top = np.max(x, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0)
+    return top + np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True))
+
+
+def _softmax(x, axis=-1):
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _softmax_dfd_factors(z0, z, axis=-1):
+    # (L, w) of the softmax DFD multiplier M = diag(L) - L w^T; log_softmax's is I - 1 w^T.
+    # s_i = exp(z_i - lse(z)): w_j = [exp](z0_j, z_j) / [exp](lse0, lse) is the multiplier of
+    # z_j on lse (a sum of exponentials, then a log), and L_i = [exp](log s_i(z0), log s_i(z))
+    # the multiplier of the outer exp; [exp](a, b) = exp(max(a, b)) E1(-|b - a|).
+    z0 = np.asarray(z0)
+    z = np.asarray(z)
+    with np.errstate(all="ignore"):
+        lse0 = _logsumexp(z0, axis)
+        lse1 = _logsumexp(z, axis)
+        hi = np.maximum(lse0, lse1)
+        lo = np.minimum(lse0, lse1)
+        dz = z - z0
+        top = np.maximum(z0, z)
+        # lse - lse0 = +-log1p(|S - S0| / min(S, S0)), with S - S0 a sum of exp differences
+        ratio = np.sum(np.sign(dz) * np.exp(top - lo) * -np.expm1(-np.abs(dz)), axis=axis,
+                       keepdims=True)
+        direct = lse1 - lse0
+        dlse = np.where(np.abs(direct) < 0.5, np.sign(ratio) * np.log1p(np.abs(ratio)), direct)
+        w = np.exp(top - hi) * (_expm1_ratio(-np.abs(dz)) / _expm1_ratio(-np.abs(dlse)))
+        dls = dz - dlse  # change of log s_i
+        log_s = np.maximum(z0 - lse0, z - lse1)
+        big = np.exp(log_s) * _expm1_ratio(-np.abs(dls))
+    return big, w
+
+
+def _diag_minus_outer_jvp(a, c, b, v, axis=-1):
+    # (diag(a) - c b^T) v
+    return a * v - c * np.sum(b * v, axis=axis, keepdims=True)
+
+
+def _diag_minus_outer_vjp(a, c, b, u, axis=-1):
+    # u^T (diag(a) - c b^T)
+    return a * u - b * np.sum(c * u, axis=axis, keepdims=True)
+
+
+def _diag_minus_outer_dense(a, c, b, axis=-1):
+    # the n x n matrices diag(a) - c b^T, as the last two axes (rows: outputs i, columns: j)
+    a, c, b = (np.moveaxis(np.broadcast_to(t, np.broadcast_shapes(
+        np.shape(a), np.shape(c), np.shape(b))), axis, -1) for t in (a, c, b))
+    eye = np.eye(a.shape[-1], dtype=a.dtype)
+    return a[..., :, None] * eye - c[..., :, None] * b[..., None, :]
+
+
+# ---------------------------------------------------------------- generated routines
+def _args(*xs):
+    # arrays of one floating-point type (float32 only if every argument is float32)
+    arrays = [np.asarray(x) for x in xs]
+    single = all(a.dtype == np.float32 for a in arrays)
+    dtype = np.dtype(np.float32) if single else np.dtype(np.float64)
+    return tuple(a.astype(dtype, copy=False) for a in arrays)
+
+
+def _finish(value, *like):
+    # the routine's value broadcast to its arguments' shape, in their floating-point type
+    shape = np.broadcast_shapes(*(np.shape(a) for a in like))
+    return np.array(np.broadcast_to(np.asarray(value), shape), dtype=like[0].dtype)

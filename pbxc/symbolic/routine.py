@@ -9,9 +9,11 @@ are symbols bound per precision in ``precision_constants``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import sympy
 
 _FRESH = itertools.count()
@@ -70,3 +72,13 @@ def merge_constants(groups: Iterable[Iterable[PrecisionConstant]]
         for c in group:
             seen.setdefault(c.symbol, c)
     return tuple(seen.values())
+
+
+def bind(routine: Routine, dtype: Any) -> Callable[..., np.ndarray]:
+    """``routine`` as a function of arrays, evaluated in ``dtype`` (see ``evaluate.py``)."""
+    from pbxc.symbolic.evaluate import run_routine
+
+    def call(*args: np.ndarray) -> np.ndarray:
+        return run_routine(routine, args, dtype)
+
+    return call
