@@ -36,6 +36,7 @@ _HELPERS = {
     "Sigmoid": "pbx_sigmoid", "Softplus": "pbx_softplus", "NormalCdf": "pbx_normal_cdf",
     "Gauss": "pbx_gauss", "Expm1Ratio": "pbx_expm1_ratio", "Log1pRatio": "pbx_log1p_ratio",
     "SinhRatio": "pbx_sinh_ratio", "SinRatio": "pbx_sin_ratio", "AtanRatio": "pbx_atan_ratio",
+    "SumError": "pbx_sum_error",
 }
 
 _PRELUDE_TEMPLATE = """\
@@ -69,6 +70,11 @@ __device__ __forceinline__ void pbx_two_sum({T} a, {T} b, {T}* s, {T}* e) {{
     *s = a + b;
     const {T} bb = *s - a;
     *e = (a - (*s - bb)) + (b - bb);
+}}
+__device__ __forceinline__ {T} pbx_sum_error({T} a, {T} b) {{
+    {T} s, e;
+    pbx_two_sum(a, b, &s, &e);
+    return isfinite(s) ? e : {zero};
 }}
 __device__ __forceinline__ void pbx_fast_two_sum({T} a, {T} b, {T}* s, {T}* e) {{
     *s = a + b;

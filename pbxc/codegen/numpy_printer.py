@@ -81,6 +81,9 @@ class PbxNumPyPrinter(NumPyPrinter):
     def _print_IsFinite(self, expr: sympy.Expr) -> str:
         return f"np.isfinite({self._print(expr.args[0])})"
 
+    def _print_SumError(self, expr: sympy.Expr) -> str:
+        return f"_sum_error({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
     def _print_SeriesPatch(self, expr: sympy.Expr) -> str:
         z0, z, centre, radius, *tables = expr.args
         printed = ", ".join("(" + ", ".join(repr(float(x)) for x in t) + ",)" for t in tables)

@@ -121,8 +121,7 @@ class ActivationCalculus:
 
     def reference(self) -> Reference:
         """50-digit mpmath f, f' and m, with this calculus's kink convention."""
-        slopes = {float(k.point): k.slope(self.convention) for k in self.kinks}
-        return Reference(self.f, slopes)
+        return Reference(self.f, self.calculus.point_slopes())
 
 
 def resolve_key(name_or_key: str | ActivationKey,

@@ -52,6 +52,7 @@ from pbxc.symbolic.functions import (
     SinhRatio,
     SinRatio,
     Softplus,
+    SumError,
 )
 from pbxc.symbolic.precision import BUDGET, DTYPES, UNIT
 
@@ -136,16 +137,21 @@ class DividedDifference:
         if func is sympy.erfc:
             return self(2 * NormalCdf(-sympy.sqrt(2) * e.args[0]))
         if func in (sympy.sin, sympy.cos, sympy.sinh, sympy.cosh):
+            # the midpoint c = fl(a0/2 + a/2) rounds; cos(c) near a zero of cos would carry
+            # that rounding |c tan c| times over, so add the first-order correction for the
+            # exact error err = SumError(a0/2, a/2): cos(c + err) = cos c - err sin c
             a = e.args[0]
-            mid = self.at0(a) / 2 + a / 2
+            h0, h1 = self.at0(a) / 2, a / 2
+            mid = h0 + h1
+            err = SumError(h0, h1)
             half = self._increment(a) / 2
             if func is sympy.sin:
-                return sympy.cos(mid) * SinRatio(half) * self(a)
+                return (sympy.cos(mid) - err * sympy.sin(mid)) * SinRatio(half) * self(a)
             if func is sympy.cos:
-                return -sympy.sin(mid) * SinRatio(half) * self(a)
+                return -(sympy.sin(mid) + err * sympy.cos(mid)) * SinRatio(half) * self(a)
             if func is sympy.sinh:
-                return sympy.cosh(mid) * SinhRatio(half) * self(a)
-            return sympy.sinh(mid) * SinhRatio(half) * self(a)
+                return (sympy.cosh(mid) + err * sympy.sinh(mid)) * SinhRatio(half) * self(a)
+            return (sympy.sinh(mid) + err * sympy.cosh(mid)) * SinhRatio(half) * self(a)
         if func is sympy.atan:
             a = e.args[0]
             if self.diagonal:

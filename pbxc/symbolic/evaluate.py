@@ -29,6 +29,7 @@ from pbxc.symbolic.functions import (
     SinhRatio,
     SinRatio,
     Softplus,
+    SumError,
 )
 from pbxc.symbolic.routine import Routine
 
@@ -122,6 +123,8 @@ class Evaluator:
             hi32, lo32 = e.coefficients(single=True)
             return numeric._series_patch(self(e.args[0]), self(e.args[1]), e.centre, e.radius,
                                          hi64, lo64, hi32, lo32)
+        if func is SumError:
+            return numeric._sum_error(self(e.args[0]), self(e.args[1]))
         if func in _UNARY:
             return _UNARY[func](self(e.args[0]))
         if isinstance(e, (sympy.Max, sympy.Min)):

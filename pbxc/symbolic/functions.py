@@ -226,6 +226,28 @@ class AtanRatio(_Ratio):
         return sympy.atan(arg)
 
 
+class SumError(sympy.Function):
+    """(x + y) - fl(x + y): the rounding error of one addition in the working precision.
+
+    Exact (Knuth's TwoSum); mathematically 0, so it appears only as a correction term, e.g. the
+    midpoint c = fl(z0/2 + z/2) of a divided difference is c + SumError(z0/2, z/2) exactly.
+    """
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, x: sympy.Expr, y: sympy.Expr) -> sympy.Expr | None:
+        if x == y or x.is_zero or y.is_zero:
+            return S.Zero  # x + x = 2x and x + 0 are exact
+        return None
+
+    def _eval_evalf(self, prec: int) -> sympy.Expr:
+        return sympy.Float(0)
+
+    def _eval_is_real(self) -> bool | None:
+        return True
+
+
 class IsFinite(BooleanFunction):
     """True where the argument is a finite number (not inf, not nan): a branch condition."""
 

@@ -158,6 +158,13 @@ def _two_sum(a, b):
     return s, (a - (s - bb)) + (b - bb)
 
 
+def _sum_error(a, b):
+    # (a + b) - fl(a + b), exactly
+    with np.errstate(all="ignore"):
+        s, e = _two_sum(np.asarray(a), np.asarray(b))
+    return np.where(np.isfinite(s), e, 0)
+
+
 def _fast_two_sum(a, b):
     # requires |a| >= |b| (or a == 0)
     s = a + b

@@ -128,6 +128,8 @@ def find_patches(g: sympy.Expr, terms: Sequence[sympy.Expr], lower: float, upper
     patches: list[Patch] = []
     notes: list[str] = []
     for i, j in _components(cond > condition_limit):
+        if (i == 0 and lo == -WINDOW) or (j == len(grid) - 1 and hi == WINDOW):
+            continue  # a trend towards infinity, not a critical point: nothing to centre on
         peak = i + int(np.argmax(cond[i:j + 1]))
         r = _refine_root(g, float(grid[peak]), float(grid[1] - grid[0]))
         centre = float(np.float32(r))
@@ -177,25 +179,43 @@ def _build(g: sympy.Expr, centre: float, root: float, least: float) -> Patch | N
     fn = mp_function(g)
     count = MAX_TERMS + 16
     contour = 1.0
-    for _ in range(6):
+    for _ in range(12):
         coeffs = taylor_coefficients(fn, centre, count, contour)
         a = [abs(x) for x in coeffs[1:]]
-        # radius of convergence from the root test on the coefficients of middle order
+        # radius of convergence from the root test on the coefficients of middle order; a
+        # contour that encloses a singularity gives coefficients growing like contour**-k
         middle = [(k, x) for k, x in enumerate(a[count // 4: count // 2], count // 4 + 1) if x > 0]
         convergence = min((float(x) ** (-1.0 / k) for k, x in middle), default=float("inf"))
-        if contour <= 0.6 * convergence:
+        if contour <= 0.6 * convergence and _agrees(fn, coeffs, centre, 0.9 * contour):
             break
-        contour = 0.5 * convergence
-    if least > 0.5 * convergence:
+        contour *= 0.6
+    else:
         return None
-    rho = max(least, min(0.5 * convergence, REACH))
+    rho = max(least, min(0.5 * convergence, REACH, 0.9 * contour))
     while rho >= least:
         largest = max(float(a[k - 1]) * k * rho ** (k - 1) for k in range(1, len(a) + 1))
         for n in range(2, MAX_TERMS + 1):
             tail = sum(float(a[k - 1]) * k * rho ** (k - 1) for k in range(n + 1, len(a) + 1))
             if tail <= TAIL * largest:
                 kept = coeffs[1:n + 1]
+                if not _agrees(fn, coeffs[:n + 1], centre, rho):
+                    break
                 return Patch(centre, float(rho), tuple(float(x) for x in kept), root,
                              _series_node(kept, centre, float(rho)))
-        rho *= 0.9
+        rho *= 0.8
     return None
+
+
+def _agrees(fn: Callable[[Any], Any], coeffs: Sequence[Any], centre: float, rho: float) -> bool:
+    """The series matches f at the ends of the square, in value differences and slope."""
+    with mpmath.workdps(40):
+        c = mpmath.mpf(centre)
+        for u0, u in ((-rho, rho), (-rho, rho / 3), (rho / 2, rho), (-rho, -rho / 2)):
+            u0m, um = mpmath.mpf(u0), mpmath.mpf(u)
+            exact = (fn(c + um) - fn(c + u0m)) / (um - u0m)
+            series = mpmath.fsum(a * (um**k - u0m**k) for k, a in enumerate(coeffs)) / (um - u0m)
+            scale = mpmath.fsum(abs(a) * k * mpmath.mpf(rho) ** (k - 1)
+                                for k, a in enumerate(coeffs) if k)
+            if abs(series - exact) > mpmath.mpf(10) ** -20 * scale:
+                return False
+    return True
