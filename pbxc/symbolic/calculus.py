@@ -517,17 +517,17 @@ def _piecewise_routines(pieces: Sequence[PieceCalculus], breakpoints: Sequence[B
         member = And(_membership(pieces, breakpoints, j, Z0),
                      _membership(pieces, breakpoints, j, Z))
         branches.append((value, member))
-        a: sympy.Expr = lo
-        b: sympy.Expr = hi
+        start: sympy.Expr = lo
+        end: sympy.Expr = hi
         if j > 0:
             c = sympy.Float(_as_float(pieces[j].lower), 17)
-            a, b = Max(a, c), Max(b, c)
+            start, end = Max(start, c), Max(end, c)
         if j < len(pieces) - 1:
             c = sympy.Float(_as_float(pieces[j].upper), 17)
-            a, b = Min(a, c), Min(b, c)
+            start, end = Min(start, c), Min(end, c)
         sa, sb = sympy.Symbol(f"a{j}", real=True), sympy.Symbol(f"b{j}", real=True)
         sw = sympy.Symbol(f"w{j}", real=True)  # a symbol: sympy would distribute 1/6 * (b - a)
-        steps += [(sa, a), (sb, b), (sw, sb - sa)]
+        steps += [(sa, start), (sb, end), (sw, sb - sa)]
         if piece.rule == "constant":
             continue
         # m = sum_j m_j(a_j, b_j) (b_j - a_j) / (hi - lo): as one quotient of the summed
