@@ -105,8 +105,8 @@ class Reference:
             return (self.value(z, dps) - self.value(z0, dps)) / delta
 
 
-def _errors(values: np.ndarray, refs: list[Any], slope_scale: float, limit: float
-            ) -> tuple[np.ndarray, np.ndarray]:
+def relative_errors(values: np.ndarray, refs: list[Any], slope_scale: float, limit: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Per-pair errors, and which pairs are excluded (the reference overflows the type)."""
     floor = FLOOR * slope_scale
     err = np.zeros(len(refs))
@@ -121,6 +121,15 @@ def _errors(values: np.ndarray, refs: list[Any], slope_scale: float, limit: floa
             continue
         err[i] = float(abs(mpmath.mpf(v) - r) / (abs(r) + floor))
     return err, excluded
+
+
+def reference_values(ref: Reference, a: np.ndarray, b: np.ndarray,
+                     keep: np.ndarray | None = None) -> list[Any]:
+    """m_ref for each pair (a[i], b[i]); infinity (excluded) where ``keep`` is False."""
+    if keep is None:
+        keep = np.ones(a.shape, dtype=bool)
+    return [ref.multiplier(float(x), float(y)) if k else mpmath.mpf("inf")
+            for x, y, k in zip(a, b, keep)]
 
 
 def measure_multiplier(compute: Callable[[np.ndarray, np.ndarray], np.ndarray], ref: Reference,
@@ -139,9 +148,8 @@ def measure_multiplier(compute: Callable[[np.ndarray, np.ndarray], np.ndarray], 
         with np.errstate(all="ignore"):
             keep = np.isfinite(value(a)) & np.isfinite(value(b))
     computed = compute(a, b)
-    refs = [ref.multiplier(float(x), float(y)) if k else mpmath.mpf("inf")
-            for x, y, k in zip(a, b, keep)]
-    err, excluded = _errors(computed, refs, slope_scale, limit)
+    refs = reference_values(ref, a, b, keep)
+    err, excluded = relative_errors(computed, refs, slope_scale, limit)
     worst = int(np.argmax(err)) if err.size else None
     return Measure(dt.name, float(err.max()) if err.size else 0.0,
                    (float(a[worst]), float(b[worst])) if worst is not None else None,
@@ -160,7 +168,7 @@ def measure_derivative(compute: Callable[[np.ndarray], np.ndarray], ref: Referen
         pts = pts[far]
     computed = compute(pts)
     refs = [ref.slope(float(x)) for x in pts]
-    err, excluded = _errors(computed, refs, slope_scale, float(np.finfo(dt).max))
+    err, excluded = relative_errors(computed, refs, slope_scale, float(np.finfo(dt).max))
     worst = int(np.argmax(err)) if err.size else None
     return Measure(dt.name, float(err.max()) if err.size else 0.0,
                    (float(pts[worst]), float(pts[worst])) if worst is not None else None,

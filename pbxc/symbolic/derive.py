@@ -158,12 +158,12 @@ def derive(name_or_key: str | ActivationKey,
     for measure in result.check:
         if not measure.passed:
             where = f" ({key.pos})" if key.pos is not None else ""
-            reached = ", ".join(f"{m.max_error:.1e} in {m.dtype} (bar {m.bar:g})"
+            reached = ", ".join(f"{m.max_error:.3g} in {m.dtype} (bar {m.bar:g})"
                                 for m in result.check)
             warnings.warn(AccuracyWarning(
-                f"activation '{key.label}'{where}: no cancellation-free form meets the "
-                f"accuracy bar; its multiplier reaches {reached} on the grid (z0 step "
-                f"{CHECK_STEP:g} on [-30, 30])"), stacklevel=2)
+                f"activation '{key.label}'{where} misses the accuracy bar: its DFD multiplier "
+                f"reaches {reached} on the accuracy grid (z0 step {CHECK_STEP:g} on [-30, 30]);"
+                " it compiles with that accuracy"), stacklevel=2)
             break
     return result
 
