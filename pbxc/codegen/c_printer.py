@@ -23,7 +23,14 @@ import sympy
 from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
-from pbxc.codegen.numpy_printer import ROUTINE_DOCS, Div, live_assignments, protect_divisions
+from pbxc.codegen.numpy_printer import (
+    ALLOWED_FUNCTIONS,
+    ROUTINE_DOCS,
+    Div,
+    check_functions,
+    live_assignments,
+    protect_divisions,
+)
 from pbxc.errors import UnsupportedOp
 from pbxc.parse import ast
 from pbxc.symbolic.activations import ActivationKey
@@ -151,6 +158,8 @@ class PbxCPrinter(C99CodePrinter):
         if single:
             settings["type_aliases"] = {real: float32}
         super().__init__(settings)
+        known: dict[str, Any] = dict(getattr(self, "known_functions", {}))
+        self.known_functions = {k: v for k, v in known.items() if k in ALLOWED_FUNCTIONS}
         self.single = single
         self.suffix = "f" if single else ""
         self.patch_names = dict(patch_names or {})
@@ -262,6 +271,13 @@ class PbxCPrinter(C99CodePrinter):
         if helper is not None:
             return f"{helper}({', '.join(self._print(a) for a in expr.args)})"
         return str(super()._print_Function(expr))
+
+    def doprint(self, expr: Any, assign_to: Any = None) -> Any:
+        check_functions(expr, "C")
+        try:
+            return super().doprint(expr, assign_to)
+        except NotImplementedError as exc:  # sympy's PrintMethodNotImplementedError
+            raise UnsupportedOp(f"the C printer has no rule for {exc}") from None
 
     def _print_not_supported(self, expr: Any) -> str:
         raise UnsupportedOp(f"the C printer has no rule for {type(expr).__name__}: {expr}")

@@ -108,6 +108,28 @@ class PbxNumPyPrinter(NumPyPrinter):
     def _print_NaN(self, expr: sympy.Expr) -> str:
         return "np.nan"
 
+    def _print_And(self, expr: sympy.Expr) -> str:
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"np.logical_and({out}, {self._print(a)})"  # pairwise: operands broadcast
+        return out
+
+    def _print_Or(self, expr: sympy.Expr) -> str:
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"np.logical_or({out}, {self._print(a)})"
+        return out
+
+    def _print_Not(self, expr: sympy.Expr) -> str:
+        return f"np.logical_not({self._print(expr.args[0])})"
+
+    def doprint(self, expr: Any, assign_to: Any = None) -> Any:
+        check_functions(expr, "NumPy")
+        try:
+            return super().doprint(expr, assign_to)
+        except NotImplementedError as exc:  # sympy's PrintMethodNotImplementedError
+            raise UnsupportedOp(f"the NumPy printer has no rule for {exc}") from None
+
     def _print_BooleanTrue(self, expr: sympy.Expr) -> str:
         return "True"
 
@@ -176,6 +198,29 @@ class PbxNumPyPrinter(NumPyPrinter):
         raise UnsupportedOp(f"the NumPy printer has no rule for {type(expr).__name__}: {expr}")
 
     emptyPrinter = _print_not_supported
+
+
+#: the functions an activation expression may contain (the whitelist of the language, their
+#: stable rewrites, and pbxc's named functions); every other function is UnsupportedOp
+ALLOWED_FUNCTIONS = frozenset({
+    "exp", "log", "sin", "cos", "tanh", "sinh", "cosh", "atan", "Abs", "sign", "erf", "erfc",
+    "expm1", "log1p", "sqrt", "Max", "Min", "Piecewise",
+})
+#: pbxc's own functions (``symbolic.functions``) and the printers' division node
+OWN_FUNCTIONS = frozenset({
+    "Sigmoid", "Softplus", "NormalCdf", "Gauss", "Expm1Ratio", "Log1pRatio", "SinhRatio",
+    "SinRatio", "AtanRatio", "SumError", "IsFinite", "SeriesPatch", "Div",
+})
+
+
+def check_functions(expr: Any, target: str) -> None:
+    """Every function in ``expr`` is one the printers know; else UnsupportedOp naming it."""
+    if not isinstance(expr, sympy.Basic):
+        return
+    for node in expr.atoms(sympy.Function):
+        name = type(node).__name__
+        if name not in ALLOWED_FUNCTIONS and name not in OWN_FUNCTIONS:
+            raise UnsupportedOp(f"the {target} printer has no rule for {name}: {node}")
 
 
 def stable_form(expr: sympy.Expr) -> sympy.Expr:

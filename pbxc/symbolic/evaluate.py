@@ -144,10 +144,14 @@ class Evaluator:
             return out
         if func in _COMPARE:
             return _COMPARE[func](self(e.args[0]), self(e.args[1]))
-        if isinstance(e, sympy.And):
-            return np.logical_and.reduce([self(a) for a in e.args])
-        if isinstance(e, sympy.Or):
-            return np.logical_or.reduce([self(a) for a in e.args])
+        if isinstance(e, (sympy.And, sympy.Or)):
+            logic: Callable[[Any, Any], Any] = (np.logical_and if isinstance(e, sympy.And)
+                                                else np.logical_or)
+            args = [self(a) for a in e.args]
+            out = args[0]
+            for a in args[1:]:
+                out = logic(out, a)  # pairwise, so operands of different shapes broadcast
+            return out
         if isinstance(e, sympy.Not):
             return np.logical_not(self(e.args[0]))
         raise UnsupportedOp(f"the evaluator has no rule for {type(e).__name__}: {e}")
