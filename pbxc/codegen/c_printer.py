@@ -120,6 +120,74 @@ __device__ __forceinline__ {T} pbx_series_patch({T} z0, {T} z, {T} c, {T} radius
 """
 
 
+_SOFTMAX_TEMPLATE = """\
+// softmax and log_softmax over one row of n entries ({T}); the matrices are never stored:
+// Jacobian and DFD multipliers are M = diag(a) - c b^T (pbxc.symbolic.softmax)
+__device__ __forceinline__ {T} pbx_logsumexp(const {T}* x, int n) {{
+    {T} top = x[0];
+    for (int i = 1; i < n; ++i) top = fmax{s}(top, x[i]);
+    if (!isfinite(top)) top = {zero};
+    {T} total = {zero};
+    for (int i = 0; i < n; ++i) total += exp{s}(x[i] - top);
+    return top + log{s}(total);
+}}
+__device__ __forceinline__ void pbx_softmax_dfd_factors(const {T}* z0, const {T}* z, int n,
+                                                        {T}* big, {T}* w) {{
+    // L_i = [exp](log s_i(z0), log s_i(z)), w_j = [exp](z0_j, z_j) / [exp](lse0, lse)
+    const {T} lse0 = pbx_logsumexp(z0, n);
+    const {T} lse1 = pbx_logsumexp(z, n);
+    const {T} hi = fmax{s}(lse0, lse1);
+    const {T} lo = fmin{s}(lse0, lse1);
+    {T} ratio = {zero};
+    for (int j = 0; j < n; ++j) {{
+        const {T} dz = z[j] - z0[j];
+        const {T} sign = dz > {zero} ? {one} : (dz < {zero} ? -{one} : {zero});
+        ratio += sign * exp{s}(fmax{s}(z0[j], z[j]) - lo) * -expm1{s}(-fabs{s}(dz));
+    }}
+    const {T} direct = lse1 - lse0;
+    const {T} rsign = ratio > {zero} ? {one} : (ratio < {zero} ? -{one} : {zero});
+    const {T} dlse = fabs{s}(direct) < {half} ? rsign * log1p{s}(fabs{s}(ratio)) : direct;
+    const {T} norm = pbx_expm1_ratio(-fabs{s}(dlse));
+    for (int j = 0; j < n; ++j) {{
+        const {T} dz = z[j] - z0[j];
+        w[j] = exp{s}(fmax{s}(z0[j], z[j]) - hi) * (pbx_expm1_ratio(-fabs{s}(dz)) / norm);
+        const {T} dls = dz - dlse;
+        big[j] = exp{s}(fmax{s}(z0[j] - lse0, z[j] - lse1)) * pbx_expm1_ratio(-fabs{s}(dls));
+    }}
+}}
+__device__ __forceinline__ void pbx_softmax_jacobian_factors(const {T}* z, int n, {T}* s) {{
+    const {T} lse = pbx_logsumexp(z, n);
+    for (int j = 0; j < n; ++j) s[j] = exp{s}(z[j] - lse);
+}}
+__device__ __forceinline__ void pbx_diag_minus_outer_jvp(const {T}* a, const {T}* c,
+                                                         const {T}* b, const {T}* v, int n,
+                                                         {T}* out) {{
+    // (diag(a) - c b^T) v; a or c may be null for a vector of ones
+    {T} dot = {zero};
+    for (int j = 0; j < n; ++j) dot += b[j] * v[j];
+    for (int i = 0; i < n; ++i) out[i] = (a ? a[i] : {one}) * v[i] - (c ? c[i] : {one}) * dot;
+}}
+__device__ __forceinline__ void pbx_diag_minus_outer_vjp(const {T}* a, const {T}* c,
+                                                         const {T}* b, const {T}* u, int n,
+                                                         {T}* out) {{
+    // u^T (diag(a) - c b^T)
+    {T} dot = {zero};
+    for (int i = 0; i < n; ++i) dot += (c ? c[i] : {one}) * u[i];
+    for (int j = 0; j < n; ++j) out[j] = (a ? a[j] : {one}) * u[j] - b[j] * dot;
+}}
+"""
+
+
+def softmax_source(single: bool) -> str:
+    """C device functions for the softmax Jacobians and DFD multipliers, one precision."""
+    def lit(v: float) -> str:
+        return _literal(v, single)
+
+    return _SOFTMAX_TEMPLATE.format(T="float" if single else "double", s="f" if single else "",
+                                    zero=lit(0.0), one=lit(1.0), half=lit(0.5))
+
+
+
 def _literal(value: float, single: bool) -> str:
     if single:
         value = float(np.float32(value))
@@ -147,6 +215,8 @@ def prelude(single: bool) -> str:
 
 #: the helpers every generated C source starts with, in both precisions
 C_PRELUDE = prelude(single=False) + "\n" + prelude(single=True)
+#: softmax / log_softmax device functions in both precisions (after ``C_PRELUDE``)
+C_SOFTMAX = softmax_source(single=False) + "\n" + softmax_source(single=True)
 
 
 class PbxCPrinter(C99CodePrinter):

@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import sympy
 
-from pbxc.codegen.c_printer import C_PRELUDE, PbxCPrinter, render_c_activation_functions
+from pbxc.codegen.c_printer import (
+    C_PRELUDE,
+    C_SOFTMAX,
+    PbxCPrinter,
+    render_c_activation_functions,
+)
 from pbxc.codegen.numpy_printer import render_activation_functions
 from pbxc.errors import UnsupportedOp
 from pbxc.ops import BUILTIN_ACTIVATIONS
@@ -19,6 +24,7 @@ from pbxc.runtime.codeload import load_generated_module
 from pbxc.symbolic import derive
 from pbxc.symbolic.accuracy import measure_multiplier, z0_grid
 from pbxc.symbolic.activations import Z
+from pbxc.symbolic.softmax import softmax_dfd
 
 NAMES = sorted(BUILTIN_ACTIVATIONS)
 SHIM = ["-D__device__=", "-D__forceinline__=inline", "-include", "math.h"]
@@ -156,3 +162,40 @@ def test_c_multiplier_meets_the_bar(rendered, library, name: str) -> None:
             calc.slope_scale, dtype, z0_grid(3.0),
             value=lambda x, n=f"{names['f']}_{sfx}": _call(library, n, x))
         assert measure.max_error <= bar, (dtype, measure)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_c_softmax_matches_numpy(tmp_path: Path) -> None:
+    wrappers = []
+    for t, sfx in (("double", "f64"), ("float", "f32")):
+        wrappers.append(
+            f'extern "C" void dfd_{sfx}(const {t}* z0, const {t}* z, int rows, int n, {t}* big, '
+            f'{t}* w) {{ for (int r = 0; r < rows; ++r) pbx_softmax_dfd_factors(z0 + r * n, '
+            f'z + r * n, n, big + r * n, w + r * n); }}\n'
+            f'extern "C" void vjp_{sfx}(const {t}* a, const {t}* b, const {t}* u, int rows, '
+            f'int n, {t}* out) {{ for (int r = 0; r < rows; ++r) pbx_diag_minus_outer_vjp('
+            f'a + r * n, a + r * n, b + r * n, u + r * n, n, out + r * n); }}')
+    source = tmp_path / "softmax.cpp"
+    source.write_text(C_PRELUDE + C_SOFTMAX + "\n".join(wrappers))
+    lib_path = tmp_path / "softmax.so"
+    result = subprocess.run(["g++", "-x", "c++", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+                             *SHIM, str(source), "-o", str(lib_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[:2000]
+    lib = ctypes.CDLL(str(lib_path))
+    rng = np.random.default_rng(5)
+    for dtype, sfx in ((np.float64, "f64"), (np.float32, "f32")):
+        z0 = (rng.normal(size=(4, 6)) * 3).astype(dtype)
+        z = (z0 + rng.normal(size=(4, 6)) * np.array([[1e-9], [1e-3], [1.0], [20.0]])).astype(dtype)
+        big, w = np.empty_like(z), np.empty_like(z)
+        ptr = [a.ctypes.data_as(ctypes.c_void_p) for a in (z0, z, big, w)]
+        getattr(lib, f"dfd_{sfx}")(ptr[0], ptr[1], 4, 6, ptr[2], ptr[3])
+        rule = softmax_dfd(z0, z)
+        eps = np.finfo(dtype).eps
+        np.testing.assert_allclose(big, rule.a, rtol=64 * eps)
+        np.testing.assert_allclose(w, rule.b, rtol=64 * eps)
+        u = rng.normal(size=(4, 6)).astype(dtype)
+        out = np.empty_like(u)
+        getattr(lib, f"vjp_{sfx}")(*(a.ctypes.data_as(ctypes.c_void_p) for a in (big, w, u)),
+                                   4, 6, out.ctypes.data_as(ctypes.c_void_p))
+        np.testing.assert_allclose(out, rule.vjp(u), rtol=256 * eps, atol=256 * eps)
