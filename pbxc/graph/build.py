@@ -451,9 +451,34 @@ class _Builder:
         weight_files: list[tuple[str, SourcePos]] = []
         for weights_decl in program.weights:
             weight_files.extend((lit.value, lit.pos) for lit in weights_decl.paths)
+        self._check_verify_blocks(inputs)
         self.bag.raise_if_any(PbxValidationError)
         return ModelGraph(program.name, program.path, graph, tuple(inputs), tuple(outputs),
-                          tuple(weight_files), dict(self.user_activations))
+                          tuple(weight_files), dict(self.user_activations),
+                          verify_blocks=self.program.verify_blocks)
+
+    def _check_verify_blocks(self, inputs: list[InputInfo]) -> None:
+        """Names in ``verify`` domains are inputs, each with at most one domain; intervals are
+        ordered. Property names and settings are checked by pbxc.verify, which knows them."""
+        names = [i.name for i in inputs]
+        seen: dict[str, SourcePos] = {}
+        for block in self.program.verify_blocks:
+            for domain in block.domains:
+                if domain.input not in names:
+                    self.bag.error(f"domain names '{domain.input}', which is not an input"
+                                   + did_you_mean(domain.input, names), domain.pos,
+                                   [f"inputs: {', '.join(names) or 'none'}"])
+                    continue
+                if domain.input in seen:
+                    self.bag.error(f"input '{domain.input}' already has a domain (line "
+                                   f"{seen[domain.input].line})", domain.pos)
+                seen[domain.input] = domain.pos
+                if isinstance(domain, ast.DomainBox) and not domain.low <= domain.high:
+                    self.bag.error(f"empty domain [{domain.low:g}, {domain.high:g}]: the lower "
+                                   "bound must not exceed the upper", domain.pos)
+                if isinstance(domain, ast.DomainData) and not domain.k > 0:
+                    self.bag.error(f"'within {domain.k:g} std' needs a positive number",
+                                   domain.pos)
 
 
 def _arg_kind(sig: OpSignature, index: int) -> str:

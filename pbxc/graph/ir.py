@@ -88,6 +88,8 @@ class ModelGraph:
     weight_files: tuple[tuple[str, SourcePos], ...]
     user_activations: dict[str, ast.ActivationDef] = field(default_factory=dict)
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # bound weights
+    # ``verify { ... }`` blocks, in file order (checked by pbxc.verify; see specs/verify.md)
+    verify_blocks: tuple[ast.VerifyBlock, ...] = ()
 
     def node(self, name: str) -> OpNode:
         op: OpNode = self.digraph.nodes[name]["op"]

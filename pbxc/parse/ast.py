@@ -165,7 +165,65 @@ class OutputDecl:
     pos: SourcePos
 
 
-Item = WeightsDecl | InputDecl | ActivationDef | Assign | OutputDecl
+@dataclass(frozen=True)
+class DomainBox:
+    """``domain x in [low, high]``: every element of input ``x`` in the interval."""
+
+    input: str
+    low: float
+    high: float
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class DomainData:
+    """``domain x within k std of "file.npz" [key "K"]``: mean +- k std of a data set."""
+
+    input: str
+    k: float
+    path: StrLit
+    key: StrLit | None
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class VerifySetting:
+    """``name=value`` in a check: a number, a bare name, a string, true or false."""
+
+    name: str
+    value: NumberLit | Ref | StrLit | BoolLit
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class VerifyCheck:
+    """A property to verify, ``name`` or ``name(setting=value, ...)``."""
+
+    name: str
+    settings: tuple[VerifySetting, ...]
+    pos: SourcePos
+
+
+VerifyStmt = DomainBox | DomainData | VerifyCheck
+
+
+@dataclass(frozen=True)
+class VerifyBlock:
+    """``verify { ... }``: the properties ``pbxc verify`` checks, and the input domain."""
+
+    statements: tuple[VerifyStmt, ...]
+    pos: SourcePos
+
+    @property
+    def domains(self) -> tuple[DomainBox | DomainData, ...]:
+        return tuple(s for s in self.statements if not isinstance(s, VerifyCheck))
+
+    @property
+    def checks(self) -> tuple[VerifyCheck, ...]:
+        return tuple(s for s in self.statements if isinstance(s, VerifyCheck))
+
+
+Item = WeightsDecl | InputDecl | ActivationDef | Assign | OutputDecl | VerifyBlock
 
 
 @dataclass(frozen=True)
@@ -186,3 +244,7 @@ class Program:
     @property
     def activations(self) -> tuple[ActivationDef, ...]:
         return tuple(i for i in self.items if isinstance(i, ActivationDef))
+
+    @property
+    def verify_blocks(self) -> tuple[VerifyBlock, ...]:
+        return tuple(i for i in self.items if isinstance(i, VerifyBlock))

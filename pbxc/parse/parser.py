@@ -243,6 +243,34 @@ class _ToAst(Transformer[Any, Any]):
         return ast.OutputDecl(str(name), call, meta.get("features"), meta.get("classes"),
                               self._tpos(name))
 
+    # ---- verify block (specs/verify.md)
+    @v_args(meta=True)
+    def verify_block(self, meta: Any, children: list[Any]) -> ast.VerifyBlock:
+        return ast.VerifyBlock(tuple(children), self._pos(meta))
+
+    def domain_box(self, children: list[Any]) -> ast.DomainBox:
+        name, low, high = children
+        return ast.DomainBox(str(name), float(low.value), float(high.value), self._tpos(name))
+
+    def domain_data(self, children: list[Any]) -> ast.DomainData:
+        name, k, path, *key = children
+        key_lit = ast.StrLit(_unquote(str(key[0])), self._tpos(key[0])) if key else None
+        return ast.DomainData(str(name), float(k.value),
+                              ast.StrLit(_unquote(str(path)), self._tpos(path)), key_lit,
+                              self._tpos(name))
+
+    def verify_check(self, children: list[Any]) -> ast.VerifyCheck:
+        name, *settings = children
+        given = tuple(s for s in settings if s is not None)
+        return ast.VerifyCheck(str(name), given, self._tpos(name))
+
+    def verify_setting(self, children: list[Any]) -> ast.VerifySetting:
+        name, value = children
+        return ast.VerifySetting(str(name), value, self._tpos(name))
+
+    def string_value(self, children: list[Token]) -> ast.StrLit:
+        return ast.StrLit(_unquote(str(children[0])), self._tpos(children[0]))
+
     # ---- calls
     def alias(self, children: list[Token]) -> ast.Call:
         """``h = g``: the identity op applied to ``g``."""
