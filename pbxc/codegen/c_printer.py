@@ -13,6 +13,7 @@ For a C++ compiler without the CUDA built-ins, compile with ``-D__device__=
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -391,7 +392,13 @@ def render_patch(node: SeriesPatch, name: str) -> str:
 def render_c_routine(name: str, routine: Routine, single: bool,
                      patch_names: Mapping[SeriesPatch, str] | None = None, doc: str = "") -> str:
     """One ``__device__ __forceinline__`` function computing ``routine`` in one precision."""
-    printer = PbxCPrinter(single, patch_names)
+    return _render_c_routine(name, routine, single, tuple((patch_names or {}).items()), doc)
+
+
+@functools.lru_cache(maxsize=1024)
+def _render_c_routine(name: str, routine: Routine, single: bool,
+                      patch_names: tuple[tuple[SeriesPatch, str], ...], doc: str) -> str:
+    printer = PbxCPrinter(single, dict(patch_names))
     t = "float" if single else "double"
     exprs = [protect_divisions(e) for _, e in routine.assignments]
     exprs.append(protect_divisions(routine.result))

@@ -6,6 +6,7 @@ not know is an :class:`UnsupportedOp` naming the construct (never silently print
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 from collections.abc import Mapping, Sequence
@@ -323,6 +324,7 @@ def routine_lines(routine: Routine, printer: Any) -> list[str]:
     return lines
 
 
+@functools.lru_cache(maxsize=1024)
 def render_routine(name: str, routine: Routine, doc: str = "") -> str:
     """A NumPy function computing ``routine`` elementwise, in float32 or float64 (its args')."""
     printer = PbxNumPyPrinter()

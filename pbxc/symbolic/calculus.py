@@ -176,16 +176,10 @@ class Calculus:
 
 
 # ---------------------------------------------------------------------------- stable forms
-_W = sympy.Wild("w")
-
-
 def stabilize(expr: sympy.Expr) -> sympy.Expr:
     """Rewrite forms that cancel or overflow into ones that do not (sympy.codegen.rewriting)."""
-    out = expr
-    out = out.replace(sympy.log(1 + sympy.exp(_W)), Softplus(_W))
-    out = out.replace(1 / (1 + sympy.exp(-_W)), Sigmoid(_W))
-    out = out.replace(1 - Sigmoid(_W), Sigmoid(-_W))
-    out = out.replace(1 - sympy.tanh(_W) ** 2, 4 * Sigmoid(2 * _W) * Sigmoid(-2 * _W))
+    out = expr.replace(lambda e: isinstance(e, (sympy.log, sympy.Pow)), _named)
+    out = out.replace(lambda e: isinstance(e, sympy.Add), _complements)
     out = out.replace(lambda e: isinstance(e, sympy.Add), _rationalize)
     out = out.replace(lambda e: isinstance(e, sympy.Add), _expm1)
     # log(1 + x) -> log1p(x) and the like; optims_c99's own exp(x) - 1 rule is left out, as it
@@ -205,6 +199,42 @@ def _expm1(expr: sympy.Add) -> sympy.Expr:
             others = [t for t in expr.args if t is not term and t is not number]
             return sympy.Add(*others, coeff * expm1(rest.args[0]))
     return expr
+
+
+def _one_plus_exp(e: sympy.Expr) -> sympy.Expr | None:
+    """x where e = 1 + exp(x), else None."""
+    if isinstance(e, sympy.Add) and len(e.args) == 2 and S.One in e.args:
+        other = e.args[0] if e.args[1] == 1 else e.args[1]
+        if isinstance(other, sympy.exp):
+            return other.args[0]
+    return None
+
+
+def _named(e: sympy.Expr) -> sympy.Expr:
+    """log(1 + exp(x)) as Softplus(x), 1 / (1 + exp(-x)) as Sigmoid(x): no overflow."""
+    if isinstance(e, sympy.log):
+        x = _one_plus_exp(e.args[0])
+        return Softplus(x) if x is not None else e
+    if isinstance(e, sympy.Pow) and e.exp == -1:
+        x = _one_plus_exp(e.base)
+        return Sigmoid(-x) if x is not None else e
+    return e
+
+
+def _complements(e: sympy.Add) -> sympy.Expr:
+    """1 - Sigmoid(x) as Sigmoid(-x), 1 - tanh(x)**2 as 4 Sigmoid(2x) Sigmoid(-2x)."""
+    if len(e.args) != 2 or S.One not in e.args:
+        return e
+    other = e.args[0] if e.args[1] == 1 else e.args[1]
+    coeff, rest = other.as_coeff_Mul()
+    if coeff != -1:
+        return e
+    if isinstance(rest, Sigmoid):
+        return Sigmoid(-rest.args[0])
+    if isinstance(rest, sympy.Pow) and rest.exp == 2 and isinstance(rest.base, sympy.tanh):
+        x = rest.base.args[0]
+        return 4 * Sigmoid(2 * x) * Sigmoid(-2 * x)
+    return e
 
 
 def _rationalize(expr: sympy.Add) -> sympy.Expr:
@@ -302,9 +332,9 @@ def evaluation_error(g: sympy.Expr, lower: sympy.Expr, upper: sympy.Expr, scale:
     hi = min(130.0, np.inf if upper.is_infinite else _as_float(upper))
     if hi <= lo:
         return (KAPPA, KAPPA)
-    pts = np.concatenate([np.linspace(lo, hi, 1201)[1:-1],
+    pts = np.concatenate([np.linspace(lo, hi, 521)[1:-1],
                           [s * 10.0 ** k for k in range(-12, 1) for s in (1, -1)],
-                          np.linspace(max(lo, -4), min(hi, 4), 161)])
+                          np.linspace(max(lo, -4), min(hi, 4), 81)])
     pts = np.unique(pts[(pts > lo) & (pts < hi)])
     fn = mp_function(g)
     out = []
@@ -332,8 +362,8 @@ def difference_error(diagonal_terms: Sequence[sympy.Expr], lower: sympy.Expr,
     hi = min(60.0, np.inf if upper.is_infinite else _as_float(upper))
     if hi <= lo:
         return (KAPPA, KAPPA)
-    pts = np.unique(np.concatenate([np.linspace(lo, hi, 601)[1:-1],
-                                    np.linspace(max(lo, -4), min(hi, 4), 161)[1:-1]]))
+    pts = np.unique(np.concatenate([np.linspace(lo, hi, 301)[1:-1],
+                                    np.linspace(max(lo, -4), min(hi, 4), 81)[1:-1]]))
     fn = mp_function(sympy.Add(*diagonal_terms))  # the same form, exactly: rounding alone
     out = []
     for dt in DTYPES:

@@ -159,19 +159,34 @@ def taylor_coefficients(fn: Callable[[Any], Any], centre: float, count: int,
                         radius: float) -> list[mpmath.mpf]:
     """a_0 .. a_(count-1) of fn about ``centre`` by Cauchy's integral on a circle.
 
-    a_k = (1 / (N r^k)) sum_j f(c + r w^j) w^(-jk), w = exp(2 pi i / N): exact up to the
-    aliased terms a_(k+N) r^N, negligible for N = 4 * count and r inside the disc of
-    convergence. fn must accept complex mpmath numbers.
+    a_k = (1 / (N r^k)) sum_j f(c + r w^j) w^(-jk), w = exp(2 pi i / N), by a radix-2 FFT in
+    mpmath: exact up to the aliased terms a_(k+N) r^N, negligible for N >= 2 * count and r
+    inside the disc of convergence. fn must accept complex mpmath numbers.
     """
-    n = 4 * count
+    n = 1
+    while n < 2 * count + 16:
+        n *= 2
     with mpmath.workdps(40):
         c, r = mpmath.mpf(centre), mpmath.mpf(radius)
         roots = [mpmath.expjpi(mpmath.mpf(2 * j) / n) for j in range(n)]
         samples = [fn(c + r * w) for w in roots]
-        out = []
-        for k in range(count):
-            total = mpmath.fsum(f * roots[(-j * k) % n] for j, f in enumerate(samples))
-            out.append(mpmath.re(total) / (n * r**k))
+        spectrum = _fft([mpmath.conj(x) for x in samples], roots)  # sum_j f_j w^(-jk)
+        return [mpmath.re(mpmath.conj(spectrum[k])) / (n * r**k) for k in range(count)]
+
+
+def _fft(values: list[Any], roots: list[Any]) -> list[Any]:
+    """sum_j values[j] w^(jk) for k < n (n a power of two, roots[j] = w^j)."""
+    n = len(values)
+    if n == 1:
+        return list(values)
+    step = len(roots) // n
+    even = _fft(values[0::2], roots)
+    odd = _fft(values[1::2], roots)
+    out = [mpmath.mpc(0)] * n
+    for k in range(n // 2):
+        t = roots[(k * step) % len(roots)] * odd[k]
+        out[k] = even[k] + t
+        out[k + n // 2] = even[k] - t
     return out
 
 
