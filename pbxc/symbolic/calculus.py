@@ -649,33 +649,51 @@ def _branches(pieces: Sequence[PieceCalculus], kinks: Sequence[Kink], convention
                           f"{k.slope(convention)}"))
     multi = len(pieces) > 1
     for j, p in enumerate(pieces):
-        where = f"z0, z in piece {j} ({p.lower}, {p.upper})" if multi else "every pair"
+        where = f"z0, z in piece {j} ({p.lower}, {p.upper}); " if multi else ""
         if p.rule in ("constant", "linear"):
-            out.append(Branch("slope", where, f"m = {p.df}"))
+            out.append(Branch("slope", where.rstrip("; ") or "every pair", f"m = {p.df}"))
             continue
         for patch in p.patches:
             out.append(Branch(
-                "patch", f"{where}; |z0 - c|, |z - c| <= {patch.radius:.4g}, "
-                f"c = {patch.center!r}",
+                "patch", f"{where}|z0 - c|, |z - c| <= {patch.radius:.4g}, c = {patch.center!r}",
                 f"Taylor series about c (critical point {patch.critical_point:.17g}), degree "
-                f"{patch.degree}, by Clenshaw's recurrence in s = u0 + u, p = u0 u"))
+                f"{patch.degree}, Clenshaw's recurrence in s = u0 + u, p = u0 u, double-word"))
         out.append(Branch(
-            "secant", f"{where}; z != z0 and kS (|f(z)| + |f(z0)|) / |f(z) - f(z0)| < kD "
+            "secant", f"{where}z != z0 and kS (|f(z)| + |f(z0)|) / |f(z) - f(z0)| <= kD "
             f"sum|terms| / |sum terms| of the difference form (the two error bounds); kS = "
             f"{p.kappa[0]:.3g}, kD = {p.kappa_difference[0]:.3g} (float64), kS = "
             f"{p.kappa[1]:.3g}, kD = {p.kappa_difference[1]:.3g} (float32), measured",
             "m = (f(z) - f(z0)) / (z - z0)"))
         if p.rule == "exact":
-            out.append(Branch("difference", f"{where}; otherwise (and z = z0: the limit "
-                              "f'(z0))", f"m = {p.difference}"))
+            out.append(Branch("difference", f"{where}otherwise, and at z = z0 (where it is "
+                              "the limit f'(z0))", f"m = {_compact(p.difference)}"))
         else:
-            out.append(Branch("taylor", f"{where}; otherwise, while the next term is within "
+            out.append(Branch("taylor", f"{where}otherwise, while the next term is within "
                               "the budget", f"Taylor series in d of order {FALLBACK_ORDER}"))
     if multi:
         out.append(Branch("crossing", "z0 and z in different pieces",
                           "m = (sum over pieces of m_piece(a, b) (b - a) + jumps) / |z - z0|, "
                           "a, b = [min, max](z0, z) clipped to the piece"))
     return tuple(out)
+
+
+def _compact(expr: sympy.Expr | None) -> str:
+    """The difference form for reports, with Phi's Hermite series shown as T(z0 d, d**2)."""
+    if expr is None:
+        return ""
+    series = sympy.Function("T")
+
+    def shorten(e: sympy.Expr) -> sympy.Expr:
+        if isinstance(e, sympy.Piecewise) and e.has(sympy.Abs(DELTA)) and len(e.args) == 3:
+            value, cond = e.args[0]
+            gauss = [g for g in value.atoms(sympy.Function) if type(g).__name__ == "Gauss"]
+            if gauss:
+                a0 = gauss[0].args[0]
+                near = gauss[0] * series(a0 * DELTA, DELTA**2) / sympy.sqrt(2 * sympy.pi)
+                return sympy.Piecewise((near, cond), *e.args[1:])
+        return e
+
+    return sympy.sstr(expr.replace(lambda e: isinstance(e, sympy.Piecewise), shorten))
 
 
 def derive_calculus(f: sympy.Expr, convention: str = DEFAULT_CONVENTION) -> Calculus:

@@ -19,11 +19,13 @@ from pbxc.symbolic.accuracy import (
     measure_multiplier,
     z0_grid,
 )
-from pbxc.symbolic.activations import ActivationKey
+from pbxc.symbolic.activations import ActivationKey, Z
 from pbxc.symbolic.calculus import DEFAULT_CONVENTION
 from pbxc.symbolic.derive import ActivationCalculus, derive
 from pbxc.symbolic.evaluate import run_routine
-from pbxc.symbolic.precision import BAR, FLOOR, secant_condition_limit
+from pbxc.symbolic.difference import DELTA, Z0
+from pbxc.symbolic.evaluate import evaluate, run_routine
+from pbxc.symbolic.precision import BAR, FLOOR
 from pbxc.symbolic.routine import bind
 
 #: z0 step of the accuracy grid in the report (the bench uses 0.1)
@@ -38,24 +40,42 @@ def _text(expr: sympy.Expr, width: int = 400) -> str:
 def secant_switch_points(calc: ActivationCalculus, dtype: str = "float64",
                          points: tuple[float, ...] = (-5.0, -1.0, 0.0, 1.0, 5.0)
                          ) -> list[tuple[float, float | None]]:
-    """For each z0: the smallest |d| = 10^(k/4) from which the secant branch is taken (d > 0).
+    """For each z0: the smallest d = 10^(k/4) > 0 from which the routine takes the secant.
 
-    The switch is decided per element, from the secant's own error bound (its condition
-    number against the precision's limit); this samples where it falls.
+    The switch is decided per element by comparing the two forms' error bounds (kS times the
+    secant's condition number against kD times the difference form's); this samples where it
+    falls, for activations of one smooth piece. Inside a Taylor patch neither is used.
     """
+    pieces = calc.pieces
+    if len(pieces) != 1 or pieces[0].difference is None:
+        return []
+    piece = pieces[0]
     dt = np.dtype(dtype)
-    limit = secant_condition_limit(dt, 2.0)
-    out: list[tuple[float, float | None]] = []
+    single = dt == np.float32
+    kappa_s, kappa_d = piece.kappa[single], piece.kappa_difference[single]
+    terms = list(piece.difference.args) if isinstance(piece.difference, sympy.Add) else [
+        piece.difference]
     steps = 10.0 ** (np.arange(-64, 9) / 4)
+    out: list[tuple[float, float | None]] = []
     for z0 in points:
         a = np.full(steps.shape, z0, dtype=dt)
         b = (a.astype(np.float64) + steps).astype(dt)
+        env = {Z0: a, Z: b, DELTA: b - a}
+        values = [evaluate(t, env, dt).astype(np.float64) for t in terms]
+        total = np.abs(np.sum(values, axis=0))
+        size = np.sum(np.abs(values), axis=0)
         with np.errstate(all="ignore"):
-            f0 = run_routine(calc.value, [a], dt)
-            f1 = run_routine(calc.value, [b], dt)
-            safe = (np.abs(f0) + np.abs(f1) < limit * np.abs(f1 - f0)) & (
+            f0 = run_routine(calc.value, [a], dt).astype(np.float64)
+            f1 = run_routine(calc.value, [b], dt).astype(np.float64)
+            secant = (kappa_s * (np.abs(f1) + np.abs(f0)) * total
+                      <= kappa_d * size * np.abs(f1 - f0)) & (
                 np.abs(f1 - f0) >= np.finfo(dt).tiny)
-        first = int(np.argmax(safe)) if safe.any() else None
+        inside = np.zeros(steps.shape, dtype=bool)
+        for patch in piece.patches:
+            inside |= (np.abs(a - patch.center) <= patch.radius) & (
+                np.abs(b - patch.center) <= patch.radius)
+        secant &= ~inside
+        first = int(np.argmax(secant)) if secant.any() else None
         out.append((z0, float(steps[first]) if first is not None else None))
     return out
 
@@ -112,9 +132,11 @@ def describe_activation(name_or_key: str | ActivationKey,
         lines.append(f"        {b.formula if len(b.formula) <= 300 else b.formula[:280] + ' ...'}")
     for name in ("float64", "float32"):
         switches = secant_switch_points(calc, name)
-        shown = ", ".join(f"z0={z0:g}: |d| >= {d:.2g}" if d is not None else
+        if not switches:
+            continue
+        shown = ", ".join(f"z0={z0:g}: d >= {d:.2g}" if d is not None else
                           f"z0={z0:g}: never" for z0, d in switches)
-        lines.append(f"  secant switch points ({name}, d > 0): {shown}")
+        lines.append(f"  secant from ({name}, d > 0; the difference form below): {shown}")
     if accuracy:
         lines.append(f"  accuracy on the grid (z0 = {step:g} * i on [-30, 30]; z = fl(z0 +- "
                      f"10^k), k = -300..2, and z = z0; 50-digit references; "

@@ -21,11 +21,3 @@ BUDGET = {dt: bar / 4 for dt, bar in BAR.items()}
 #: unit roundoff u = eps / 2 (2**-53, 2**-24)
 UNIT = {dt: float(np.finfo(dt).eps) / 2 for dt in DTYPES}
 
-
-def secant_condition_limit(dtype: np.dtype, kappa: float = 1.0) -> float:
-    """The largest condition number (|f(z)| + |f(z0)|) / |f(z) - f(z0)| the secant may have.
-
-    Its error is at most ``kappa * u * cond`` (f evaluated to ``kappa`` units in the last place)
-    plus two roundings (the subtraction and the division): solve for cond within ``BUDGET``.
-    """
-    return max((BUDGET[dtype] / UNIT[dtype] - 2.0) / kappa, 1.0)

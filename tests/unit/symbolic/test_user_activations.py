@@ -77,7 +77,7 @@ def test_describe_reports_everything(definitions: dict) -> None:
         assert needle in text, needle
     text = describe_activation("swish2", definitions, step=5.0)
     for needle in ("defined at m.pbx:3:12", "f'(z)", "f''(z)", "[patch]", "[secant]",
-                   "[difference]", "secant switch points (float64", "kinks: none"):
+                   "[difference]", "secant from (float64", "kinks: none"):
         assert needle in text, needle
     with pytest.raises(UnsupportedOp, match="unknown activation 'nope'"):
         describe_activation("nope")
