@@ -22,7 +22,6 @@ from pbxc.symbolic.accuracy import (
 from pbxc.symbolic.activations import ActivationKey, Z
 from pbxc.symbolic.calculus import DEFAULT_CONVENTION
 from pbxc.symbolic.derive import ActivationCalculus, derive
-from pbxc.symbolic.evaluate import run_routine
 from pbxc.symbolic.difference import DELTA, Z0
 from pbxc.symbolic.evaluate import evaluate, run_routine
 from pbxc.symbolic.precision import BAR, FLOOR
