@@ -18,7 +18,7 @@ from pbxc.errors import InputError, PbxError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 #: Modules with a ``register(subparsers)`` function adding more subcommands.
-EXTENSION_COMMANDS: tuple[str, ...] = ()
+EXTENSION_COMMANDS: tuple[str, ...] = ("pbxc.cli_verify",)
 
 
 class UsageError(Exception):

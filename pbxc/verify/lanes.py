@@ -95,14 +95,17 @@ def _windows(x: Array, kernel: tuple[int, ...], stride: tuple[int, ...],
     padded_shape = (lanes, channels, *(s + 2 * p for s, p in zip(spatial, padding)))
     padded = np.empty(padded_shape, dtype=x.dtype)
     padded[...] = fill
-    padded[(slice(None), slice(None), *(slice(p, p + s) for p, s in zip(padding, spatial)))] = x
+    inner = tuple(slice(p, p + s) for p, s in zip(padding, spatial))
+    where = (slice(None), slice(None), *inner)
+    padded[where] = x
     out = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
                 for s, p, d, k, st in zip(spatial, padding, dilation, kernel, stride))
     pieces = []
     for offset in np.ndindex(*kernel):
         index = tuple(slice(o * d, o * d + (n - 1) * st + 1, st)
                       for o, d, n, st in zip(offset, dilation, out, stride))
-        pieces.append(padded[(slice(None), slice(None), *index)])
+        window = (slice(None), slice(None), *index)
+        pieces.append(padded[window])
     return np.stack(pieces, axis=2), out
 
 
@@ -152,7 +155,7 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
         y = _conv(x, p["weight"], attrs, 1 if kind is OpKind.CONV1D else 2)
         return _offset(y, _channel(p["bias"], y.ndim - 1)[0]) if "bias" in p else y
     if kind is OpKind.MAXPOOL2D:
-        win, out = _windows(x, attrs["kernel"], attrs["stride"], attrs["padding"], (1, 1),
+        win, _ = _windows(x, attrs["kernel"], attrs["stride"], attrs["padding"], (1, 1),
                             kit.neg_inf)
         values = win[0]                                   # (C, K, *out)
         first = np.argmax(values == _max_along(values), axis=1)  # the first maximum
@@ -161,7 +164,7 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
         return np.take_along_axis(win, idx, axis=2)[:, :, 0]
     if kind is OpKind.AVGPOOL2D:
         zero = x.dtype.type(0) if x.dtype != object else 0
-        win, out = _windows(x, attrs["kernel"], attrs["stride"], attrs["padding"], (1, 1), zero)
+        win, _ = _windows(x, attrs["kernel"], attrs["stride"], attrs["padding"], (1, 1), zero)
         total = win.sum(axis=2)
         if attrs["count_include_pad"]:
             return total / int(np.prod(attrs["kernel"]))

@@ -231,7 +231,8 @@ def check_summation(ctx: Context, inputs: dict[str, Array], cfg: CheckConfig) ->
     y0 = base.values[ctx.output].reshape(len(y), -1)
     yt, y0t = flat[np.arange(len(c)), c], y0[np.arange(len(c)), c]
     delta = yt - y0t
-    total = sum(_per_sample(mult[n] * (inputs[n] - default[n])) for n in inputs)
+    total: Array = np.sum([_per_sample(mult[n] * (inputs[n] - default[n])) for n in inputs],
+                          axis=0)
     scale = np.maximum(np.abs(delta), SUMMATION_FLOOR * (np.abs(yt) + np.abs(y0t)))
     err = np.abs(total - delta) / np.where(scale > 0, scale, 1.0)
     out = []
@@ -336,14 +337,14 @@ def check_lrp0_exact(ctx: Context, inputs: dict[str, Array], cfg: CheckConfig
             r_in, r_out = float(e.relevance_in[b]), float(e.relevance_out[b])
             mag = float(e.magnitude[b]) if e.magnitude is not None else 0.0
             scale = max(abs(r_out), mag)
-            err = abs(r_in - r_out) / scale if scale > 0 else abs(r_in - r_out)
-            if err > worst or math.isnan(err):
-                worst, node = err, name
+            e_layer = abs(r_in - r_out) / scale if scale > 0 else abs(r_in - r_out)
+            if e_layer > worst or math.isnan(e_layer):
+                worst, node = e_layer, name
         if whole:
             start, reached = float(res.ledger.start[b]), float(res.ledger.inputs[b])
-            err = abs(start - reached) / max(abs(start), 1e-300)
-            if err > worst:
-                worst, node = err, ctx.output
+            e_all = abs(start - reached) / max(abs(start), 1e-300)
+            if e_all > worst:
+                worst, node = e_all, ctx.output
         out.append(Outcome(worst, (node,) if node else (), f"{len(unbiased)} bias-free "
                            "layers" + (", whole network bias-free" if whole else "")))
     return out
@@ -362,7 +363,7 @@ def _kink_sides(ctx: Context, values: Mapping[str, Array], local: Mapping[str, A
             points = [p for p, _, _ in kink_points(ctx, node)]
             if points:
                 z = values[node.inputs[0]]
-                sides[node.name] = sum((z > p).astype(np.int8) for p in points)
+                sides[node.name] = np.sum([(z > p) for p in points], axis=0, dtype=np.int8)
         elif node.kind is OpKind.MAXPOOL2D and node.name in local:
             sides[node.name] = np.asarray(local[node.name])
     return sides
@@ -396,7 +397,7 @@ def check_jacobian_fd(ctx: Context, inputs: dict[str, Array], cfg: CheckConfig
         fd = np.moveaxis(fd.reshape(n, -1), 0, -1).reshape(*y.shape[1:], *shape)
         sides = _kink_sides(ctx, lin.values, lin.local)
         crossing = np.zeros(n, dtype=bool)
-        for node, s in sides.items():
+        for s in sides.values():
             flat = s.reshape(s.shape[0], -1)
             changed = np.any(flat[1:] != flat[0], axis=1)
             crossing |= changed[:n] | changed[n:]
@@ -473,15 +474,8 @@ def check_backend_parity(ctx: Context, inputs: dict[str, Array], cfg: CheckConfi
     errors = np.zeros(batch)
     where = [""] * batch
     for runner in runners:
-        got: dict[str, Callable[[], Any]] = {
-            "forward": lambda: runner.forward(x),
-            "gradient": lambda: runner.gradient(x),
-            "jacobian": lambda: runner.jacobian(x),
-            "dfd": lambda: runner.dfd(x, default[ctx.wrt]),
-            "lrp": lambda: runner.lrp(x, composite),
-        }
-        for pass_name, compute in got.items():
-            value = compute()
+        for pass_name in ("forward", "gradient", "jacobian", "dfd", "lrp"):
+            value = _run_pass(runner, pass_name, x, default[ctx.wrt], composite)
             if pass_name == "forward":
                 pairs = [(value[k], ref_out[k]) for k in ref_out]
             elif pass_name == "gradient":
@@ -498,6 +492,14 @@ def check_backend_parity(ctx: Context, inputs: dict[str, Array], cfg: CheckConfi
                     errors[b], where[b] = e, f"{runner.name}: {pass_name}"
     return [Outcome(float(errors[b]), (ctx.output,), where[b] or "all passes agree")
             for b in range(batch)]
+
+
+def _run_pass(runner: Any, pass_name: str, x: Any, baseline: Array, composite: str) -> Any:
+    if pass_name == "dfd":
+        return runner.dfd(x, baseline)
+    if pass_name == "lrp":
+        return runner.lrp(x, composite)
+    return getattr(runner, pass_name)(x)
 
 
 # ---------------------------------------------------------------- activations
@@ -574,7 +576,7 @@ def check_kinks(ctx: Context, inputs: dict[str, Array], cfg: CheckConfig) -> lis
         if differ <= 1e-12:
             out.append(Outcome(math.inf, (), "kinks nearby do not change the Jacobian"))
             continue
-        for name, (mask, _, _, d) in near.items():
+        for name, (_, _, _, d) in near.items():
             if d < nearest:
                 nearest = d
             nodes.append(name)
