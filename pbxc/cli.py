@@ -18,7 +18,7 @@ from pbxc.errors import InputError, PbxError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 #: Modules with a ``register(subparsers)`` function adding more subcommands.
-EXTENSION_COMMANDS: tuple[str, ...] = ("pbxc.cli_verify",)
+EXTENSION_COMMANDS: tuple[str, ...] = ("pbxc.cli_interop", "pbxc.cli_evaluate", "pbxc.cli_verify")
 
 
 class UsageError(Exception):
@@ -318,6 +318,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if "summation_error" in arrays:
             print(f"  summation-to-delta: max relative error "
                   f"{float(arrays['summation_error'].max()):.2e}")
+    if args.png:
+        from pbxc.evaluate.plots import draw_explanation
+
+        pngs = draw_explanation(model, x, arrays, args.method, args.png,
+                                max_files=args.png_max, output=output)
+        print(f"wrote {len(pngs)} PNG file(s) to {args.png}")
     return EXIT_OK
 
 
@@ -385,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-plan", action="store_true", help="print the jacobian plan")
     p.add_argument("--batch-size", type=int, default=256, help="samples per step")
     p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--png", metavar="DIR", help="draw one PNG per sample into DIR")
+    p.add_argument("--png-max", type=int, default=16, help="at most this many PNGs (16)")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compile", help="write standalone NumPy code for every pass")
