@@ -357,13 +357,14 @@ def _kink_sides(ctx: Context, values: Mapping[str, Array], local: Mapping[str, A
                 ) -> dict[str, Array]:
     """Per node, which piece each preactivation is on (activations) or the argmax (max
     pooling): two points with the same sides are joined by one smooth piece."""
-    sides = {}
+    sides: dict[str, Array] = {}
     for node in ctx.model.nodes:
         if node.kind is OpKind.ACTIVATION:
             points = [p for p, _, _ in kink_points(ctx, node)]
             if points:
                 z = values[node.inputs[0]]
-                sides[node.name] = np.sum([(z > p) for p in points], axis=0, dtype=np.int8)
+                sides[node.name] = np.asarray(np.sum([(z > p) for p in points], axis=0,
+                                                     dtype=np.int8))
         elif node.kind is OpKind.MAXPOOL2D and node.name in local:
             sides[node.name] = np.asarray(local[node.name])
     return sides
