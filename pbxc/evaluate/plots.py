@@ -39,6 +39,9 @@ def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
     tmp = Path(tmp_name)
     try:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a picture is for everyone
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
