@@ -53,7 +53,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise UsageError("give the model (.pbx), or --replay FILE")
-        model = load(args.model, dtype=args.dtype)
+        model = load(args.model, dtype=args.dtype or "float64")
         samples = data = None
         if args.data:
             loaded = load_array_file(args.data, args.key, model.input_names)
@@ -127,6 +127,8 @@ def register(sub: Any) -> None:
     p.add_argument("--replay", metavar="FILE", help="re-check a saved counterexample (.npz)")
     p.add_argument("--counterexamples", default="pbxc-counterexamples",
                    help="folder for counterexample files (default: ./pbxc-counterexamples)")
-    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="compute dtype (default float64; float32 scales the default "
+                   "tolerances)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_verify)

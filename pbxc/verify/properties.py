@@ -96,6 +96,7 @@ class Property:
     settings: dict[str, Any]
     check: Check
     search_cap: int | None = None      # most search examples (expensive properties)
+    sample_cap: int | None = None      # most given samples checked (expensive properties)
     lower_is_violation: bool = False   # kinks: a small distance is the finding
 
     def holds(self, measured: float, tol: float) -> bool:
@@ -607,7 +608,7 @@ register(Property("jacobian_fd", "the Jacobian against central finite difference
                   check_jacobian_fd, search_cap=40))
 register(Property("jacobian_mp", "the Jacobian against an mpmath evaluation (small models)",
                   1e-12, {"dps": 40, "max_params": MP_PARAM_LIMIT}, check_jacobian_mp,
-                  search_cap=4))
+                  search_cap=4, sample_cap=8))
 register(Property("gradient_row", "the gradient equals the target's Jacobian row", 1e-12,
                   {"target": "predicted"}, check_gradient_row))
 register(Property("backend_parity", "every available backend agrees with the NumPy runtime",
@@ -615,12 +616,21 @@ register(Property("backend_parity", "every available backend agrees with the Num
                   search_cap=20))
 register(Property("multiplier_accuracy", "DFD multipliers at the model's (z0, z) pairs "
                   "against 50-digit mpmath (the accuracy bar)", None, {"baseline": "zeros"},
-                  check_multiplier_accuracy, search_cap=30))
+                  check_multiplier_accuracy, search_cap=30, sample_cap=64))
 register(Property("kinks", "no preactivation within tol of a kink where the one-sided "
                   "Jacobians differ", 1e-9, {}, check_kinks, lower_is_violation=True))
 
 
+#: default tolerances are for float64; in float32 they grow by the ratio of the unit
+#: roundoffs (2^29), up to this cap
+FLOAT32_TOL_CAP = 1e-2
+
+
 def default_tol(prop: Property, dtype: Any) -> float:
-    if prop.tol is not None:
-        return prop.tol
-    return float(BAR[np.dtype(dtype)])
+    dt = np.dtype(dtype)
+    if prop.tol is None:
+        return float(BAR[dt])
+    if dt == np.dtype(np.float32) and not prop.lower_is_violation:
+        ratio = float(np.finfo(np.float32).eps / np.finfo(np.float64).eps)
+        return min(prop.tol * ratio, max(prop.tol, FLOAT32_TOL_CAP))
+    return prop.tol

@@ -258,8 +258,10 @@ def run_property(ctx: Context, cfg: CheckConfig, samples: dict[str, Array] | Non
         # 1. the given samples
         if samples is not None:
             n = len(next(iter(samples.values())))
+            if prop.sample_cap is not None:
+                n = min(n, prop.sample_cap)
             for start in range(0, n, chunk):
-                part = {k: v[start:start + chunk] for k, v in samples.items()}
+                part = {k: v[start:min(start + chunk, n)] for k, v in samples.items()}
                 for i, outcome in enumerate(_measure(prop, ctx, cfg, part)):
                     note(outcome)
                     if not prop.holds(outcome.measured, cfg.tol) and (
