@@ -250,7 +250,7 @@ def _batches(n: int, size: int, label: str) -> Any:
 def cmd_explain(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
 
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, convention=args.kinks)
     x = load_array_file(args.input, args.key, model.input_names)
     if isinstance(x, dict):
         raise UsageError("explain takes models with one input; this model has "
@@ -304,6 +304,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             targets = res_l.targets
         add("outputs", outputs)
         add("targets", targets)
+        if args.method in ("jacobian", "gradient", "input_x_gradient"):
+            add("kinks", np.array([sum(model.kinks_hit(xb).values())]))
     arrays = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in parts.items()}
     if args.explain_plan and plan_text:
         print(plan_text)
@@ -318,6 +320,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if "summation_error" in arrays:
             print(f"  summation-to-delta: max relative error "
                   f"{float(arrays['summation_error'].max()):.2e}")
+    if "kinks" in arrays:
+        print(f"  {int(arrays['kinks'].sum())} unit(s) sat exactly on a kink; there f' is the "
+              f"'{model.activations.convention}' convention (--kinks)")
     if args.png:
         from pbxc.evaluate.plots import draw_explanation
 
@@ -389,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=["auto", "forward", "reverse", "chain"],
                    help="jacobian accumulation order (default: the cheapest)")
     p.add_argument("--explain-plan", action="store_true", help="print the jacobian plan")
+    p.add_argument("--kinks", default="owner", choices=["owner", "left", "right", "mean"],
+                   help="f' where a preactivation sits exactly on a kink (default: owner)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per step")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--png", metavar="DIR", help="draw one PNG per sample into DIR")

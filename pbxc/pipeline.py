@@ -11,6 +11,7 @@ from pbxc.graph.shapes import infer_shapes
 from pbxc.parse.ast import Program
 from pbxc.parse.parser import parse_file, parse_text
 from pbxc.runtime.model import Model
+from pbxc.symbolic.calculus import DEFAULT_CONVENTION
 from pbxc.weights.store import WeightStore, load_weight_files
 
 
@@ -32,16 +33,19 @@ def check_file(path: str | Path) -> tuple[ModelGraph, WeightStore]:
     return frontend(parse_file(path))
 
 
-def load(path: str | Path, dtype: Any = None) -> Model:
+def load(path: str | Path, dtype: Any = None, convention: str = DEFAULT_CONVENTION) -> Model:
     """Load a .pbx model (with its weights) on the NumPy reference backend.
 
-    ``dtype`` is float32 or float64; by default the inputs' declared dtype.
+    ``dtype`` is float32 or float64; by default the inputs' declared dtype. ``convention`` is
+    the derivative taken where a preactivation sits exactly on a kink: "owner" (the branch
+    that owns the point, PyTorch's choice for relu), "left", "right" or "mean".
     """
     graph, store = check_file(path)
-    return Model(graph, store, dtype)
+    return Model(graph, store, dtype, convention)
 
 
-def loads(text: str, path: str = "<string>", dtype: Any = None) -> Model:
+def loads(text: str, path: str = "<string>", dtype: Any = None,
+          convention: str = DEFAULT_CONVENTION) -> Model:
     """Load a model from .pbx source text; weight paths are relative to ``path``'s folder."""
     graph, store = frontend(parse_text(text, path))
-    return Model(graph, store, dtype)
+    return Model(graph, store, dtype, convention)

@@ -21,16 +21,6 @@ from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, kernel_name
 from pbxc.ops import OpKind
 
-MULTIPLIER_HELPER = '''
-def _secant_multiplier(f, df, z0, z):
-    """(f(z) - f(z0)) / (z - z0), and f'(z0) where z == z0 (seed 004, eq. 16-17)."""
-    same = z == z0
-    with np.errstate(all="ignore"):
-        secant = (f(z) - f(z0)) / np.where(same, 1, z - z0)
-        slope = np.broadcast_to(df(z0), z0.shape)
-    return np.where(same, slope, secant).astype(z.dtype)
-'''
-
 
 def var(name: str, prefix: str = "v") -> str:
     """A Python identifier for a graph value name (``h1/linear`` -> ``v_h1__linear``)."""
@@ -76,13 +66,15 @@ class NumpyModuleRenderer:
     """Renders a model's passes as NumPy source; the CUDA renderer has the same method set."""
 
     def __init__(self, graph: ModelGraph, activation_source: str,
-                 activation_names: Mapping[str, str], source_text: str | None = None,
+                 activation_names: Mapping[str, Mapping[str, str]],
+                 source_text: str | None = None,
                  lrp: LrpPlan | None = None) -> None:
         self.graph = graph
         self.lrp = lrp
         self.nodes = [n for n in graph.topological() if n.kind is not OpKind.INPUT]
         self.activation_source = activation_source
-        self.act = activation_names  # node name -> generated function name (act_i)
+        # node name -> generated routine names {"f": "act0_f", "df": ..., "m": ...}
+        self.act = activation_names
         self.lines = dict(enumerate((source_text or "").splitlines(), start=1))
 
     def has_local(self, node: OpNode) -> bool:
@@ -98,8 +90,8 @@ class NumpyModuleRenderer:
             xs = ", ".join(var(i, value) for i in node.inputs)
             if node.kind is OpKind.ACTIVATION:
                 fn = self.act[node.name]
-                out.append(f"    {var(node.name, value)} = {fn}({xs})")
-                out.append(f"    {var(node.name, local)} = d{fn}({xs})")
+                out.append(f"    {var(node.name, value)} = {fn['f']}({xs})")
+                out.append(f"    {var(node.name, local)} = {fn['df']}({xs})")
                 continue
             args = f"([{xs}], P[{node.name!r}]{_attrs(node)})"
             out.append(f"    {var(node.name, value)} = {kernel_name(node, 'forward')}{args}")
@@ -119,9 +111,8 @@ class NumpyModuleRenderer:
         if pass_suffix == "dfd" and node.kind not in DFD_BY_VJP:
             xs0 = "[" + ", ".join(env(i, "b") for i in node.inputs) + "]"
             if node.kind is OpKind.ACTIVATION:
-                fn = self.act[node.name]
-                local = (f"_secant_multiplier({fn}, d{fn}, {env(node.inputs[0], 'b')}, "
-                         f"{env(node.inputs[0], 'v')})")
+                fn = self.act[node.name]   # seed 004 eq. 16-17, cancellation-free
+                local = f"{fn['m']}({env(node.inputs[0], 'b')}, {env(node.inputs[0], 'v')})"
             return (f"{kernel_name(node, 'dfd')}({g}, {xs}, {xs0}, {env(node.name, 'v')}, "
                     f"{env(node.name, 'b')}, {local}, P[{node.name!r}]{_attrs(node)})")
         return (f"{kernel_name(node, 'vjp')}({g}, {xs}, {env(node.name, 'v')}, {local}, "
@@ -205,7 +196,6 @@ class NumpyModuleRenderer:
             inspect.getsource(numpy_kernels),
             "# ---- activations, printed from sympy ----",
             self.activation_source.replace("import numpy as np\n", ""),
-            MULTIPLIER_HELPER,
             "# ---- the model ----",
             f"MODEL = {graph.name!r}",
             f"INPUTS = {inputs!r}",

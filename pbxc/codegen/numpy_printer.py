@@ -364,15 +364,17 @@ ROUTINE_DOCS = {
 def render_activation_functions(keys: Sequence[ActivationKey | str],
                                 definitions: Mapping[str, ast.ActivationDef] | None = None,
                                 convention: str = DEFAULT_CONVENTION, prefix: str = "act",
-                                prelude: bool = True) -> RenderedActivations:
+                                prelude: bool = True, warn_for: str | None = None
+                                ) -> RenderedActivations:
     """NumPy source defining ``{prefix}{i}_{f,df,d2f,m}`` for each activation (i in order).
 
     With ``prelude`` the source starts with ``NUMPY_PRELUDE`` and runs standalone (numpy only).
     An unsupported construct is an :class:`UnsupportedOp` naming the activation and its line.
+    ``warn_for`` limits accuracy warnings to one dtype (see :func:`derive`).
     """
     chunks = [NUMPY_PRELUDE] if prelude else []
     names: dict[ActivationKey, dict[str, str]] = {}
-    for calc in _calculi(keys, definitions, convention):
+    for calc in _calculi(keys, definitions, convention, warn_for):
         if calc.key in names:
             continue
         i = len(names)
@@ -390,6 +392,6 @@ def render_activation_functions(keys: Sequence[ActivationKey | str],
 
 
 def _calculi(keys: Sequence[ActivationKey | str],
-             definitions: Mapping[str, ast.ActivationDef] | None, convention: str
-             ) -> list[ActivationCalculus]:
-    return [derive(k, definitions, convention) for k in keys]
+             definitions: Mapping[str, ast.ActivationDef] | None, convention: str,
+             warn_for: str | None = None) -> list[ActivationCalculus]:
+    return [derive(k, definitions, convention, warn_for) for k in keys]

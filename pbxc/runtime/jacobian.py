@@ -8,7 +8,7 @@ tables in ``linearize``; elementwise Jacobians are diagonal scalings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -260,4 +260,17 @@ def jacobian(model: object, inputs: Mapping[str, Array], output: str, wrt: str,
         j = v.reshape(batch, *out_shape, *in_shape)
     else:
         j = chain_execute(model, lin, wrt, nodes, plan).reshape(batch, *out_shape, *in_shape)
-    return JacobianResult(np.ascontiguousarray(j), output, wrt, plan, inter)
+    return JacobianResult(np.ascontiguousarray(j), output, wrt, plan, inter,
+                          kinks_hit(model, lin.values, nodes))
+
+
+def kinks_hit(model: object, values: Mapping[str, Array], nodes: Sequence[OpNode]
+              ) -> dict[str, int]:
+    """Units whose preactivation sits exactly on a kink, per activation node on the path.
+
+    There f' is the model's kink convention, not a derivative; a caller comparing with another
+    library's gradient should know how many entries that concerns.
+    """
+    table = model.activations  # type: ignore[attr-defined]
+    return {n.name: table.kinks_hit(n.name, values[n.inputs[0]])
+            for n in nodes if n.kind is OpKind.ACTIVATION}

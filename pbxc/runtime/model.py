@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import sympy
 
-from pbxc.codegen.numpy_printer import NUMPY_PRELUDE, render_function
+from pbxc.codegen.numpy_printer import render_activation_functions
 from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.plan import path_nodes
@@ -20,7 +19,9 @@ from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_s
 from pbxc.runtime.lrp import LrpResult, lrp
 from pbxc.runtime.lrp_rules import rule_from_spec
 from pbxc.runtime.numpy_forward import forward_rule
-from pbxc.symbolic.activations import ActivationKey, Z, activation_expression, activation_key
+from pbxc.symbolic.activations import ActivationKey, activation_key
+from pbxc.symbolic.calculus import CONVENTIONS, DEFAULT_CONVENTION
+from pbxc.symbolic.derive import derive
 from pbxc.weights.store import WeightStore
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -39,29 +40,39 @@ def resolve_dtype(dtype: Any) -> np.dtype:
 
 @dataclass(frozen=True)
 class ActivationTable:
-    """Generated NumPy functions for every distinct activation of a model."""
+    """Generated NumPy routines (f, f', f'', DFD multiplier m) of every distinct activation.
 
-    keys: dict[str, ActivationKey]              # node name -> key
-    functions: dict[ActivationKey, Callable[[np.ndarray], np.ndarray]]
-    derivatives: dict[ActivationKey, Callable[[np.ndarray], np.ndarray]]
+    The routines are the symbolic stage's (``pbxc.symbolic.derive``): f' follows the kink
+    ``convention``, and m is the cancellation-free multiplier of seed 004 eq. 16-17 with its
+    0/0 limit f'(z0) (the activation-calculus spec, ``specs/activations.md``).
+    """
+
+    keys: dict[str, ActivationKey]                      # node name -> key
+    routines: dict[ActivationKey, dict[str, Callable[..., np.ndarray]]]
+    routine_names: dict[ActivationKey, dict[str, str]]  # key -> {"f": "act0_f", ...}
+    kink_points: dict[ActivationKey, tuple[float, ...]]
+    convention: str
     source: str
-    function_names: dict[ActivationKey, str]     # key -> generated name (act_i; d + it)
 
     def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
-        return self._apply(self.functions[self.keys[node_name]], z)
+        return self._apply(self.routines[self.keys[node_name]]["f"], z)
 
     def derivative(self, node_name: str, z: np.ndarray) -> np.ndarray:
         """f'(z), elementwise: the diagonal of the activation's Jacobian."""
-        return self._apply(self.derivatives[self.keys[node_name]], z)
+        return self._apply(self.routines[self.keys[node_name]]["df"], z)
 
     def multiplier(self, node_name: str, z0: np.ndarray, z: np.ndarray) -> np.ndarray:
         """The DFD multiplier (f(z) - f(z0)) / (z - z0), and f'(z0) where z == z0."""
-        fn = self.functions[self.keys[node_name]]
-        same = z == z0
+        fn = self.routines[self.keys[node_name]]["m"]
         with np.errstate(all="ignore"):
-            secant = (fn(z) - fn(z0)) / np.where(same, 1, z - z0)
-        slope = self.derivative(node_name, z0)
-        return np.where(same, slope, secant).astype(z.dtype)
+            out = fn(z0, z)
+        return np.broadcast_to(np.asarray(out, dtype=z.dtype), np.broadcast_shapes(
+            np.shape(z0), np.shape(z)))
+
+    def kinks_hit(self, node_name: str, z: np.ndarray) -> int:
+        """How many entries of ``z`` sit exactly on a kink, where f' is a convention."""
+        points = self.kink_points[self.keys[node_name]]
+        return int(sum(np.count_nonzero(z == z.dtype.type(c)) for c in points))
 
     @staticmethod
     def _apply(fn: Callable[[np.ndarray], np.ndarray], z: np.ndarray) -> np.ndarray:
@@ -70,29 +81,34 @@ class ActivationTable:
         return np.broadcast_to(np.asarray(out, dtype=z.dtype), z.shape)
 
 
-def compile_activations(graph: ModelGraph) -> ActivationTable:
+def compile_activations(graph: ModelGraph, convention: str = DEFAULT_CONVENTION,
+                        dtype: Any = np.float64) -> ActivationTable:
+    """Derive every distinct activation of ``graph`` once and load its generated routines.
+
+    An :class:`AccuracyWarning` of a user activation is raised only where it concerns
+    ``dtype``, the precision the model runs in.
+    """
+    if convention not in CONVENTIONS:
+        raise InputError(f"unknown kink convention '{convention}'; expected one of "
+                         f"{', '.join(CONVENTIONS)}")
     keys: dict[str, ActivationKey] = {}
-    distinct: dict[ActivationKey, str] = {}
-    chunks = [NUMPY_PRELUDE]
     for node in graph.topological():
-        if node.kind is not OpKind.ACTIVATION:
-            continue
-        assert node.activation is not None
-        key = activation_key(node.activation, node.activation_params, graph.user_activations)
-        keys[node.name] = key
-        if key not in distinct:
-            fname = f"act_{len(distinct)}"
-            distinct[key] = fname
-            expr = activation_expression(key, graph.user_activations)
-            chunks.append(render_function(fname, ["z"], expr, doc=f"{key.label}: {expr}"))
-            dexpr = sympy.diff(expr, Z)
-            chunks.append(render_function(f"d{fname}", ["z"], dexpr,
-                                          doc=f"d/dz {key.label}: {dexpr}"))
-    source = "\n\n".join(chunks)
-    module = load_generated_module(source, f"{graph.name}_activations")
-    functions = {key: getattr(module, fname) for key, fname in distinct.items()}
-    derivatives = {key: getattr(module, f"d{fname}") for key, fname in distinct.items()}
-    return ActivationTable(keys, functions, derivatives, source, distinct)
+        if node.kind is OpKind.ACTIVATION:
+            assert node.activation is not None
+            keys[node.name] = activation_key(node.activation, node.activation_params,
+                                             graph.user_activations)
+    distinct = list(dict.fromkeys(keys.values()))
+    rendered = render_activation_functions(distinct, graph.user_activations, convention,
+                                           prefix="act", warn_for=np.dtype(dtype).name)
+    module = load_generated_module(rendered.source, f"{graph.name}_activations")
+    routines = {key: {kind: getattr(module, fname) for kind, fname in names.items()}
+                for key, names in rendered.names.items()}
+    kink_points = {key: tuple(float(k.point) for k in
+                              derive(key, graph.user_activations, convention,
+                                                     np.dtype(dtype).name).kinks)
+                   for key in distinct}
+    return ActivationTable(keys, routines, dict(rendered.names), kink_points, convention,
+                           rendered.source)
 
 
 def _first_bad_index(array: np.ndarray) -> tuple[int, ...]:
@@ -106,7 +122,8 @@ class Model:
     input name; it returns an array for a single-output model and a dict by name otherwise.
     """
 
-    def __init__(self, graph: ModelGraph, weights: WeightStore, dtype: Any = None) -> None:
+    def __init__(self, graph: ModelGraph, weights: WeightStore, dtype: Any = None,
+                 convention: str = DEFAULT_CONVENTION) -> None:
         self.graph = graph
         declared = {i.dtype for i in graph.inputs}
         if dtype is None:
@@ -123,7 +140,7 @@ class Model:
                 bound[role] = cast[key]
             self.params[node.name] = bound
         self.weights = cast
-        self.activations = compile_activations(graph)
+        self.activations = compile_activations(graph, convention, self.dtype)
         # dense matrices of constant linear ops (conv, pooling) that a plan chose, by
         # (node, dtype); weights never change after loading, so they stay valid
         self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
@@ -267,6 +284,16 @@ class Model:
         """
         output, wrt = self._io(output, wrt)
         return jacobian(self, self.prepare_inputs(x), output, wrt, mode, intermediates)
+
+    def kinks_hit(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Per activation node, how many units of the batch sit exactly on a kink.
+
+        There the Jacobian, gradient and LRP/DFD limits use the model's kink convention
+        (``self.activations.convention``) instead of a derivative.
+        """
+        values = self.evaluate(self.prepare_inputs(x))
+        return {n.name: self.activations.kinks_hit(n.name, values[n.inputs[0]])
+                for n in self.nodes if n.kind is OpKind.ACTIVATION}
 
     def targets(self, logits: np.ndarray, target: Any) -> np.ndarray:
         """Per-sample target indices into the flattened output: predicted by default."""

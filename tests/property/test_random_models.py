@@ -17,9 +17,6 @@ from pbxc.verify.strategies import RandomModel, random_models
 
 #: tolerances for random models; the rest use their defaults
 TOLERANCES = {
-    # the runtime multiplier is the plain secant (pbxc.runtime.model.ActivationTable);
-    # the 1e-14 bar is met by the symbolic stage's routines, not yet wired into the runtime
-    "multiplier_accuracy": 1e-9,
     "summation_to_delta": 1e-10,
     "linear_composition": 1e-10,
 }

@@ -134,7 +134,11 @@ def test_summation_to_delta_on_random_models(seed: int) -> None:
         model = pbxc.load(Path(tmp) / "m.pbx")
     x = rng.normal(size=(4, widths[0])) * 2
     res = model.dfd(x, baseline=rng.normal(size=widths[0]))
-    big = np.abs(res.delta) > 1e-9 * np.abs(res.outputs).max()
+    # where f(x) and f(x0) nearly cancel, delta itself carries rounding of relative size
+    # eps * (|f(x)| + |f(x0)|) / |delta|: judge only samples where that is far below the bar
+    scale = np.abs(res.outputs).max() + np.abs(res.baseline_outputs).max()
+    big = np.abs(res.delta) > 1e-4 * scale
+    assert big.any() or scale == 0
     assert np.all(res.summation_error[big] <= 1e-11)
 
 

@@ -209,3 +209,33 @@ def test_dense_conv_matrices_agree_with_the_conv_kernels(monkeypatch: pytest.Mon
     assert not native.plan.dense_ops
     np.testing.assert_allclose(dense.jacobian, native.jacobian, rtol=1e-12,
                                atol=1e-13 * np.abs(native.jacobian).max())
+
+
+# ---------------------------------------------------------------- kinks
+
+
+def _relu_at_kink(write_model: Callable[..., Path], convention: str) -> pbxc.Model:
+    path = write_model('model k\nweights "w.npz"\ninput x: float64[2]\n'
+                       "output y = linear(relu(linear(x, @a)), @b)",
+                       {"a.weight": np.eye(2), "a.bias": np.zeros(2),
+                        "b.weight": np.array([[1.0, 2.0]]), "b.bias": np.zeros(1)})
+    return pbxc.load(path, convention=convention)
+
+
+@pytest.mark.parametrize(("convention", "slope"), [("owner", 0.0), ("left", 0.0),
+                                                   ("right", 1.0), ("mean", 0.5)])
+def test_units_on_a_kink_follow_the_convention_and_are_counted(
+        write_model: Callable[..., Path], convention: str, slope: float) -> None:
+    model = _relu_at_kink(write_model, convention)
+    x = np.array([[0.0, 3.0], [0.0, 0.0], [1.0, 1.0]])   # 1 + 2 + 0 units on relu's kink
+    res = model.jacobian(x)
+    assert res.kinks is not None and list(res.kinks.values()) == [3], res.kinks
+    np.testing.assert_array_equal(res.jacobian[:, 0, 0], [slope, slope, 1.0])
+    np.testing.assert_array_equal(res.jacobian[:, 0, 1], [2.0, 2 * slope, 2.0])
+    assert sum(model.kinks_hit(x).values()) == 3
+    assert sum(model.kinks_hit(x + 1e-300).values()) == 0
+
+
+def test_unknown_kink_convention_is_an_input_error(write_model: Callable[..., Path]) -> None:
+    with pytest.raises(pbxc.InputError, match=r"unknown kink convention 'middle'.*owner"):
+        _relu_at_kink(write_model, "middle")
