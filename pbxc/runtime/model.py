@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from pbxc.runtime.lrp_rules import rule_from_spec
 from pbxc.runtime.numpy_forward import forward_rule
 from pbxc.symbolic.activations import ActivationKey, activation_key
 from pbxc.symbolic.calculus import CONVENTIONS, DEFAULT_CONVENTION
-from pbxc.symbolic.derive import derive
+from pbxc.symbolic.derive import AccuracyWarning, derive
 from pbxc.weights.store import WeightStore
 
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -103,10 +104,11 @@ def compile_activations(graph: ModelGraph, convention: str = DEFAULT_CONVENTION,
     module = load_generated_module(rendered.source, f"{graph.name}_activations")
     routines = {key: {kind: getattr(module, fname) for kind, fname in names.items()}
                 for key, names in rendered.names.items()}
-    kink_points = {key: tuple(float(k.point) for k in
-                              derive(key, graph.user_activations, convention,
-                                                     np.dtype(dtype).name).kinks)
-                   for key in distinct}
+    with warnings.catch_warnings():   # render_activation_functions has warned already
+        warnings.simplefilter("ignore", AccuracyWarning)
+        kink_points = {key: tuple(float(k.point) for k in
+                                  derive(key, graph.user_activations, convention).kinks)
+                       for key in distinct}
     return ActivationTable(keys, routines, dict(rendered.names), kink_points, convention,
                            rendered.source)
 

@@ -162,7 +162,8 @@ def calculus_of(ctx: Context, node: OpNode) -> Any:
     key = ctx.model.activations.keys[node.name]
     cache = ctx.cache.setdefault("calculus", {})
     if key not in cache:
-        cache[key] = derive(key, ctx.model.graph.user_activations)
+        cache[key] = derive(key, ctx.model.graph.user_activations,
+                            ctx.model.activations.convention, ctx.model.dtype.name)
     return cache[key]
 
 
