@@ -19,7 +19,8 @@ from pbxc.errors import InputError, PbxError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 #: Modules with a ``register(subparsers)`` function adding more subcommands.
-EXTENSION_COMMANDS: tuple[str, ...] = ("pbxc.cli_interop", "pbxc.cli_evaluate", "pbxc.cli_verify")
+EXTENSION_COMMANDS: tuple[str, ...] = ("pbxc.cli_interop", "pbxc.cli_evaluate", "pbxc.cli_verify",
+                                       "pbxc.cli_activation")
 
 
 class UsageError(Exception):
