@@ -319,6 +319,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         att = arrays["attributions"]
         print(f"{args.method}: attributions {_fmt_shape(att.shape)} {att.dtype} "
               "(use --out FILE.npz to save them)")
+        if args.method == "lrp" and not (args.rule or args.composite) \
+                and model.graph.lrp_block is not None:
+            print(f"  rules: the lrp block at {model.graph.lrp_block.pos} (--rule/--composite "
+                  "replace it)")
         if "summation_error" in arrays:
             print(f"  summation-to-delta: max relative error "
                   f"{float(arrays['summation_error'].max()):.2e}")

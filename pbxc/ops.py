@@ -40,6 +40,9 @@ POOLING = frozenset({OpKind.MAXPOOL2D, OpKind.AVGPOOL2D, OpKind.GLOBAL_AVGPOOL})
 SHAPE_ONLY = frozenset({OpKind.FLATTEN, OpKind.RESHAPE})
 MERGE = frozenset({OpKind.ADD, OpKind.CONCAT})
 MULTIVARIATE = frozenset({OpKind.SOFTMAX, OpKind.LOG_SOFTMAX})
+# Ops the LRP engine runs a rule on; the others route relevance (specs/lrp.md)
+LRP_RULE_KINDS = WEIGHTED | frozenset({OpKind.AVGPOOL2D, OpKind.GLOBAL_AVGPOOL, OpKind.ADD,
+                                       OpKind.BATCHNORM, OpKind.NORMALIZE})
 
 
 class AttrType(enum.Enum):
@@ -208,6 +211,19 @@ MATH_FUNCTIONS: dict[str, int] = {
 MATH_CONSTANTS: dict[str, str] = {"pi": "pi", "e": "E"}
 
 COMPARISONS = ("<", "<=", ">", ">=")
+
+
+# LRP rules and composites by name, with their parameters in positional order (specs/lrp.md).
+# The rule objects live in pbxc.runtime.lrp_rules, which checks that it implements exactly these;
+# the names are here so that an ``lrp { ... }`` block is checked with the rest of the file.
+LRP_RULES: dict[str, tuple[str, ...]] = {
+    "lrp0": (), "epsilon": ("epsilon",), "gamma": ("gamma",), "zplus": (),
+    "alphabeta": ("alpha", "beta"), "wsquare": (), "flat": (), "zbox": ("low", "high"),
+}
+LRP_COMPOSITES: dict[str, tuple[str, ...]] = {
+    "epsilon": ("epsilon",), "lrp0": (), "epsilon-plus": ("epsilon",),
+    "epsilon-gamma-box": ("low", "high", "gamma", "epsilon"),
+}
 
 
 def op_names() -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -44,21 +44,27 @@ class LrpPlan:
     start: str
     rules: Mapping[str, Mapping[str, tuple[Any, float, str]]]
     bounds_from: str | None
+    # per composite, the nodes whose z^B bounds are fixed numbers (from the .pbx lrp block)
+    fixed_bounds: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    default: str = "epsilon"
 
 
-def _print_rules(rules: Mapping[str, tuple[Any, float, str]]) -> str:
-    """Rules as Python literals; z^B bounds (const modifiers) print as ``low`` / ``high``."""
+def _print_rules(rules: Mapping[str, tuple[Any, float, str]],
+                 fixed: frozenset[str] = frozenset()) -> str:
+    """Rules as Python literals; z^B bounds (const modifiers) print as ``low`` / ``high``
+    (the caller's, by default the batch range), except on ``fixed`` nodes: numbers."""
     consts = iter(["low", "high"] * 10_000)
 
-    def lit(x: Any) -> str:
+    def lit(x: Any, node: str = "") -> str:
         if isinstance(x, tuple) and len(x) == 2 and x[0] == "const":
-            return f"('const', {next(consts)})"
+            return (f"('const', {float(x[1])!r})" if node in fixed
+                    else f"('const', {next(consts)})")
         if isinstance(x, tuple):
-            inner = ", ".join(lit(v) for v in x)
+            inner = ", ".join(lit(v, node) for v in x)
             return f"({inner},)" if len(x) == 1 else f"({inner})"
         return repr(x)
 
-    rows = [f"        {name!r}: {lit(rule)}," for name, rule in rules.items()]
+    rows = [f"        {name!r}: {lit(rule, name)}," for name, rule in rules.items()]
     return "{\n" + "\n".join(rows) + "\n    }"
 
 
@@ -239,7 +245,8 @@ class NumpyModuleRenderer:
                'numpy_kernels.lrp_rule_step."""']
         for composite, rules in plan.rules.items():
             out.append(f"    if composite == {composite!r}:")
-            out.append(f"        return {_print_rules(rules)}".replace("\n", "\n    "))
+            fixed = plan.fixed_bounds.get(composite, frozenset())
+            out.append(f"        return {_print_rules(rules, fixed)}".replace("\n", "\n    "))
         out.append(f"    raise ValueError('unknown composite %r; compiled: %s' % (composite, "
                    f"{', '.join(sorted(plan.rules))!r}))")
         out += ["", "", f"def _lrp_backward(E, P, {var(plan.start, 'R')}, rules):",
@@ -249,12 +256,15 @@ class NumpyModuleRenderer:
                   f".min())\n    if high is None:\n        high = float(E["
                   f"{var(plan.bounds_from, 'v')!r}].max())") if plan.bounds_from else ""
         out += [
-            "def lrp(x, target=None, composite='epsilon', low=None, high=None, dtype=None):",
+            f"def lrp(x, target=None, composite={plan.default!r}, low=None, high=None, "
+            "dtype=None):",
             '    """Layer-wise relevance propagation of the target logit (predicted by default).',
             "",
             "    Returns (relevance shaped like x, ledger) with ledger = {'start': f_c(x),",
             "    'inputs': relevance reaching x, 'bias': absorbed by biases, 'stabiliser':",
             "    absorbed by the stabiliser}, per sample. z^B bounds default to the batch's range.",
+            "    Composites: " + ", ".join(sorted(plan.rules)) + ("; 'model' is the .pbx lrp block."
+                                                                if "model" in plan.rules else "."),
             '    """',
             "    P, xs = _prepare(x, dtype)",
             "    E = _forward(*xs, P)",

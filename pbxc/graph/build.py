@@ -13,6 +13,9 @@ from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos, did_you_me
 from pbxc.graph.ir import InputInfo, ModelGraph, OpNode, OutputInfo
 from pbxc.ops import (
     BUILTIN_ACTIVATIONS,
+    LRP_COMPOSITES,
+    LRP_RULE_KINDS,
+    LRP_RULES,
     MATH_CONSTANTS,
     MATH_FUNCTIONS,
     SIGNATURES,
@@ -452,10 +455,81 @@ class _Builder:
         for weights_decl in program.weights:
             weight_files.extend((lit.value, lit.pos) for lit in weights_decl.paths)
         self._check_verify_blocks(inputs)
+        self._check_lrp_blocks()
         self.bag.raise_if_any(PbxValidationError)
+        blocks = self.program.lrp_blocks
         return ModelGraph(program.name, program.path, graph, tuple(inputs), tuple(outputs),
                           tuple(weight_files), dict(self.user_activations),
-                          verify_blocks=self.program.verify_blocks)
+                          verify_blocks=self.program.verify_blocks,
+                          lrp_block=blocks[0] if blocks else None)
+
+    def _check_lrp_blocks(self) -> None:
+        """One ``lrp`` block with at most one composite; known rules and composites with
+        parameters they take; targets are statements that hold an op taking a rule, each named
+        once."""
+        blocks = self.program.lrp_blocks
+        for extra in blocks[1:]:
+            self.bag.error(f"a second lrp block (the first is at line {blocks[0].pos.line}); "
+                           "merge them", extra.pos)
+        if not blocks:
+            return
+        block = blocks[0]
+        for extra_composite in block.composites[1:]:
+            self.bag.error(f"a second composite (the first is at line "
+                           f"{block.composites[0].pos.line})", extra_composite.pos)
+        for composite in block.composites:
+            if composite.name not in LRP_COMPOSITES:
+                self.bag.error(f"unknown LRP composite '{composite.name}'"
+                               + did_you_mean(composite.name, LRP_COMPOSITES), composite.pos,
+                               [f"composites: {', '.join(sorted(LRP_COMPOSITES))}"])
+            else:
+                self._check_lrp_args(f"composite '{composite.name}'", composite.args,
+                                     LRP_COMPOSITES[composite.name])
+        seen: dict[str, SourcePos] = {}
+        for assign in block.assignments:
+            if assign.rule not in LRP_RULES:
+                self.bag.error(f"unknown LRP rule '{assign.rule}'"
+                               + did_you_mean(assign.rule, LRP_RULES), assign.rule_pos,
+                               [f"rules: {', '.join(sorted(LRP_RULES))}"])
+            else:
+                self._check_lrp_args(f"rule '{assign.rule}'", assign.args,
+                                     LRP_RULES[assign.rule])
+            if assign.target in seen:
+                self.bag.error(f"'{assign.target}' already has a rule (line "
+                               f"{seen[assign.target].line})", assign.pos)
+                continue
+            seen[assign.target] = assign.pos
+            nodes = [n for n in self.nodes.values() if n.name == assign.target
+                     or n.name.startswith(assign.target + "/")]
+            if not nodes:
+                self.bag.error(f"'{assign.target}' is not a statement of this model"
+                               + did_you_mean(assign.target, self.defined_at), assign.pos)
+            elif not any(n.kind in LRP_RULE_KINDS for n in nodes):
+                kinds = ", ".join(sorted({n.kind.value for n in nodes}))
+                self.bag.error(f"'{assign.target}' holds no op that takes an LRP rule (it holds "
+                               f"{kinds}, which route relevance); rules apply to linear, conv, "
+                               "pooling, add and batchnorm", assign.pos)
+
+    def _check_lrp_args(self, what: str, args: tuple[ast.LrpArg, ...],
+                        params: tuple[str, ...]) -> None:
+        given: set[str] = set()
+        named = False
+        for i, arg in enumerate(args):
+            if arg.name is None and named:
+                self.bag.error(f"{what}: a positional parameter after a named one", arg.pos)
+                return
+            named = named or arg.name is not None
+            name = arg.name if arg.name is not None else (params[i] if i < len(params) else None)
+            if name is None:
+                self.bag.error(f"{what} takes {len(params)} parameter(s) "
+                               f"({', '.join(params) or 'none'}), got {len(args)}", arg.pos)
+                return
+            if name not in params:
+                self.bag.error(f"{what} has no parameter '{name}'" + did_you_mean(name, params),
+                               arg.pos, [f"parameters: {', '.join(params) or 'none'}"])
+            elif name in given:
+                self.bag.error(f"{what}: parameter '{name}' given twice", arg.pos)
+            given.add(name)
 
     def _check_verify_blocks(self, inputs: list[InputInfo]) -> None:
         """Names in ``verify`` domains are inputs, each with at most one domain; intervals are

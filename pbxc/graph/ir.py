@@ -90,6 +90,13 @@ class ModelGraph:
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # bound weights
     # ``verify { ... }`` blocks, in file order (checked by pbxc.verify; see specs/verify.md)
     verify_blocks: tuple[ast.VerifyBlock, ...] = ()
+    # the ``lrp { ... }`` block, checked: names, parameters, targets (see specs/lrp.md)
+    lrp_block: ast.LrpBlock | None = None
+
+    def statement_nodes(self, statement: str) -> list[OpNode]:
+        """The ops a statement created: ``h`` and its nested calls ``h/linear``, ..."""
+        return [n for n in self.topological()
+                if n.name == statement or n.name.startswith(statement + "/")]
 
     def node(self, name: str) -> OpNode:
         op: OpNode = self.digraph.nodes[name]["op"]

@@ -223,7 +223,52 @@ class VerifyBlock:
         return tuple(s for s in self.statements if isinstance(s, VerifyCheck))
 
 
-Item = WeightsDecl | InputDecl | ActivationDef | Assign | OutputDecl | VerifyBlock
+@dataclass(frozen=True)
+class LrpArg:
+    """A rule or composite parameter, positional (``name`` None) or ``name=value``."""
+
+    name: str | None
+    value: float
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class LrpComposite:
+    """``composite NAME(args)``: the rules of every layer, by op kind (specs/lrp.md)."""
+
+    name: str                 # as registered: epsilon-gamma-box (written epsilon_gamma_box)
+    args: tuple[LrpArg, ...]
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class LrpAssign:
+    """``target = rule(args)``: the rule of the weighted ops of statement ``target``."""
+
+    target: str
+    rule: str
+    args: tuple[LrpArg, ...]
+    pos: SourcePos            # of the target name
+    rule_pos: SourcePos
+
+
+@dataclass(frozen=True)
+class LrpBlock:
+    """``lrp { ... }``: the LRP rule assignment used when none is given on the CLI or API."""
+
+    statements: tuple[LrpComposite | LrpAssign, ...]
+    pos: SourcePos
+
+    @property
+    def composites(self) -> tuple[LrpComposite, ...]:
+        return tuple(s for s in self.statements if isinstance(s, LrpComposite))
+
+    @property
+    def assignments(self) -> tuple[LrpAssign, ...]:
+        return tuple(s for s in self.statements if isinstance(s, LrpAssign))
+
+
+Item = WeightsDecl | InputDecl | ActivationDef | Assign | OutputDecl | VerifyBlock | LrpBlock
 
 
 @dataclass(frozen=True)
@@ -248,3 +293,7 @@ class Program:
     @property
     def verify_blocks(self) -> tuple[VerifyBlock, ...]:
         return tuple(i for i in self.items if isinstance(i, VerifyBlock))
+
+    @property
+    def lrp_blocks(self) -> tuple[LrpBlock, ...]:
+        return tuple(i for i in self.items if isinstance(i, LrpBlock))

@@ -271,6 +271,31 @@ class _ToAst(Transformer[Any, Any]):
     def string_value(self, children: list[Token]) -> ast.StrLit:
         return ast.StrLit(_unquote(str(children[0])), self._tpos(children[0]))
 
+    # ---- lrp block (specs/lrp.md)
+    @v_args(meta=True)
+    def lrp_block(self, meta: Any, children: list[Any]) -> ast.LrpBlock:
+        return ast.LrpBlock(tuple(children), self._pos(meta))
+
+    def lrp_composite(self, children: list[Any]) -> ast.LrpComposite:
+        name, args = children[0], (children[1] if len(children) > 1 else None)
+        text = _unquote(str(name)) if name.type == "STRING" else str(name).replace("_", "-")
+        return ast.LrpComposite(text, args or (), self._tpos(name))
+
+    def lrp_assign(self, children: list[Any]) -> ast.LrpAssign:
+        target, rule = children[:2]
+        args = children[2] if len(children) > 2 else None
+        return ast.LrpAssign(str(target), str(rule), args or (), self._tpos(target),
+                             self._tpos(rule))
+
+    def lrp_args(self, children: list[Any]) -> tuple[ast.LrpArg, ...]:
+        return tuple(c for c in children if c is not None)
+
+    def lrp_arg(self, children: list[Any]) -> ast.LrpArg:
+        name, number = children if len(children) == 2 else (None, children[0])
+        value = float(number.value) if isinstance(number, ast.NumberLit) else float(number)
+        pos = self._tpos(name) if name is not None else number.pos
+        return ast.LrpArg(str(name) if name is not None else None, value, pos)
+
     # ---- calls
     def alias(self, children: list[Token]) -> ast.Call:
         """``h = g``: the identity op applied to ``g``."""

@@ -14,8 +14,8 @@ import numpy as np
 from pbxc.codegen.numpy_module import LrpPlan, NumpyModuleRenderer
 from pbxc.errors import PbxError
 from pbxc.ops import OpKind
-from pbxc.runtime.lrp import OUTPUT_ONLY, resolve_rules
-from pbxc.runtime.lrp_rules import COMPOSITES, WEIGHTED_KINDS, get_composite
+from pbxc.runtime.lrp import OUTPUT_ONLY, file_rules, resolve_rules
+from pbxc.runtime.lrp_rules import COMPOSITES, WEIGHTED_KINDS, ZBox, get_composite
 from pbxc.runtime.model import Model
 
 MANIFEST = "manifest.json"
@@ -52,7 +52,24 @@ def lrp_plan(model: Model) -> LrpPlan:
         by_node = resolve_rules(model, {}, composite, None, None)
         rules[name] = {node: (rule.groups_data(), rule.epsilon, rule.placement)
                        for node, rule in by_node.items()}
-    return LrpPlan(start, rules, first.inputs[0] if first is not None else None)
+    fixed: dict[str, frozenset[str]] = {}
+    default = "epsilon"
+    if model.graph.lrp_block is not None:
+        # the .pbx lrp block as composite "model", the generated lrp()'s default; z^B bounds
+        # it gives are numbers, the rest stay the caller's (by default the batch range)
+        default = "model"
+        file_composite, args, overrides = file_rules(model.graph.lrp_block)
+        composite = get_composite(file_composite or "epsilon", **args)
+        by_node = resolve_rules(model, {}, composite, None, overrides)
+        rules[default] = {node: (rule.groups_data(), rule.epsilon, rule.placement)
+                          for node, rule in by_node.items()}
+        free = {first.name} if (first is not None and composite.first is not None and
+                                by_node.get(first.name) is composite.first and
+                                not {"low", "high"} <= set(args)) else set()
+        fixed[default] = frozenset(n for n, r in by_node.items()
+                                   if isinstance(r, ZBox) and n not in free)
+    return LrpPlan(start, rules, first.inputs[0] if first is not None else None, fixed,
+                   default)
 
 
 def compile_model(model: Model, out_dir: str | Path) -> list[Path]:

@@ -27,12 +27,13 @@ from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import kernel_attrs
-from pbxc.ops import OpKind
+from pbxc.ops import LRP_COMPOSITES, OpKind
 from pbxc.runtime.jacobian import linearize
 from pbxc.runtime.lrp_rules import (
     COMPOSITES,
     LRP0,
     RULE_KINDS,
+    RULES_BY_NAME,
     WEIGHTED_KINDS,
     AlphaBeta,
     Composite,
@@ -211,8 +212,14 @@ def _first_weighted(model: Any) -> str | None:
 
 
 def resolve_rules(model: Any, values: Mapping[str, Array], composite: Composite | str | None,
-                  rule: Rule | None, overrides: Mapping[str, Rule] | None) -> dict[str, Rule]:
-    """The rule of every node the engine runs: overrides > rule > composite > "epsilon"."""
+                  rule: Rule | None, overrides: Mapping[str, Rule] | None,
+                  composite_args: Mapping[str, float] | None = None) -> dict[str, Rule]:
+    """The rule of every node the engine runs: overrides > rule > composite > "epsilon".
+
+    An override names a node, or a statement of the .pbx: then it sets the rule of every op
+    of that statement that takes one (``h = relu(linear(x, @w))``: ``h`` -> ``h/linear``).
+    ``composite_args`` are the parameters of a composite given by name.
+    """
     if rule is not None and composite is not None:
         raise LrpConfigError("give either rule= (one rule for every layer) or composite=, "
                              "not both")
@@ -220,11 +227,12 @@ def resolve_rules(model: Any, values: Mapping[str, Array], composite: Composite 
         raise LrpConfigError(f"rule must be a pbxc LRP Rule, got {rule!r}")
     first = _first_weighted(model)
     if isinstance(composite, str):
-        kwargs: dict[str, object] = {}
-        if composite == "epsilon-gamma-box" and first is not None:
+        kwargs: dict[str, object] = dict(composite_args or {})
+        if composite == "epsilon-gamma-box" and first is not None and not (
+                {"low", "high"} <= set(kwargs)):
             # bounds from the batch itself: the range of the first weighted layer's input
             data = values[model.graph.node(first).inputs[0]]
-            kwargs = {"low": float(data.min()), "high": float(data.max())}
+            kwargs = {"low": float(data.min()), "high": float(data.max()), **kwargs}
         composite = get_composite(composite, **kwargs)
     elif composite is None:
         composite = get_composite("epsilon")
@@ -236,22 +244,46 @@ def resolve_rules(model: Any, values: Mapping[str, Array], composite: Composite 
             rules[node.name] = rule if rule is not None else composite.rule_for(
                 node.kind, node.name == first)
     for name, r in (overrides or {}).items():
-        if name not in rules:
+        if not isinstance(r, Rule):
+            raise LrpConfigError(f"override for '{name}' must be a Rule, got {r!r}")
+        targets = [name] if name in rules else [
+            n.name for n in model.graph.statement_nodes(name) if n.name in rules]
+        if not targets:
             kind = model.graph.node(name).kind.value if name in model.graph.digraph else None
             what = f"a '{kind}' op, which routes relevance without a rule" if kind else \
                 "not a value of this model"
             raise LrpConfigError(f"cannot override the LRP rule of '{name}': it is {what}")
-        if not isinstance(r, Rule):
-            raise LrpConfigError(f"override for '{name}' must be a Rule, got {r!r}")
-        rules[name] = r
+        for target in targets:
+            rules[target] = r
     return rules
+
+
+def file_rules(block: Any) -> tuple[str | None, dict[str, float], dict[str, Rule]]:
+    """The composite (name and parameters) and the overrides of a checked ``lrp`` block."""
+    composite = block.composites[0] if block.composites else None
+    name = composite.name if composite is not None else None
+    args = named_args(composite.args, LRP_COMPOSITES[composite.name]) if composite else {}
+    overrides = {}
+    for assign in block.assignments:
+        cls, params = RULES_BY_NAME[assign.rule]
+        try:
+            overrides[assign.target] = cls(**named_args(assign.args, params))  # type: ignore[arg-type]
+        except LrpConfigError as exc:   # a value the rule rejects, e.g. alpha - beta != 1
+            raise LrpConfigError(exc.message, assign.rule_pos) from None
+    return name, args, overrides
+
+
+def named_args(args: Any, params: tuple[str, ...]) -> dict[str, float]:
+    """Positional and ``name=`` parameters (checked by the graph stage) by name."""
+    return {a.name if a.name is not None else params[i]: a.value for i, a in enumerate(args)}
 
 
 # ---------------------------------------------------------------- the pass
 
 def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str | None = None,
         rule: Rule | None = None, overrides: Mapping[str, Rule] | None = None,
-        output: str | None = None) -> LrpResult:
+        output: str | None = None, composite_args: Mapping[str, float] | None = None
+        ) -> LrpResult:
     """Layer-wise relevance propagation of the target logit back to the model inputs.
 
     ``inputs``: a batch array (single-input models) or a dict by input name. ``target``: None
@@ -277,7 +309,7 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     rows = np.arange(batch)
     seed[rows, targets] = flat[rows, targets]
     relevance: dict[str, Array] = {start: seed.reshape(logits.shape)}
-    rules = resolve_rules(model, values, composite, rule, overrides)
+    rules = resolve_rules(model, values, composite, rule, overrides, composite_args)
     layers: dict[str, LayerLedger] = {}
     ties: dict[str, int] = {}
     for node in reversed(model.nodes):

@@ -25,7 +25,7 @@ import numpy as np
 
 from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import PbxError
-from pbxc.ops import OpKind
+from pbxc.ops import LRP_COMPOSITES, LRP_RULE_KINDS, LRP_RULES, OpKind
 
 Array = np.ndarray
 Modifier = tuple[str, Any]  # (name, parameter): see numpy_kernels.lrp_modify
@@ -269,6 +269,7 @@ CONV_KINDS = frozenset({OpKind.CONV1D, OpKind.CONV2D})
 NORM_KINDS = frozenset({OpKind.AVGPOOL2D, OpKind.GLOBAL_AVGPOOL, OpKind.ADD})
 AFFINE_KINDS = frozenset({OpKind.BATCHNORM, OpKind.NORMALIZE})
 RULE_KINDS = WEIGHTED_KINDS | NORM_KINDS | AFFINE_KINDS
+assert RULE_KINDS == LRP_RULE_KINDS
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,10 @@ RULES_BY_NAME: dict[str, tuple[type[Rule], tuple[str, ...]]] = {
     "flat": (Flat, ()),
     "zbox": (ZBox, ("low", "high")),
 }
+
+
+assert {n: p for n, (_, p) in RULES_BY_NAME.items()} == LRP_RULES
+assert set(COMPOSITES) == set(LRP_COMPOSITES)
 
 
 def rule_from_spec(spec: str) -> Rule:

@@ -17,7 +17,7 @@ from pbxc.ops import OpKind
 from pbxc.runtime.codeload import load_generated_module
 from pbxc.runtime.dfd import DfdResult, dfd, resolve_baseline
 from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
-from pbxc.runtime.lrp import LrpResult, lrp
+from pbxc.runtime.lrp import LrpResult, file_rules, lrp
 from pbxc.runtime.lrp_rules import rule_from_spec
 from pbxc.runtime.numpy_forward import forward_rule
 from pbxc.symbolic.activations import ActivationKey, activation_key
@@ -368,15 +368,23 @@ class Model:
 
         ``rule``: a Rule, or text such as "epsilon:0.25", "gamma", "zplus", "alphabeta:2:1";
         ``composite``: a name ("epsilon", "lrp0", "epsilon-plus", "epsilon-gamma-box") or a
-        Composite; ``overrides``: node name -> rule. The result carries the ledger.
+        Composite; ``overrides``: node or statement name -> rule. With neither ``rule`` nor
+        ``composite``, the model's ``lrp { ... }`` block applies (its composite and rules; the
+        ``overrides`` given here win over its rules), and without a block, "epsilon".
+        The result carries the ledger.
         """
         if isinstance(rule, str):
             rule = rule_from_spec(rule)
         if overrides:
             overrides = {k: rule_from_spec(v) if isinstance(v, str) else v
                          for k, v in overrides.items()}
+        composite_args: dict[str, float] = {}
+        block = self.graph.lrp_block
+        if rule is None and composite is None and block is not None:
+            composite, composite_args, from_file = file_rules(block)
+            overrides = {**from_file, **(overrides or {})}
         return lrp(self, x, target=target, composite=composite, rule=rule,
-                   overrides=overrides, output=output)
+                   overrides=overrides, output=output, composite_args=composite_args)
 
     def source_of(self, node_name: str) -> SourcePos:
         return self.graph.node(node_name).pos

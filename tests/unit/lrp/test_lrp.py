@@ -262,8 +262,10 @@ def test_unknown_composite_and_bad_override() -> None:
     model, x = example("breast_cancer_mlp")
     with pytest.raises(LrpConfigError, match=r"unknown LRP composite 'epsilon-gama'.*epsilon-plus"):
         lrp(model, x, composite="epsilon-gama")
-    with pytest.raises(LrpConfigError, match="h1"):
-        lrp(model, x, overrides={"h1": LRP0()})
+    with pytest.raises(LrpConfigError, match="'h2x': it is not a value of this model"):
+        lrp(model, x, overrides={"h2x": LRP0()})
+    # a statement name sets the ops of that statement that take a rule
+    assert lrp(model, x, overrides={"h1": LRP0()}).rules["h1/linear"] == "lrp0"
     with pytest.raises(LrpConfigError, match="not both"):
         lrp(model, x, rule=LRP0(), composite="epsilon")
 
