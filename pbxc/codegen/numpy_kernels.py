@@ -1,14 +1,17 @@
 """NumPy kernels for every op: forward, and the transposed (vector-Jacobian) linear maps.
 
-This module is self-contained on purpose (numpy only, no pbxc imports): the runtime imports
-it, and ``pbxc compile`` copies its source verbatim into standalone generated modules, so the
-reference semantics exist once.
+This module is self-contained on purpose (numpy only; its one pbxc import is the numeric
+prelude, ``pbxc.symbolic.numeric``, which every generated module already holds verbatim): the
+runtime imports it, and ``pbxc compile`` copies its source, less that import line, into
+standalone generated modules, so the reference semantics exist once.
 
 Batched layout: arrays are (N, *per_sample_shape). For linear maps N may be batch x tangents.
 """
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from pbxc.symbolic.numeric import _diag_minus_outer_vjp, _softmax_dfd_factors  # prelude
 
 
 def windows2d(x, kernel, stride, padding, dilation=(1, 1), pad_value=0.0):
@@ -455,7 +458,7 @@ def normalize_vjp(v, xs, y, local, p):
     return [normalize_jvp([v], xs, y, local, p)]
 
 
-# ---- softmax family: closed-form Jacobians; DFD by the mean-value Jacobian
+# ---- softmax family: closed-form Jacobians and DFD multipliers, never dense
 def softmax_forward(xs, p, axis):
     return softmax(xs[0], 1 + axis)
 
@@ -480,34 +483,17 @@ def log_softmax_vjp(v, xs, y, local, p, axis):
     return [log_softmax_cotangent(np.exp(y)[:, None], v, 2 + axis)]
 
 
-def mean_value_vjp(m, x, x0, dy, axis, jvp, vjp):
-    """v^T J_bar with J_bar = int_0^1 J(x0 + t (x - x0)) dt, by Gauss-Legendre quadrature
-    refined until J_bar (x - x0) == y - y0 to a few ulps (J is analytic along the segment)."""
-    dx = x - x0
-    n = 8 + int(4 * float(np.max(np.abs(dx), initial=0.0)))
-    tol = 64 * np.finfo(x.dtype).eps * max(1.0, float(np.max(np.abs(dy), initial=0.0)))
-    result = np.zeros_like(m)
-    for _ in range(6):
-        nodes, weights = np.polynomial.legendre.leggauss(n)
-        applied = np.zeros_like(dx)
-        result = np.zeros_like(m)
-        for t, w in zip((nodes + 1) / 2, weights / 2):
-            s = softmax(x0 + t * dx, 1 + axis)
-            applied += w * jvp(s, dx, 1 + axis)
-            result += w * vjp(s[:, None], m, 2 + axis)
-        if np.max(np.abs(applied - dy), initial=0.0) <= tol:
-            break
-        n *= 2
-    return result
-
-
 def softmax_dfd(m, xs, xs0, y, y0, local, p, axis):
-    return [mean_value_vjp(m, xs[0], xs0[0], y - y0, axis, softmax_tangent, softmax_tangent)]
+    """m^T M with pbxc's softmax rule M = diag(L) - L w^T (specs/activations.md): exp and log
+    by eq. 16-17, sums by eq. 7, composed by eq. 4; sums to delta exactly in exact arithmetic."""
+    big, w = _softmax_dfd_factors(xs0[0], xs[0], 1 + axis)
+    return [_diag_minus_outer_vjp(big[:, None], big[:, None], w[:, None], m, 2 + axis)]
 
 
 def log_softmax_dfd(m, xs, xs0, y, y0, local, p, axis):
-    return [mean_value_vjp(m, xs[0], xs0[0], y - y0, axis, log_softmax_tangent,
-                           log_softmax_cotangent)]
+    """m^T (I - 1 w^T), the log_softmax rule of specs/activations.md."""
+    _, w = _softmax_dfd_factors(xs0[0], xs[0], 1 + axis)
+    return [_diag_minus_outer_vjp(1.0, 1.0, w[:, None], m, 2 + axis)]
 
 
 # ---- elementwise activations: local is f'(z) (JVP/VJP) or the DFD multiplier (dfd)

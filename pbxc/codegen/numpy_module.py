@@ -21,6 +21,9 @@ from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, kernel_name
 from pbxc.ops import OpKind
 
+#: the kernels' import of the numeric prelude, which the generated module holds verbatim
+PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
+
 
 def var(name: str, prefix: str = "v") -> str:
     """A Python identifier for a graph value name (``h1/linear`` -> ``v_h1__linear``)."""
@@ -199,7 +202,7 @@ class NumpyModuleRenderer:
         parts = [
             header,
             "# ---- op kernels (pbxc.codegen.numpy_kernels) ----",
-            inspect.getsource(numpy_kernels),
+            PRELUDE_IMPORT.sub("", inspect.getsource(numpy_kernels)),
             "# ---- activations, printed from sympy ----",
             self.activation_source.replace("import numpy as np\n", ""),
             "# ---- the model ----",

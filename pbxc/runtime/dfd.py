@@ -11,9 +11,9 @@ m_xt = sum_y m_xy m_yt (eq. 4). Rules, keyed by op kind:
 * max pooling: the window maximum written as pairwise maxima, max(u, v) = u + relu(v - u), each
   relu by the rescale rule. This is exact for any defaults, including defaults that differ
   across the window (the case eq. 13 sets aside), and equals eq. 13's indicator when they agree;
-* softmax and log-softmax: the mean-value Jacobian along the segment from default to input,
-  J_bar = int_0^1 J(x0 + t (x - x0)) dt, so that J_bar delta_x = delta_y exactly. For an
-  elementwise f this average is exactly the rescale multiplier, so the rule generalises eq. 16.
+* softmax and log-softmax: pbxc's rule M = diag(L) - L w^T (I - 1 w^T for log_softmax),
+  built from the seed's own rules for exp, log and sums (specs/activations.md); it sums to
+  delta exactly and equals the Jacobian at x = x0.
 """
 
 from __future__ import annotations
