@@ -261,6 +261,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     target = _parse_target(args.target)
     if args.method != "dfd" and args.baseline is not None:
         raise UsageError("--baseline applies to --method dfd")
+    if args.method != "dfd" and args.dfd_rule != "rescale":
+        raise UsageError("--dfd-rule applies to --method dfd")
     if args.method != "lrp" and (args.rule or args.composite):
         raise UsageError("--rule and --composite apply to --method lrp")
     data = load_array_file(args.data, args.data_key, model.input_names) if args.data else None
@@ -292,7 +294,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         elif args.method == "dfd":
             bl = baseline if per_sample_baseline is None else \
                 per_sample_baseline[start:start + args.batch_size]
-            res_d = model.dfd(xb, baseline=bl, target=target, output=output, data=data)
+            res_d = model.dfd(xb, baseline=bl, target=target, output=output, data=data,
+                              rule=args.dfd_rule)
             add("attributions", res_d.attributions[model.input_names[0]])
             add("delta", res_d.delta)
             add("summation_error", res_d.summation_error)
@@ -394,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="dfd default input: zeros, mean (of --data), a number, "
                    "or a .npy/.npz file (one sample, or one per input sample)")
     p.add_argument("--data", help="data for the 'mean' baseline (.npy/.npz)")
+    p.add_argument("--dfd-rule", default="rescale", choices=["rescale", "revealcancel"],
+                   help="dfd rule for nonlinearities (default: rescale; see specs/dfd.md)")
     p.add_argument("--data-key", help="the .npz key of --data")
     p.add_argument("--rule", help="lrp rule for every layer, e.g. epsilon, gamma, zplus")
     p.add_argument("--composite", help="lrp composite, e.g. epsilon-gamma-box")

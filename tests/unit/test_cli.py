@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pbxc
 from pbxc.cli import main
 
 MODEL = '''model m
@@ -202,3 +203,22 @@ def test_explain_lrp_saves_the_ledger(capsys: pytest.CaptureFixture[str], tmp_pa
     code, _, err = run(capsys, "explain", str(EXAMPLES / "digits_cnn.pbx"), "-m", "lrp",
                        "-i", str(ref), "--key", "inputs", "--rule", "alphabeta:2:2")
     assert code == 1 and "alpha - beta = 1" in err
+
+
+def test_explain_dfd_rule_revealcancel(tmp_path: Path) -> None:
+    x = np.load(EXAMPLES / "breast_cancer_mlp_reference.npz")["inputs"][:7]
+    np.save(tmp_path / "x.npy", x)
+    outs = {}
+    for rule in ("rescale", "revealcancel"):
+        out = tmp_path / f"{rule}.npz"
+        assert main(["explain", str(EXAMPLES / "breast_cancer_mlp.pbx"), "-m", "dfd", "-i",
+                     str(tmp_path / "x.npy"), "--dfd-rule", rule, "-o", str(out)]) == 0
+        with np.load(out) as data:
+            outs[rule] = dict(data)
+    model = pbxc.load(EXAMPLES / "breast_cancer_mlp.pbx")
+    want = model.dfd(x, rule="revealcancel").attributions["x"]
+    np.testing.assert_allclose(outs["revealcancel"]["attributions"], want, rtol=1e-6)
+    assert not np.allclose(outs["rescale"]["attributions"], want)
+    np.testing.assert_allclose(outs["revealcancel"]["delta"], outs["rescale"]["delta"])
+    assert main(["explain", str(EXAMPLES / "breast_cancer_mlp.pbx"), "-m", "lrp", "-i",
+                 str(tmp_path / "x.npy"), "--dfd-rule", "revealcancel"]) == 2
