@@ -550,8 +550,15 @@ def _per_sample_sum(a):
     return a.reshape(a.shape[0], -1).sum(axis=1)
 
 
-def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, **attrs):
-    """Relevance at the op's output -> (relevance per input, absorbed by bias, by stabiliser)."""
+UNMODIFIED = ((1.0, ("same", None), ("same", None), ("same", None)),)
+
+
+def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=None, **attrs):
+    """Relevance at the op's output -> (relevance per input, absorbed by bias, by stabiliser).
+
+    ``z_out``, the op's forward output, stands in for z where a group leaves inputs, weights
+    and bias unmodified (LRP-0, epsilon): that z *is* the forward pass, so the step costs one
+    transposed product instead of two."""
     table = globals()
     w, b = table[f"{op}_lrp_params"](p, xs, **attrs)
     forward, transpose = table[f"{op}_lrp_forward"], table[f"{op}_lrp_transpose"]
@@ -564,6 +571,12 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, **attrs
         z = np.zeros_like(relevance)
         zb = np.zeros_like(relevance)
         passes = []
+        if z_out is not None and tuple(terms) == UNMODIFIED:
+            z = z_out
+            if b is not None:
+                zb = np.broadcast_to(bias_view(b, z), z.shape)
+            passes.append((1.0, xs, w))
+            terms = ()
         for sign, in_mod, w_mod, b_mod in terms:
             ins = [lrp_modify(in_mod, x) for x in xs]
             wt = lrp_modify(w_mod, w)

@@ -162,7 +162,8 @@ class NumpyModuleRenderer:
             attrs = kernel_attrs(node)
             if node.name in rule_nodes:
                 out.append(f"    _r, _b, _s = lrp_rule_step({node.kind.value!r}, {r}, {xs}, "
-                           f"P[{node.name!r}], *rules[{node.name!r}]{_attrs(node)})")
+                           f"P[{node.name!r}], *rules[{node.name!r}], "
+                           f"z_out=E[{var(node.name, 'v')!r}]{_attrs(node)})")
                 out.append("    bias, stabiliser = bias + _b, stabiliser + _s")
             elif node.kind is OpKind.MAXPOOL2D:
                 geometry = ", ".join(f"{k}={attrs[k]!r}" for k in ("kernel", "stride",

@@ -176,6 +176,19 @@ def reveal_cancel_pairs(model: object) -> dict[str, OpNode]:
     return pairs
 
 
+def baseline_linearization(model: object, default: Mapping[str, Array]) -> Linearization:
+    """The forward pass at the defaults. A default shared by the whole batch (zeros, a
+    constant, the mean) is evaluated once and broadcast: a third of DFD's products saved."""
+    shared = all(len(d) > 1 and bool((d == d[:1]).all()) for d in default.values())
+    if not shared:
+        return linearize(model, default, derivatives=False)
+    batch = len(next(iter(default.values())))
+    one = linearize(model, {k: d[:1] for k, d in default.items()}, derivatives=False)
+    return Linearization(
+        {k: np.broadcast_to(v, (batch, *v.shape[1:])) for k, v in one.values.items()},
+        {k: np.broadcast_to(v, (batch, *v.shape[1:])) for k, v in one.local.items()})
+
+
 def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array],
         output: str, seed: Array, rule: str = "rescale", at: Linearization | None = None
         ) -> tuple[dict[str, Array], Linearization, Linearization]:
@@ -187,7 +200,7 @@ def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
         raise InputError(f"DFD rule must be one of {NONLINEAR_RULES}, got {rule!r}")
     # multipliers need values at both points (and max-pool windows), never f'
     at = at or linearize(model, inputs, derivatives=False)
-    base = linearize(model, default, derivatives=False)
+    base = baseline_linearization(model, default)
     ctx = DfdContext(model, at, base)
     graph = model.graph  # type: ignore[attr-defined]
     import networkx as nx

@@ -326,7 +326,8 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
             r_in, bias, stab = K.lrp_rule_step(node.kind.value, r_out, xs,
                                                model.params[node.name],
                                                node_rule.groups_data(), node_rule.epsilon,
-                                               node_rule.placement, **kernel_attrs(node))
+                                               node_rule.placement, values[node.name],
+                                               **kernel_attrs(node))
         elif node.kind is OpKind.MAXPOOL2D:
             assert node.name in lin.local
             r0, ties[node.name] = K.lrp_maxpool(r_out, xs[0], lin.local[node.name],

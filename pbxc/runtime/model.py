@@ -359,7 +359,8 @@ class Model:
         y0 = base.values[output].reshape(y.shape[0], -1)
         delta = flat[np.arange(len(c)), c] - y0[np.arange(len(c)), c]
         contributions = {k: mult[k] * (inputs[k] - default[k]) for k in inputs}
-        return DfdResult(contributions, mult, default, y, base.values[output], c, delta)
+        return DfdResult(contributions, mult, default, y,
+                         np.ascontiguousarray(base.values[output]), c, delta)
 
     def lrp(self, x: np.ndarray | Mapping[str, np.ndarray], *, target: Any = None,
             rule: Any = None, composite: Any = None, overrides: Mapping[str, Any] | None = None,
