@@ -52,7 +52,8 @@ def dfd_step(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
         table = ctx.model.activations  # type: ignore[attr-defined]
         z0 = ctx.default.values[node.inputs[0]]
         z = ctx.at.values[node.inputs[0]]
-        local = table.multiplier(node.name, z0, z)   # eq. 16-17, the rescale rule
+        local = table.multiplier(node.name, z0, z,   # eq. 16-17, the rescale rule
+                                 ctx.default.values[node.name], y)
     else:
         local = ctx.at.local.get(node.name)
     xs0 = [ctx.default.values[i] for i in node.inputs]
