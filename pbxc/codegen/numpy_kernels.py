@@ -543,7 +543,8 @@ def lrp_stabilise(z, epsilon, placement):
     """z + eps (the slides) or z + eps sign(z) with sign(0) = +1 (Zennit, Captum)."""
     if placement == "slides":
         return z + epsilon
-    return z + epsilon * np.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+    eps = z.dtype.type(epsilon)
+    return z + np.where(z >= 0, eps, -eps)
 
 
 def _per_sample_sum(a):
@@ -563,13 +564,12 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
     w, b = table[f"{op}_lrp_params"](p, xs, **attrs)
     forward, transpose = table[f"{op}_lrp_forward"], table[f"{op}_lrp_transpose"]
     bias_view = table[f"{op}_lrp_bias"]
-    r_in = [np.zeros_like(x) for x in xs]
+    r_in = [None] * len(xs)
     batch = relevance.shape[0]
     bias_abs = np.zeros(batch, dtype=relevance.dtype)
     stab_abs = np.zeros(batch, dtype=relevance.dtype)
     for coef, terms in rule_groups:
-        z = np.zeros_like(relevance)
-        zb = np.zeros_like(relevance)
+        z = zb = 0
         passes = []
         if z_out is not None and tuple(terms) == UNMODIFIED:
             z = z_out
@@ -587,13 +587,17 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
                 zb = zb + sign * bt
             z = z + sign * zt
             passes.append((sign, ins, wt))
+        z = np.broadcast_to(z, relevance.shape)
         zs = lrp_stabilise(z, epsilon, placement)
         s = np.divide(relevance, zs, out=np.zeros_like(relevance), where=zs != 0)
         for sign, ins, wt in passes:
             for i, c in enumerate(transpose(s, wt, xs, **attrs)):
-                r_in[i] += (coef * sign) * ins[i] * c
-        bias_abs += coef * _per_sample_sum(s * zb)
+                term = ins[i] * c if coef * sign == 1 else (coef * sign) * ins[i] * c
+                r_in[i] = term if r_in[i] is None else r_in[i] + term
+        if np.ndim(zb):
+            bias_abs += coef * _per_sample_sum(s * zb)
         stab_abs += coef * _per_sample_sum(relevance - s * z)
+    r_in = [np.zeros_like(x) if r is None else r for r, x in zip(r_in, xs)]
     return r_in, bias_abs, stab_abs
 
 
