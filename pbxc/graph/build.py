@@ -478,22 +478,11 @@ class _Builder:
             self.bag.error(f"a second composite (the first is at line "
                            f"{block.composites[0].pos.line})", extra_composite.pos)
         for composite in block.composites:
-            if composite.name not in LRP_COMPOSITES:
-                self.bag.error(f"unknown LRP composite '{composite.name}'"
-                               + did_you_mean(composite.name, LRP_COMPOSITES), composite.pos,
-                               [f"composites: {', '.join(sorted(LRP_COMPOSITES))}"])
-            else:
-                self._check_lrp_args(f"composite '{composite.name}'", composite.args,
-                                     LRP_COMPOSITES[composite.name])
+            self._check_lrp_call("composite", composite.name, composite.args, composite.pos,
+                                 LRP_COMPOSITES)
         seen: dict[str, SourcePos] = {}
         for assign in block.assignments:
-            if assign.rule not in LRP_RULES:
-                self.bag.error(f"unknown LRP rule '{assign.rule}'"
-                               + did_you_mean(assign.rule, LRP_RULES), assign.rule_pos,
-                               [f"rules: {', '.join(sorted(LRP_RULES))}"])
-            else:
-                self._check_lrp_args(f"rule '{assign.rule}'", assign.args,
-                                     LRP_RULES[assign.rule])
+            self._check_lrp_call("rule", assign.rule, assign.args, assign.rule_pos, LRP_RULES)
             if assign.target in seen:
                 self.bag.error(f"'{assign.target}' already has a rule (line "
                                f"{seen[assign.target].line})", assign.pos)
@@ -509,6 +498,15 @@ class _Builder:
                 self.bag.error(f"'{assign.target}' holds no op that takes an LRP rule (it holds "
                                f"{kinds}, which route relevance); rules apply to linear, conv, "
                                "pooling, add and batchnorm", assign.pos)
+
+    def _check_lrp_call(self, what: str, name: str, args: tuple[ast.LrpArg, ...],
+                        pos: SourcePos, table: dict[str, tuple[str, ...]]) -> None:
+        """A rule or composite: a known name, then parameters it takes."""
+        if name not in table:
+            self.bag.error(f"unknown LRP {what} '{name}'" + did_you_mean(name, table), pos,
+                           [f"{what}s: {', '.join(sorted(table))}"])
+        else:
+            self._check_lrp_args(f"{what} '{name}'", args, table[name])
 
     def _check_lrp_args(self, what: str, args: tuple[ast.LrpArg, ...],
                         params: tuple[str, ...]) -> None:

@@ -107,3 +107,33 @@ def test_cli_uses_the_block_unless_told_otherwise(tmp_path: Path) -> None:
     with np.load(out_file) as a, np.load(out_cli) as b:
         np.testing.assert_allclose(a["attributions"], want_file, rtol=1e-12, atol=1e-14)
         assert not np.allclose(a["attributions"], b["attributions"])
+
+
+def test_every_mistake_in_the_block_is_reported_with_its_line() -> None:
+    text = CNN + """
+lrp {
+  composite epsilon_gama_box(low=-1)
+  composite lrp0
+  cc1 = gamma(0.5)
+  c1 = gama
+  logits = epsilon(0.25, 3)
+  image = epsilon
+  logits = zbox(low=1, hi=2)
+}
+"""
+    with pytest.raises(pbxc.PbxValidationError) as info:
+        pbxc.loads(text, path=str(EXAMPLES / "digits_cnn.pbx"))
+    messages = {d.message.split(";")[0]: d.pos.line for d in info.value.diagnostics
+                if d.pos is not None}
+    first = CNN.count("\n") + 3
+    assert messages == {
+        "unknown LRP composite 'epsilon-gama-box'": first,
+        "a second composite (the first is at line %d)" % first: first + 1,
+        "'cc1' is not a statement of this model": first + 2,
+        "unknown LRP rule 'gama'": first + 3,
+        "rule 'epsilon' takes 1 parameter(s) (epsilon), got 2": first + 4,
+        "'image' holds no op that takes an LRP rule (it holds input, which route relevance)":
+            first + 5,
+        "rule 'zbox' has no parameter 'hi'": first + 6,
+        "'logits' already has a rule (line %d)" % (first + 4): first + 6,
+    }
