@@ -128,12 +128,12 @@ lrp {
     first = CNN.count("\n") + 3
     assert messages == {
         "unknown LRP composite 'epsilon-gama-box'": first,
-        "a second composite (the first is at line %d)" % first: first + 1,
+        f"a second composite (the first is at line {first})": first + 1,
         "'cc1' is not a statement of this model": first + 2,
         "unknown LRP rule 'gama'": first + 3,
         "rule 'epsilon' takes 1 parameter(s) (epsilon), got 2": first + 4,
         "'image' holds no op that takes an LRP rule (it holds input, which route relevance)":
             first + 5,
         "rule 'zbox' has no parameter 'hi'": first + 6,
-        "'logits' already has a rule (line %d)" % (first + 4): first + 6,
+        f"'logits' already has a rule (line {first + 4})": first + 6,
     }
