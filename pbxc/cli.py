@@ -354,7 +354,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 print(f"d {out} / d {wrt}:")
                 print(plan.explain())
     if args.output:
-        files = compile_model(model, args.output)
+        files = compile_model(model, args.output, target=args.target)
         print(f"wrote {', '.join(str(f) for f in files)}")
     elif not args.explain_plan:
         raise UsageError("give -o DIR to write the compiled module, or --explain-plan")
@@ -413,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png-max", type=int, default=16, help="at most this many PNGs (16)")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("compile", help="write standalone NumPy code for every pass")
+    p = sub.add_parser("compile", help="write standalone NumPy or CUDA code for every pass")
     p.add_argument("model", help="the .pbx file")
     p.add_argument("--output", "-o", help="the directory to write")
-    p.add_argument("--target", default="numpy", choices=["numpy"],
-                   help="the backend to generate for")
+    p.add_argument("--target", default="numpy", choices=["numpy", "cuda"],
+                   help="the backend to generate for: numpy, or cuda (CUDA C kernels and a "
+                        "CuPy launcher)")
     p.add_argument("--explain-plan", action="store_true",
                    help="print the Jacobian accumulation plan and its cost estimate")
     p.add_argument("--batch", type=int, default=256, help="batch size the plan is made for")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
+from pbxc.errors import PbxError
 from pbxc.graph.build import build_graph
 from pbxc.graph.ir import ModelGraph
 from pbxc.graph.shapes import infer_shapes
@@ -33,19 +34,64 @@ def check_file(path: str | Path) -> tuple[ModelGraph, WeightStore]:
     return frontend(parse_file(path))
 
 
-def load(path: str | Path, dtype: Any = None, convention: str = DEFAULT_CONVENTION) -> Model:
+if TYPE_CHECKING:
+    from pbxc.runtime.cupy_backend import CupyModel
+
+BACKENDS = ("numpy", "cupy")
+
+
+def _on_backend(model: Model, backend: str) -> Model | CupyModel:
+    if backend == "numpy":
+        return model
+    if backend != "cupy":
+        raise PbxError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}")
+    from pbxc.runtime.cupy_backend import CupyModel, cupy_unavailable
+
+    reason = cupy_unavailable()
+    if reason is not None:
+        raise PbxError(f"backend 'cupy' is unavailable: {reason}. Install it with "
+                       "`pip install pbxc[cuda]` on a machine with an NVIDIA GPU")
+    return CupyModel(model)
+
+
+@overload
+def load(path: str | Path, dtype: Any = ..., convention: str = ...,
+         backend: Literal["numpy"] = ...) -> Model: ...
+@overload
+def load(path: str | Path, dtype: Any = ..., convention: str = ..., *,
+         backend: Literal["cupy"]) -> CupyModel: ...
+@overload
+def load(path: str | Path, dtype: Any = ..., convention: str = ...,
+         backend: str = ...) -> Model | CupyModel: ...
+
+
+def load(path: str | Path, dtype: Any = None, convention: str = DEFAULT_CONVENTION,
+         backend: str = "numpy") -> Model | CupyModel:
     """Load a .pbx model (with its weights) on the NumPy reference backend.
 
     ``dtype`` is float32 or float64; by default the inputs' declared dtype. ``convention`` is
     the derivative taken where a preactivation sits exactly on a kink: "owner" (the branch
     that owns the point, PyTorch's choice for relu), "left", "right" or "mean".
+    ``backend="cupy"`` runs the passes on the generated CUDA kernels (a
+    :class:`pbxc.runtime.cupy_backend.CupyModel`; needs cupy and a GPU).
     """
     graph, store = check_file(path)
-    return Model(graph, store, dtype, convention)
+    return _on_backend(Model(graph, store, dtype, convention), backend)
+
+
+@overload
+def loads(text: str, path: str = ..., dtype: Any = ..., convention: str = ...,
+          backend: Literal["numpy"] = ...) -> Model: ...
+@overload
+def loads(text: str, path: str = ..., dtype: Any = ..., convention: str = ..., *,
+          backend: Literal["cupy"]) -> CupyModel: ...
+@overload
+def loads(text: str, path: str = ..., dtype: Any = ..., convention: str = ...,
+          backend: str = ...) -> Model | CupyModel: ...
 
 
 def loads(text: str, path: str = "<string>", dtype: Any = None,
-          convention: str = DEFAULT_CONVENTION) -> Model:
+          convention: str = DEFAULT_CONVENTION, backend: str = "numpy") -> Model | CupyModel:
     """Load a model from .pbx source text; weight paths are relative to ``path``'s folder."""
     graph, store = frontend(parse_text(text, path))
-    return Model(graph, store, dtype, convention)
+    return _on_backend(Model(graph, store, dtype, convention), backend)

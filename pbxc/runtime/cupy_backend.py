@@ -34,7 +34,7 @@ DEVICES = ("cupy", "shim")
 def cupy_unavailable() -> str | None:
     """Why the cupy backend cannot run here, or None."""
     if importlib.util.find_spec("cupy") is None:
-        return "cupy is not installed (pip install pbxc[cuda])"
+        return "cupy is not installed"
     try:
         import cupy
     except Exception as exc:  # a broken install reports here

@@ -2,8 +2,9 @@
 
 A backend is an entry of :data:`BACKENDS`: a name, an availability test that says why not,
 and a builder returning a :class:`Runner` with the passes of a compiled module (forward,
-gradient, jacobian, dfd, lrp). Adding a backend (CUDA compiled as C++ on the CPU, CuPy on a
-GPU) is adding an entry; unavailable ones are skipped with their reason.
+gradient, jacobian, dfd, lrp). The CUDA module runs twice: compiled as C++ with the serial
+grid shim on the CPU ("cuda-on-cpu", wherever g++ is) and through cupy on a GPU ("cupy");
+unavailable ones are skipped with their reason.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ModuleRunner:
     """A generated module with the standalone API (``pbxc compile``'s NumPy module)."""
 
     name: str
-    module: ModuleType
+    module: Any          # a module, or anything with its passes
     directory: tempfile.TemporaryDirectory[str]
 
     def forward(self, x: Any) -> dict[str, Any]:
@@ -85,21 +86,59 @@ def _one_input(model: Any) -> str | None:
     return None
 
 
-def _no_cuda_backend(model: Any) -> str | None:
-    return "pbxc has no CUDA code generator yet"
+def _cuda_shim_unavailable(model: Any) -> str | None:
+    from pbxc.codegen.cuda_shim import gxx
+
+    if _one_input(model) is not None:
+        return "the CUDA module's passes take models with one input"
+    if gxx() is None:
+        return "the CUDA CPU shim needs g++, which is not on PATH"
+    return None
+
+
+def _cuda_runner(model: Any, device: str) -> Runner:
+    from pbxc.runtime.cupy_backend import load_cuda_module
+
+    tmp = tempfile.TemporaryDirectory(prefix="pbxc-verify-cuda-")
+    cuda = load_cuda_module(model, device, Path(tmp.name))
+    name = "cuda-on-cpu" if device == "shim" else "cupy"
+    return ModuleRunner(name, _HostModule(cuda.module), tmp)
+
+
+class _HostModule:
+    """A generated CUDA module whose results come back as NumPy arrays."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.module, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _to_host(fn(*args, **kwargs))
+        return call
+
+
+def _to_host(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_host(v) for v in value)
+    get = getattr(value, "get", None)
+    return get() if callable(get) and not isinstance(value, dict) else value
 
 
 def _cupy(model: Any) -> str | None:
-    if importlib.util.find_spec("cupy") is None:
-        return "cupy is not installed"
-    return "pbxc has no CUDA code generator yet"
+    from pbxc.runtime.cupy_backend import cupy_unavailable
+
+    return _one_input(model) or cupy_unavailable()
 
 
 #: the backends compared with the runtime, in order
 BACKENDS: list[Backend] = [
     Backend("numpy-compiled", _one_input, _compiled_numpy),
-    Backend("cuda-on-cpu", _no_cuda_backend, _compiled_numpy),
-    Backend("cupy", _cupy, _compiled_numpy),
+    Backend("cuda-on-cpu", _cuda_shim_unavailable, lambda m: _cuda_runner(m, "shim")),
+    Backend("cupy", _cupy, lambda m: _cuda_runner(m, "cupy")),
 ]
 
 
