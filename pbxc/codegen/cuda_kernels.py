@@ -9,7 +9,8 @@ grid shim (:mod:`pbxc.codegen.cuda_shim`) runs the very same text on the CPU.
 
 Argument conventions (every kernel): inputs, then outputs, then scalars, then ``total``, the
 number of elements of the first output, which the loop runs over. No kernel uses shared
-memory, warp shuffles or atomics: reductions are one thread per row, scatters are gathers.
+memory, warp shuffles or atomics: reductions are one thread per row (or the array
+library's own), scatters are gathers.
 The source includes no header (NVRTC rejects ``<cmath>``).
 """
 
@@ -184,12 +185,12 @@ GENERIC: tuple[Kernel, ...] = (
                                   _a("T", "cs", "")),
            "r[i] = r[i] + (cs * ins[i]) * c[i];",
            "R_j += coef sign in(a)_j c_j: the last step of the generic rule"),
-    Kernel("pbx_lrp_ledger", (_a("const T*", "r", ""), _a("const T*", "s", ""),
-                              _a("const T*", "z", ""), _a("const T*", "zb", ""),
-                              _a("T*", "bias"), _a("T*", "stab"), _a("long long", "n", "")),
-           "T b = (T)0, e = (T)0;\nfor (long long j = i * n; j < (i + 1) * n; ++j) {\n"
-           "    b += s[j] * zb[j];\n    e += r[j] - s[j] * z[j];\n}\nbias[i] = b;\nstab[i] = e;",
-           "per sample (one thread a row): relevance absorbed by biases and by the stabiliser"),
+    Kernel("pbx_lrp_ledger_terms", (_a("const T*", "r"), _a("const T*", "s"),
+                                    _a("const T*", "z"), _a("const T*", "zb"),
+                                    _a("T*", "absorbed"), _a("T*", "kept")),
+           "absorbed[i] = s[i] * zb[i];\nkept[i] = r[i] - s[i] * z[i];",
+           "the ledger's terms: relevance absorbed by the biases, and R - s z, the part the\n"
+           "stabiliser keeps (summed per sample by the launcher)"),
     Kernel("pbx_diag", (_a("const T*", "x"), _a("const T*", "w", ""), _a("T*", "out"),
                         _a("long long", "inner", ""), _a("long long", "count", "")),
            "out[i] = x[i] * w[(i / inner) % count];",

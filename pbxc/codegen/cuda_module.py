@@ -126,7 +126,7 @@ def _pixel_index(g: Geometry2d) -> str:
     """Decompose i over (rows, C, H, W): w, h, c and the row-channel plane ``plane``."""
     return (f"const int w = (int)(i % {g.w});\nconst int h = (int)((i / {g.w}) % {g.h});\n"
             f"const long long plane = i / {g.h * g.w};\nconst int c = (int)(plane % {g.c});\n"
-            f"const long long row = plane / {g.c};")
+            f"const long long row = plane / {g.c};\n(void)c;\n(void)row;")
 
 
 class CudaModuleRenderer:
@@ -612,7 +612,7 @@ class CudaModuleRenderer:
             xs = "[" + ", ".join(f"E[{var(i)!r}]" for i in node.inputs) + "]"
             if node.name in rule_nodes:
                 out.append(f"    _r, _b, _s = lrp_rule_step(C, {self._lrp_op(node)}, {r}, {xs}, "
-                           f"*rules[{node.name!r}])")
+                           f"*rules[{node.name!r}], z_out=E[{var(node.name)!r}])")
                 out.append("    bias, stabiliser = bias + _b, stabiliser + _s")
             elif node.kind is OpKind.MAXPOOL2D:
                 out.append(f"    _r = [{self.fn(node, 'b')}(C, P, E, {r}[:, None], 1)[0][:, 0]]")

@@ -201,22 +201,35 @@ def _weight(C, op, mod):
     return _MODIFIED[key]
 
 
-def lrp_rule_step(C, op, relevance, xs, groups, epsilon, placement):
+#: a rule group that modifies nothing (LRP-0, epsilon): its z is the op's forward output
+UNMODIFIED = ((1.0, ("same", None), ("same", None), ("same", None)),)
+
+
+def lrp_rule_step(C, op, relevance, xs, groups, epsilon, placement, z_out=None):
     """Relevance at the op's output -> (relevance per input, absorbed by bias, by stabiliser).
 
     The generic rule of numpy_kernels.lrp_rule_step (Montavon et al. 2019, the slides' eq.
     R_j = sum_k a_j rho(w_jk) / stab(sum_j a_j rho(w_jk) + rho(b_k)) R_k) in four steps: z by
     the forward map with modified parameters, s = R / stab(z), c = rho(W)^T s, R = a c.
+    ``z_out``, the op's forward output, is z for a group that modifies nothing (LRP-0,
+    epsilon), as in the NumPy engine: one transposed product per layer instead of two.
     """
     r_in = [C.zeros(x.shape) for x in xs]
     batch = relevance.shape[0]
-    per_sample = relevance.size // max(batch, 1)
     bias_abs = C.zeros((batch,))
     stab_abs = C.zeros((batch,))
     for coef, terms in groups:
-        z = C.zeros(relevance.shape)
         zb = C.zeros(relevance.shape)
         passes = []
+        if z_out is not None and tuple(terms) == UNMODIFIED:
+            z = z_out
+            if op.b is not None:
+                C.call("pbx_lrp_bias", [op.b], [C.zeros(relevance.shape), zb],
+                       [op.inner, op.count, 0, 0.0, 1.0])
+            passes.append((1.0, xs, _weight(C, op, ("same", None))))
+            terms = ()
+        else:
+            z = C.zeros(relevance.shape)
         for sign, in_mod, w_mod, b_mod in terms:
             ins = [C.modify(in_mod, x) for x in xs]
             wt = _weight(C, op, w_mod)
@@ -233,8 +246,9 @@ def lrp_rule_step(C, op, relevance, xs, groups, epsilon, placement):
         for sign, ins, wt in passes:
             for i, c in enumerate(op.transpose(C, s, wt)):
                 C.call("pbx_lrp_accumulate", [ins[i], c], [r_in[i]], [coef * sign])
-        bias_sum, stab_sum = C.new((batch,)), C.new((batch,))
-        C.call("pbx_lrp_ledger", [relevance, s, z, zb], [bias_sum, stab_sum], [per_sample])
-        bias_abs = bias_abs + coef * bias_sum
-        stab_abs = stab_abs + coef * stab_sum
+        # the ledger: per-sample sums of s zb and R - s z (xp's reductions, as NumPy sums)
+        absorbed, kept = C.new(relevance.shape), C.new(relevance.shape)
+        C.call("pbx_lrp_ledger_terms", [relevance, s, z, zb], [absorbed, kept])
+        bias_abs = bias_abs + coef * absorbed.reshape(batch, -1).sum(axis=1)
+        stab_abs = stab_abs + coef * kept.reshape(batch, -1).sum(axis=1)
     return r_in, bias_abs, stab_abs

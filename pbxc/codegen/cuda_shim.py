@@ -23,10 +23,12 @@ import glob
 import hashlib
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +190,44 @@ def nvrtc_version() -> tuple[int, int] | None:
     return major.value, minor.value
 
 
+@dataclass(frozen=True)
+class Cubin:
+    """NVRTC's output for one architecture: the cubin, the log, and per kernel the ptxas
+    resource report (registers, spill stores + loads in bytes, stack frame in bytes)."""
+
+    arch: str
+    image: bytes
+    log: str
+    resources: dict[str, tuple[int, int, int]]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [line for line in self.log.splitlines() if "warning" in line]
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
+                          r"spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _resources(log: str) -> dict[str, tuple[int, int, int]]:
+    out: dict[str, tuple[int, int, int]] = {}
+    current, frame, spills = "", 0, 0
+    for line in log.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current, frame, spills = m.group(1), 0, 0
+        elif m := _PTXAS_FRAME.search(line):
+            frame, spills = int(m.group(1)), int(m.group(2)) + int(m.group(3))
+        elif (m := _PTXAS_REGS.search(line)) and current:
+            out[current] = (int(m.group(1)), spills, frame)
+    return out
+
+
 def nvrtc_compile(source: str, arch: str = "sm_80", name: str = "pbxc.cu",
-                  options: Sequence[str] = ("--std=c++14",)) -> bytes:
+                  options: Sequence[str] = ("--std=c++14",)) -> Cubin:
     """Compile CUDA C to a cubin for ``arch`` with NVRTC (what cupy.RawModule does), so that
-    syntax, types and resource problems all surface; return the cubin."""
+    syntax, types and resource problems (ptxas's register and spill report) all surface."""
     lib = load_nvrtc()
     if lib is None:
         raise ShimError("NVRTC is not installed (pip install nvidia-cuda-nvrtc-cu12)")
@@ -202,23 +238,27 @@ def nvrtc_compile(source: str, arch: str = "sm_80", name: str = "pbxc.cu",
             message = lib.nvrtcGetErrorString(status).decode()
             raise ShimError(f"NVRTC {what} failed for {arch}: {message}")
 
+    def log() -> str:
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buffer = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buffer)
+        return buffer.value.decode(errors="replace")
+
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None,
                                  None), "program creation")
     try:
-        opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in options)]
+        opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in options),
+                b"--ptxas-options=-v"]
         array = (ctypes.c_char_p * len(opts))(*opts)
         status = lib.nvrtcCompileProgram(prog, len(opts), array)
         if status != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            raise ShimError(f"NVRTC rejected the source for {arch}:\n"
-                            f"{log.value.decode(errors='replace')[:4000]}")
+            raise ShimError(f"NVRTC rejected the source for {arch}:\n{log()[:4000]}")
+        text = log()
         size = ctypes.c_size_t()
         check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
         cubin = ctypes.create_string_buffer(size.value)
         check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
-        return cubin.raw
+        return Cubin(arch, cubin.raw, text, _resources(text))
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
