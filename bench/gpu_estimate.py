@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EXAMPLES, load_mlp
 
 import pbxc
+from pbxc.lower.plan import plan_jacobian
 from pbxc.runtime.codeload import load_generated_module
 from pbxc.runtime.compile import render_cuda_module
 
@@ -134,12 +135,22 @@ def models(dtype: str) -> dict[str, pbxc.Model]:
 PASSES = ("forward", "gradient", "jacobian", "dfd", "lrp")
 
 
+def plan_note(model: pbxc.Model, pass_name: str, batch: int) -> str:
+    """The Jacobian plan's own count (pbxc.lower.plan), beside the launches' count."""
+    if pass_name != "jacobian":
+        return ""
+    plan = plan_jacobian(model.graph, model.input_names[0], model.output_names[0], batch)
+    return f"  (plan: {plan.mode}, {2 * plan.flops_per_sample * batch / 1e9:.3f} GFLOP)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
-    parser.add_argument("--kernels", action="store_true",
-                        help="list every launch of the MLP's passes with its bound")
+    parser.add_argument("--kernels", nargs="*", default=None, metavar="MODEL",
+                        help="list every launch (of these models' names, by prefix; all when "
+                             "none is given) with its intensity, time and bound")
+    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
     args = parser.parse_args(argv)
     # the counting device computes nothing: arrays hold garbage, so silence numpy about it
     warnings.simplefilter("ignore")
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             instrument(module, device)
             rng = np.random.default_rng(0)
             x = rng.random((args.batch, *model.graph.inputs[0].shape)).astype(dtype)
-            for pass_name in PASSES:
+            for pass_name in args.passes:
                 est = estimate(run_pass(module, device, pass_name, x, dtype), dtype)
                 bounds: dict[str, set[str]] = defaultdict(set)
                 for launch, _, bound in est["rows"]:
@@ -173,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{est['device'] * 1e6:>10.2f} {args.batch / est['device']:>14,.0f} "
                       f"{wall * 1e6:>10.1f} {args.batch / wall:>10,.0f} "
                       f"{'/'.join(sorted(bounds['gemm'])) or '-':>11} "
-                      f"{'/'.join(sorted(bounds['kernel'])) or '-':>14}")
-                if args.kernels and name.startswith("mlp") and dtype == args.dtypes[0]:
+                      f"{'/'.join(sorted(bounds['kernel'])) or '-':>14}" + plan_note(model, pass_name,
+                                                                         args.batch))
+                listed = args.kernels is not None and (
+                    not args.kernels or any(name.startswith(k) for k in args.kernels))
+                if listed and dtype == args.dtypes[0]:
                     for launch, t, bound in est["rows"]:
                         ai = launch.flops / max(launch.bytes, 1)
                         print(f"    {launch.name:<40} {launch.flops / 1e6:>9.3f} MFLOP "
