@@ -54,6 +54,26 @@ FUSABLE = frozenset({OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D, OpKind.BATCHNO
 MAX_WINDOW = 64
 
 
+def unsupported(graph: ModelGraph) -> str | None:
+    """Why the cuda target cannot compile ``graph``, or None (checked before rendering)."""
+    if len(graph.input_names) != 1:
+        return "the cuda target compiles models with one input"
+    for node in graph.topological():
+        if node.kind is OpKind.INPUT:
+            continue
+        if node.kind not in SUPPORTED:
+            return f"the cuda target has no kernels for op '{node.kind.value}'"
+        if node.kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
+            rank = len(node.shape or ())
+            if int(kernel_attrs(node)["axis"]) != rank - 1:
+                return "the cuda target takes softmax over the last axis only"
+        if node.kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D):
+            kh, kw = kernel_attrs(node)["kernel"]
+            if kh * kw > MAX_WINDOW:
+                return f"the cuda target takes pooling windows of at most {MAX_WINDOW} elements"
+    return None
+
+
 def size(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) if shape else 1
 

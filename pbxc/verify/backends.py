@@ -87,10 +87,12 @@ def _one_input(model: Any) -> str | None:
 
 
 def _cuda_shim_unavailable(model: Any) -> str | None:
+    from pbxc.codegen.cuda_module import unsupported
     from pbxc.codegen.cuda_shim import gxx
 
-    if _one_input(model) is not None:
-        return "the CUDA module's passes take models with one input"
+    reason = unsupported(model.graph)
+    if reason is not None:
+        return reason
     if gxx() is None:
         return "the CUDA CPU shim needs g++, which is not on PATH"
     return None
@@ -129,9 +131,10 @@ def _to_host(value: Any) -> Any:
 
 
 def _cupy(model: Any) -> str | None:
+    from pbxc.codegen.cuda_module import unsupported
     from pbxc.runtime.cupy_backend import cupy_unavailable
 
-    return _one_input(model) or cupy_unavailable()
+    return unsupported(model.graph) or cupy_unavailable()
 
 
 #: the backends compared with the runtime, in order
