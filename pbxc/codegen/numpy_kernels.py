@@ -569,7 +569,7 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
     bias_abs = np.zeros(batch, dtype=relevance.dtype)
     stab_abs = np.zeros(batch, dtype=relevance.dtype)
     for coef, terms in rule_groups:
-        z = zb = 0
+        z = zb = relevance.dtype.type(0)  # a scalar of the relevance dtype, no upcast
         passes = []
         if z_out is not None and tuple(terms) == UNMODIFIED:
             z = z_out
