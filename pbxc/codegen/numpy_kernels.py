@@ -544,7 +544,23 @@ def lrp_stabilise(z, epsilon, placement):
     if placement == "slides":
         return z + epsilon
     eps = z.dtype.type(epsilon)
-    return z + np.where(z >= 0, eps, -eps)
+    stab = (z >= 0) * (eps + eps)  # 2 eps or 0; np.where is 4x slower on mixed signs
+    stab -= eps                    # exactly +eps or -eps (Sterbenz)
+    stab += z
+    return stab
+
+
+def lrp_divide(relevance, zs, epsilon, placement):
+    """s = R / stab(z), 0 where the stabilised z is 0 (only possible without a sign-placed eps)."""
+    if epsilon > 0 and placement != "slides":
+        return relevance / zs      # |stab(z)| >= eps > 0
+    return np.divide(relevance, zs, out=np.zeros_like(relevance), where=zs != 0)
+
+
+def _per_sample_dot(a, b):
+    """sum over each sample of a * b, without the product array."""
+    axes = "abcdefgh"[:a.ndim]
+    return np.einsum(f"{axes},{axes}->a", a, b)
 
 
 def _per_sample_sum(a):
@@ -589,14 +605,19 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
             passes.append((sign, ins, wt))
         z = np.broadcast_to(z, relevance.shape)
         zs = lrp_stabilise(z, epsilon, placement)
-        s = np.divide(relevance, zs, out=np.zeros_like(relevance), where=zs != 0)
+        s = lrp_divide(relevance, zs, epsilon, placement)
         for sign, ins, wt in passes:
             for i, c in enumerate(transpose(s, wt, xs, **attrs)):
                 term = ins[i] * c if coef * sign == 1 else (coef * sign) * ins[i] * c
                 r_in[i] = term if r_in[i] is None else r_in[i] + term
         if np.ndim(zb):
-            bias_abs += coef * _per_sample_sum(s * zb)
-        stab_abs += coef * _per_sample_sum(relevance - s * z)
+            bias_abs += coef * _per_sample_dot(s, zb)
+        if epsilon == 0:   # no stabiliser: exactly the relevance of units with z = 0 is lost
+            dead = zs == 0
+            if dead.any():
+                stab_abs += coef * _per_sample_sum(relevance * dead)
+        else:   # per element: sum(R) - sum(s z) would cancel badly in float32
+            stab_abs += coef * _per_sample_sum(relevance - s * z)
     r_in = [np.zeros_like(x) if r is None else r for r, x in zip(r_in, xs)]
     return r_in, bias_abs, stab_abs
 

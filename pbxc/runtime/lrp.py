@@ -312,6 +312,15 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     rules = resolve_rules(model, values, composite, rule, overrides, composite_args)
     layers: dict[str, LayerLedger] = {}
     ties: dict[str, int] = {}
+    known: dict[int, tuple[Array, Array, Array]] = {}
+
+    def sums(r: Array) -> tuple[Array, Array]:
+        """Per-sample sum and absolute sum, once per array (routed ops pass theirs on)."""
+        hit = known.get(id(r))
+        if hit is None or hit[0] is not r:
+            hit = known[id(r)] = (r, _per_sample(r), _per_sample(np.abs(r)))
+        return hit[1], hit[2]
+
     for node in reversed(model.nodes):
         r_out = relevance.pop(node.name, None) if node.kind is not OpKind.INPUT else None
         if r_out is None:
@@ -340,10 +349,11 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
                                     "explained output, where relevance starts at the logits")
         else:
             raise unsupported(node)
-        layers[node.name] = LayerLedger(node.name, node.kind.value, label, _per_sample(r_out),
-                                        sum((_per_sample(r) for r in r_in), zero), bias, stab,
-                                        _per_sample(np.abs(r_out))
-                                        + sum((_per_sample(np.abs(r)) for r in r_in), zero))
+        out_sum, out_abs = sums(r_out)
+        in_sums = [sums(r) for r in r_in]
+        layers[node.name] = LayerLedger(node.name, node.kind.value, label, out_sum,
+                                        sum((t for t, _ in in_sums), zero), bias, stab,
+                                        out_abs + sum((a for _, a in in_sums), zero))
         for name, r_i in zip(node.inputs, r_in):
             relevance[name] = relevance[name] + r_i if name in relevance else r_i
     result = {name: relevance.get(name, np.zeros_like(x)) for name, x in prepared.items()}

@@ -14,6 +14,7 @@ from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.plan import path_nodes
 from pbxc.ops import OpKind
+from pbxc.runtime.allocator import tune_allocator
 from pbxc.runtime.codeload import load_generated_module
 from pbxc.runtime.dfd import DfdResult, dfd, resolve_baseline
 from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
@@ -37,6 +38,13 @@ def resolve_dtype(dtype: Any) -> np.dtype:
         raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
     assert resolved is not None
     return resolved
+
+
+def _small_abs(a: np.ndarray) -> np.ndarray:
+    """|a|, computed once per distinct element when ``a`` broadcasts a shared baseline row."""
+    if a.ndim and a.strides[0] == 0:
+        return np.broadcast_to(np.abs(a[:1]), a.shape)
+    return np.abs(a)
 
 
 @dataclass(frozen=True)
@@ -81,11 +89,16 @@ class ActivationTable:
         floor = np.finfo(z.dtype).tiny / np.finfo(z.dtype).eps
         with np.errstate(all="ignore"):
             d, df = z - z0, f1 - f0
-            secant = df / d
-            safe = ((np.abs(df) >= 0.25 * (np.abs(f0) + np.abs(f1))) & (np.abs(df) > floor)
-                    & (np.abs(d) > floor) & np.isfinite(secant))
-            out = np.asarray(secant, dtype=z.dtype)
-            rest = ~safe
+            out = np.asarray(df / d, dtype=z.dtype)   # the secant
+            # in place and without np.where: this runs on every activation of every call
+            np.abs(df, out=df)
+            bound = np.abs(f1)
+            bound += _small_abs(f0)
+            bound *= 0.25
+            rest = df < bound
+            rest |= df <= floor
+            rest |= np.abs(d, out=d) <= floor
+            rest |= ~np.isfinite(out)
             if rest.any():
                 out[rest] = fn(z0[rest], z[rest])
         return out
@@ -146,6 +159,7 @@ class Model:
 
     def __init__(self, graph: ModelGraph, weights: WeightStore, dtype: Any = None,
                  convention: str = DEFAULT_CONVENTION) -> None:
+        tune_allocator()
         self.graph = graph
         declared = {i.dtype for i in graph.inputs}
         if dtype is None:

@@ -64,7 +64,7 @@ def _erfc(x):
 def _sigmoid(x):
     # 1 / (1 + exp(-x)) without overflow for either sign of x
     e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    return np.where(x >= 0, 1, e) / (1 + e)   # one division, the same rounding
 
 
 def _softplus(x):
