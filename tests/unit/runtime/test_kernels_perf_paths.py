@@ -1,0 +1,61 @@
+"""The fast paths taken for speed compute exactly what their plain forms compute."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pbxc.codegen import numpy_kernels as K
+from pbxc.symbolic.numeric import _sigmoid
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("placement", ["zennit", "slides"])
+def test_stabiliser_adds_exactly_signed_epsilon(dtype: type, placement: str) -> None:
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.standard_normal(997), [0.0, -0.0, 1e-30, -1e-30]]).astype(dtype)
+    eps = 0.1
+    got = K.lrp_stabilise(z, eps, placement)
+    e = dtype(eps)
+    if placement == "slides":
+        want = z + e
+    else:   # sign(0) = +1, also for -0.0 (z >= 0 holds for it)
+        want = np.array([zi + (e if zi >= 0 else -e) for zi in z], dtype=dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_division_guards_zero_only_where_it_can_occur() -> None:
+    r = np.array([[1.0, 2.0, 3.0]])
+    z = np.array([[0.0, 2.0, -3.0]])
+    assert np.array_equal(K.lrp_divide(r, K.lrp_stabilise(z, 0.0, "zennit"), 0.0, "zennit"),
+                          [[0.0, 1.0, -1.0]])
+    slides = K.lrp_stabilise(np.array([[-0.5, 1.5]]), 0.5, "slides")
+    assert np.array_equal(K.lrp_divide(np.ones((1, 2)), slides, 0.5, "slides"), [[0.0, 0.5]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_single_division_against_mpmath(dtype: type) -> None:
+    mpmath = pytest.importorskip("mpmath")
+    x = np.linspace(-90, 90, 2001).astype(dtype)
+    got = _sigmoid(x)
+    want = np.array([float(1 / (1 + mpmath.exp(-mpmath.mpf(float(v))))) for v in x])
+    assert got.dtype == dtype
+    ulp = np.spacing(want.astype(dtype)).astype(np.float64)
+    assert np.all(np.abs(got - want) <= 3 * ulp)   # exp's own error, 2.1 ulp at worst here
+    e = np.exp(-np.abs(x))   # bit for bit the two-division form it replaced
+    np.testing.assert_array_equal(got, np.where(x >= 0, 1 / (1 + e), e / (1 + e)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("setting, expect", [("1", "True"), ("0", "False")])
+def test_allocator_tuning_and_its_opt_out(setting: str, expect: str) -> None:
+    code = "from pbxc.runtime.allocator import tune_allocator; print(tune_allocator())"
+    env = {**os.environ, "PBXC_MALLOC_TUNING": setting}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == expect
