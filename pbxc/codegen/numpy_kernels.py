@@ -126,9 +126,29 @@ def _scatter_windows(per_offset, in_hw, kernel, stride, padding, dtype, lead):
     return out[..., ph:ph + h, pw:pw + w]
 
 
+def _tiles(kernel, stride, padding):
+    """Windows that tile the input (stride = kernel, no padding): each input in at most one."""
+    return tuple(stride) == tuple(kernel) and tuple(padding) == (0, 0)
+
+
+def _untile(grid, in_hw):
+    """(*lead, OH, kh, OW, kw) per-window values -> (*lead, H, W), zero outside every window."""
+    *lead, oh, kh, ow, kw = grid.shape
+    flat = np.reshape(grid, (*lead, oh * kh, ow * kw))   # a view when grid is contiguous
+    if flat.shape[-2:] == tuple(in_hw):
+        return flat
+    out = np.zeros((*lead, *in_hw), dtype=grid.dtype)
+    out[..., :oh * kh, :ow * kw] = flat
+    return out
+
+
 def maxpool2d_transpose(g, index, in_hw, kernel, stride, padding):
     """Route each cotangent to its window's maximum (winner takes all)."""
-    kw = kernel[1]
+    kh, kw = kernel
+    if _tiles(kernel, stride, padding):   # one pass, written in the output's order
+        offsets = (np.arange(kh) * kw)[:, None, None] + np.arange(kw)        # (kh, 1, kw)
+        hit = index[..., :, None, :, None] == offsets                        # (.., OH, kh, OW, kw)
+        return _untile(g[..., :, None, :, None] * hit, in_hw)
     return _scatter_windows(lambda p, q: np.where(index == p * kw + q, g, 0), in_hw, kernel,
                             stride, padding, g.dtype, g.shape[:-2])
 
@@ -148,6 +168,10 @@ def avgpool2d(x, kernel, stride, padding, count_include_pad):
 
 def avgpool2d_transpose(g, in_hw, kernel, stride, padding, count_include_pad):
     share = g / avgpool2d_counts(in_hw, kernel, stride, padding, count_include_pad, g.dtype)
+    if _tiles(kernel, stride, padding):
+        *lead, oh, ow = share.shape
+        grid = np.broadcast_to(share[..., :, None, :, None], (*lead, oh, kernel[0], ow, kernel[1]))
+        return _untile(np.ascontiguousarray(grid), in_hw)
     return _scatter_windows(lambda p, q: share, in_hw, kernel, stride, padding, g.dtype,
                             g.shape[:-2])
 

@@ -59,3 +59,23 @@ def test_allocator_tuning_and_its_opt_out(setting: str, expect: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == expect
+
+
+@pytest.mark.parametrize("in_hw", [(8, 8), (5, 7)])   # 5x7: a row and a column no window covers
+def test_tiled_pool_transposes_match_the_window_scatter(in_hw: tuple[int, int]) -> None:
+    rng = np.random.default_rng(1)
+    kernel = stride = (2, 2)
+    x = rng.standard_normal((3, 4, *in_hw))
+    _, index = K.maxpool2d(x, kernel, stride, (0, 0))
+    g = rng.standard_normal((3, 5, 4, *index.shape[-2:]))   # a tangent axis beside the batch
+    index = index[:, None]
+    kw = kernel[1]
+    want_max = K._scatter_windows(lambda p, q: np.where(index == p * kw + q, g, 0), in_hw,
+                                  kernel, stride, (0, 0), g.dtype, g.shape[:-2])
+    np.testing.assert_array_equal(K.maxpool2d_transpose(g, index, in_hw, kernel, stride, (0, 0)),
+                                  want_max)
+    share = g / 4
+    want_avg = K._scatter_windows(lambda p, q: share, in_hw, kernel, stride, (0, 0), g.dtype,
+                                  g.shape[:-2])
+    np.testing.assert_array_equal(K.avgpool2d_transpose(g, in_hw, kernel, stride, (0, 0), True),
+                                  want_avg)
