@@ -35,7 +35,7 @@ from pbxc.codegen.cuda_kernels import (
     kernel_table,
     render_kernels,
 )
-from pbxc.codegen.numpy_module import LrpPlan, _print_rules, var
+from pbxc.codegen.numpy_module import EntryCalls, LrpPlan, render_lrp_entry, var
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs
@@ -50,6 +50,10 @@ SUPPORTED = frozenset({
 #: ops whose epilogue kernel may also compute the activation that alone consumes them
 FUSABLE = frozenset({OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D, OpKind.BATCHNORM,
                      OpKind.NORMALIZE, OpKind.ADD})
+#: the launcher's side of the entry points the CUDA module shares with the NumPy module
+CUDA_ENTRY = EntryCalls("C, P, xs = _prepare(x, dtype)", "_forward(C, P, *xs)",
+                        "_targets(C, logits, target)", "C, P, E", "C.xp",
+                        "KernelArgumentError")
 #: the largest pooling window (a thread keeps one slope per window element)
 MAX_WINDOW = 64
 
@@ -763,49 +767,7 @@ class CudaModuleRenderer:
     def render_lrp(self) -> list[str]:
         if self.lrp is None:
             return []
-        plan = self.lrp
-        names = sorted({n for rules in plan.rules.values() for n in rules})
-        out = ["", "def _lrp_rules(composite, low, high):",
-               '    """Each node\'s rule as (groups, epsilon, placement); see lrp_rule_step."""']
-        for composite, rules in plan.rules.items():
-            out.append(f"    if composite == {composite!r}:")
-            fixed = plan.fixed_bounds.get(composite, frozenset())
-            out.append(f"        return {_print_rules(rules, fixed)}".replace("\n", "\n    "))
-        out.append(f"    raise KernelArgumentError('unknown composite %r; compiled: %s' % ("
-                   f"composite, {', '.join(sorted(plan.rules))!r}))")
-        out += ["", "", f"def _lrp_backward(C, P, E, {var(plan.start, 'R')}, rules):",
-                *self.lrp_body(plan.start, set(names)),
-                f"    return {var(self.graph.input_names[0], 'R')}, bias, stabiliser", "", ""]
-        bounds = (f"    if low is None:\n        low = float(E[{var(plan.bounds_from, 'v')!r}]"
-                  f".min())\n    if high is None:\n        high = float(E["
-                  f"{var(plan.bounds_from, 'v')!r}].max())") if plan.bounds_from else ""
-        out += [
-            f"def lrp(x, target=None, composite={plan.default!r}, low=None, high=None, "
-            "dtype=None):",
-            '    """Layer-wise relevance propagation of the target logit (predicted by default).',
-            "",
-            "    Returns (relevance shaped like x, ledger) with ledger = {'start': f_c(x),",
-            "    'inputs': relevance reaching x, 'bias': absorbed by biases, 'stabiliser':",
-            "    absorbed by the stabiliser}, per sample. z^B bounds default to the batch's range.",
-            "    Composites: " + ", ".join(sorted(plan.rules)) + ("; 'model' is the .pbx lrp block."
-                                                                if "model" in plan.rules else "."),
-            '    """',
-            "    C, P, xs = _prepare(x, dtype)",
-            "    E = _forward(C, P, *xs)",
-            f"    logits = E[{var(plan.start)!r}]",
-            "    c = _targets(C, logits, target)",
-            "    flat = logits.reshape(len(logits), -1)",
-            "    rows = C.xp.arange(len(c))",
-            "    seed = C.xp.zeros_like(flat)",
-            "    seed[rows, c] = flat[rows, c]",
-            bounds,
-            "    relevance, bias, stabiliser = _lrp_backward(C, P, E, seed.reshape(logits.shape),",
-            "                                                 _lrp_rules(composite, low, high))",
-            "    reached = relevance.reshape(len(relevance), -1).sum(axis=1)",
-            "    return relevance, {'start': seed.sum(axis=1), 'inputs': reached, 'bias': bias,",
-            "                       'stabiliser': stabiliser}",
-        ]
-        return out
+        return render_lrp_entry(self.lrp, self.graph.input_names[0], self.lrp_body, CUDA_ENTRY)
 
 
 #: the runtime module's docstring is replaced by the generated module's own header

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,74 @@ def _print_rules(rules: Mapping[str, tuple[Any, float, str]],
 
     rows = [f"        {name!r}: {lit(rule, name)}," for name, rule in rules.items()]
     return "{\n" + "\n".join(rows) + "\n    }"
+
+
+@dataclass(frozen=True)
+class EntryCalls:
+    """How a generated module's entry points reach its runtime: the lines that differ between
+    the NumPy module and the CUDA launcher, whose entry points are otherwise the same."""
+
+    prepare: str          # -> P, xs (and the CUDA context C)
+    forward: str          # -> E, every value by name
+    targets: str          # -> c, the target class per sample
+    backward_params: str  # _lrp_backward's parameters before the relevance
+    array_module: str     # where zeros_like and arange come from
+    bad_argument: str     # the exception a wrong composite raises
+
+
+NUMPY_ENTRY = EntryCalls("P, xs = _prepare(x, dtype)", "_forward(*xs, P)",
+                         "_targets(logits, target)", "E, P", "np", "ValueError")
+
+
+def render_lrp_entry(plan: LrpPlan, input_name: str,
+                     lrp_body: Callable[[str, set[str]], list[str]], calls: EntryCalls
+                     ) -> list[str]:
+    """The generated module's ``_lrp_rules``, ``_lrp_backward`` and ``lrp`` (the ledger)."""
+    names = sorted({n for rules in plan.rules.values() for n in rules})
+    out = ["", "def _lrp_rules(composite, low, high):",
+           '    """Each node\'s rule as (groups, epsilon, placement); see lrp_rule_step."""']
+    for composite, rules in plan.rules.items():
+        out.append(f"    if composite == {composite!r}:")
+        fixed = plan.fixed_bounds.get(composite, frozenset())
+        out.append(f"        return {_print_rules(rules, fixed)}".replace("\n", "\n    "))
+    out.append(f"    raise {calls.bad_argument}('unknown composite %r; compiled: %s' % ("
+               f"composite, {', '.join(sorted(plan.rules))!r}))")
+    relevance = var(plan.start, 'R')
+    out += ["", "", f"def _lrp_backward({calls.backward_params}, {relevance}, rules):",
+            *lrp_body(plan.start, set(names)),
+            f"    return {var(input_name, 'R')}, bias, stabiliser", "", ""]
+    bounds = (f"    if low is None:\n        low = float(E[{var(plan.bounds_from, 'v')!r}]"
+              f".min())\n    if high is None:\n        high = float(E["
+              f"{var(plan.bounds_from, 'v')!r}].max())") if plan.bounds_from else ""
+    xp = calls.array_module
+    out += [
+        f"def lrp(x, target=None, composite={plan.default!r}, low=None, high=None, "
+        "dtype=None):",
+        '    """Layer-wise relevance propagation of the target logit (predicted by default).',
+        "",
+        "    Returns (relevance shaped like x, ledger) with ledger = {'start': f_c(x),",
+        "    'inputs': relevance reaching x, 'bias': absorbed by biases, 'stabiliser':",
+        "    absorbed by the stabiliser}, per sample. z^B bounds default to the batch's range.",
+        "    Composites: " + ", ".join(sorted(plan.rules)) + ("; 'model' is the .pbx lrp block."
+                                                            if "model" in plan.rules else "."),
+        '    """',
+        f"    {calls.prepare}",
+        f"    E = {calls.forward}",
+        f"    logits = E[{var(plan.start)!r}]",
+        f"    c = {calls.targets}",
+        "    flat = logits.reshape(len(logits), -1)",
+        f"    rows = {xp}.arange(len(c))",
+        f"    seed = {xp}.zeros_like(flat)",
+        "    seed[rows, c] = flat[rows, c]",
+        bounds,
+        f"    relevance, bias, stabiliser = _lrp_backward({calls.backward_params}, "
+        "seed.reshape(logits.shape),",
+        "                                                 _lrp_rules(composite, low, high))",
+        "    reached = relevance.reshape(len(relevance), -1).sum(axis=1)",
+        "    return relevance, {'start': seed.sum(axis=1), 'inputs': reached, 'bias': bias,",
+        "                       'stabiliser': stabiliser}",
+    ]
+    return out
 
 
 class NumpyModuleRenderer:
@@ -242,49 +310,8 @@ class NumpyModuleRenderer:
     def render_lrp(self) -> list[str]:
         if self.lrp is None:
             return []
-        plan = self.lrp
-        names = sorted({n for rules in plan.rules.values() for n in rules})
-        out = ["", "def _lrp_rules(composite, low, high):",
-               '    """Each node\'s rule as (groups, epsilon, placement); see '
-               'numpy_kernels.lrp_rule_step."""']
-        for composite, rules in plan.rules.items():
-            out.append(f"    if composite == {composite!r}:")
-            fixed = plan.fixed_bounds.get(composite, frozenset())
-            out.append(f"        return {_print_rules(rules, fixed)}".replace("\n", "\n    "))
-        out.append(f"    raise ValueError('unknown composite %r; compiled: %s' % (composite, "
-                   f"{', '.join(sorted(plan.rules))!r}))")
-        out += ["", "", f"def _lrp_backward(E, P, {var(plan.start, 'R')}, rules):",
-                *self.lrp_body(plan.start, set(names)),
-                f"    return {var(self.graph.input_names[0], 'R')}, bias, stabiliser", "", ""]
-        bounds = (f"    if low is None:\n        low = float(E[{var(plan.bounds_from, 'v')!r}]"
-                  f".min())\n    if high is None:\n        high = float(E["
-                  f"{var(plan.bounds_from, 'v')!r}].max())") if plan.bounds_from else ""
-        out += [
-            f"def lrp(x, target=None, composite={plan.default!r}, low=None, high=None, "
-            "dtype=None):",
-            '    """Layer-wise relevance propagation of the target logit (predicted by default).',
-            "",
-            "    Returns (relevance shaped like x, ledger) with ledger = {'start': f_c(x),",
-            "    'inputs': relevance reaching x, 'bias': absorbed by biases, 'stabiliser':",
-            "    absorbed by the stabiliser}, per sample. z^B bounds default to the batch's range.",
-            "    Composites: " + ", ".join(sorted(plan.rules)) + ("; 'model' is the .pbx lrp block."
-                                                                if "model" in plan.rules else "."),
-            '    """',
-            "    P, xs = _prepare(x, dtype)",
-            "    E = _forward(*xs, P)",
-            f"    logits = E[{var(plan.start)!r}]",
-            "    c = _targets(logits, target)",
-            "    flat = logits.reshape(len(logits), -1)",
-            "    seed = np.zeros_like(flat)",
-            "    seed[np.arange(len(c)), c] = flat[np.arange(len(c)), c]",
-            bounds,
-            "    relevance, bias, stabiliser = _lrp_backward(E, P, seed.reshape(logits.shape),",
-            "                                                 _lrp_rules(composite, low, high))",
-            "    reached = relevance.reshape(len(relevance), -1).sum(axis=1)",
-            "    return relevance, {'start': seed.sum(axis=1), 'inputs': reached, 'bias': bias,",
-            "                       'stabiliser': stabiliser}",
-        ]
-        return out
+        return render_lrp_entry(self.lrp, self.graph.input_names[0], self.lrp_body,
+                                NUMPY_ENTRY)
 
 
 RUNTIME_HELPERS = '''
