@@ -148,7 +148,7 @@ def maxpool2d_transpose(g, index, in_hw, kernel, stride, padding):
     if _tiles(kernel, stride, padding):   # one pass, written in the output's order
         offsets = (np.arange(kh) * kw)[:, None, None] + np.arange(kw)        # (kh, 1, kw)
         hit = index[..., :, None, :, None] == offsets                        # (.., OH, kh, OW, kw)
-        return _untile(g[..., :, None, :, None] * hit, in_hw)
+        return _untile(np.where(hit, g[..., :, None, :, None], 0), in_hw)   # not g * hit: inf * 0
     return _scatter_windows(lambda p, q: np.where(index == p * kw + q, g, 0), in_hw, kernel,
                             stride, padding, g.dtype, g.shape[:-2])
 
@@ -576,7 +576,7 @@ def lrp_stabilise(z, epsilon, placement):
 
 def lrp_divide(relevance, zs, epsilon, placement):
     """s = R / stab(z), 0 where the stabilised z is 0 (only possible without a sign-placed eps)."""
-    if epsilon > 0 and placement != "slides":
+    if zs.dtype.type(epsilon) > 0 and placement != "slides":   # eps may underflow in float32
         return relevance / zs      # |stab(z)| >= eps > 0
     return np.divide(relevance, zs, out=np.zeros_like(relevance), where=zs != 0)
 

@@ -79,3 +79,16 @@ def test_tiled_pool_transposes_match_the_window_scatter(in_hw: tuple[int, int]) 
                                   g.shape[:-2])
     np.testing.assert_array_equal(K.avgpool2d_transpose(g, in_hw, kernel, stride, (0, 0), True),
                                   want_avg)
+
+
+def test_division_guards_an_epsilon_that_underflows_in_float32() -> None:
+    r = np.ones((1, 2), dtype=np.float32)
+    zs = K.lrp_stabilise(np.zeros((1, 2), dtype=np.float32), 1e-50, "zennit")   # eps -> 0
+    assert np.array_equal(K.lrp_divide(r, zs, 1e-50, "zennit"), np.zeros((1, 2)))
+
+
+def test_tiled_maxpool_transpose_keeps_a_non_finite_cotangent_at_its_winner() -> None:
+    g = np.array([[[[np.inf]]]])
+    index = np.array([[[[3]]]])
+    got = K.maxpool2d_transpose(g, index, (2, 2), (2, 2), (2, 2), (0, 0))
+    np.testing.assert_array_equal(got, [[[[0.0, 0.0], [0.0, np.inf]]]])
