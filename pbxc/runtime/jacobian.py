@@ -229,16 +229,27 @@ class JacobianResult:
     kinks: dict[str, int] | None = None              # activation node -> units on a kink
 
 
+def _plan(model: object, wrt: str, output: str, batch: int, mode: str
+          ) -> tuple[JacobianPlan, list[OpNode]]:
+    """The plan and its nodes, once per (wrt, output, batch, mode): at batch 1 planning costs
+    a tenth of the pass."""
+    cache = getattr(model, "plan_cache", {})
+    key = (wrt, output, batch, mode)
+    if key not in cache:
+        graph = model.graph  # type: ignore[attr-defined]
+        cache[key] = (plan_jacobian(graph, wrt, output, batch, mode),
+                      path_nodes(graph, wrt, output))
+    return cache[key]
+
+
 def jacobian(model: object, inputs: Mapping[str, Array], output: str, wrt: str,
              mode: str = "auto", intermediates: bool = False) -> JacobianResult:
     lin = linearize(model, inputs)
-    graph = model.graph  # type: ignore[attr-defined]
     batch = lin.values[wrt].shape[0]
     in_shape, out_shape = lin.values[wrt].shape[1:], lin.values[output].shape[1:]
     if intermediates:
         mode = "forward"  # the paper's byproduct: every J[l] comes with the forward sweep
-    plan = plan_jacobian(graph, wrt, output, batch, mode)
-    nodes = path_nodes(graph, wrt, output)
+    plan, nodes = _plan(model, wrt, output, batch, mode)
     inter = None
     if output == wrt:
         flat = identity_tangents(batch, in_shape, lin.values[wrt].dtype)

@@ -181,6 +181,7 @@ class Model:
         # dense matrices of constant linear ops (conv, pooling) that a plan chose, by
         # (node, dtype); weights never change after loading, so they stay valid
         self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
+        self.plan_cache: dict[tuple[str, str, int, str], Any] = {}   # Jacobian plans
 
     # ------------------------------------------------------------------ description
     @property
