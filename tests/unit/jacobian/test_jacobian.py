@@ -205,6 +205,7 @@ def test_dense_conv_matrices_agree_with_the_conv_kernels(monkeypatch: pytest.Mon
     dense = model.jacobian(x)
     assert dense.plan.dense_ops, "the small convolutions should be applied as dense matrices"
     monkeypatch.setattr(plan_module, "DENSE_LIMIT", 0)
+    model.plan_cache.clear()   # plans are kept per model; the planner's constant just changed
     native = model.jacobian(x)
     assert not native.plan.dense_ops
     np.testing.assert_allclose(dense.jacobian, native.jacobian, rtol=1e-12,
@@ -239,3 +240,12 @@ def test_units_on_a_kink_follow_the_convention_and_are_counted(
 def test_unknown_kink_convention_is_an_input_error(write_model: Callable[..., Path]) -> None:
     with pytest.raises(pbxc.InputError, match=r"unknown kink convention 'middle'.*owner"):
         _relu_at_kink(write_model, "middle")
+
+
+def test_plans_are_kept_per_batch_and_mode() -> None:
+    model, x = example("digits_cnn", n=3)
+    first = model.jacobian(x).plan
+    assert model.jacobian(x).plan is first
+    assert model.jacobian(x[:2]).plan.batch == 2
+    assert model.jacobian(x, mode="reverse").plan.mode == "reverse"
+    assert model.jacobian(x).plan is first
