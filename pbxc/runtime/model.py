@@ -16,7 +16,7 @@ from pbxc.lower.plan import path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.allocator import tune_allocator
 from pbxc.runtime.codeload import load_generated_module
-from pbxc.runtime.dfd import DfdResult, dfd, resolve_baseline
+from pbxc.runtime.dfd import DfdResult, dfd, linearize_both, resolve_baseline
 from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.lrp import LrpResult, file_rules, lrp
 from pbxc.runtime.lrp_rules import rule_from_spec
@@ -385,17 +385,18 @@ class Model:
         output, _ = self._io(output, None)
         inputs = self.prepare_inputs(x)
         default = resolve_baseline(self, inputs, baseline, data)
-        at = linearize(self, inputs, derivatives=False)
+        at, base = linearize_both(self, inputs, default)
         y = at.values[output]
         c = self.targets(y, target)
         flat = y.reshape(y.shape[0], -1)
         seed = np.zeros_like(flat)
         seed[np.arange(len(c)), c] = 1
-        mult, _, base = dfd(self, inputs, default, output, seed.reshape(y.shape), rule, at)
+        mult, _, base = dfd(self, inputs, default, output, seed.reshape(y.shape), rule,
+                            (at, base))
         y0 = base.values[output].reshape(y.shape[0], -1)
         delta = flat[np.arange(len(c)), c] - y0[np.arange(len(c)), c]
         contributions = {k: mult[k] * (inputs[k] - default[k]) for k in inputs}
-        return DfdResult(contributions, mult, default, y,
+        return DfdResult(contributions, mult, default, np.ascontiguousarray(y),
                          np.ascontiguousarray(base.values[output]), c, delta)
 
     def lrp(self, x: np.ndarray | Mapping[str, np.ndarray], *, target: Any = None,

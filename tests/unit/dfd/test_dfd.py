@@ -173,3 +173,21 @@ def test_reveal_cancel_keeps_summation_to_delta(name: str) -> None:
     model, x, data = example(name)
     res = model.dfd(x, baseline="mean", data=data, rule="revealcancel")
     assert np.all(res.summation_error <= 1e-12), res.summation_error.max()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_one_forward_batch_for_inputs_and_defaults_matches_two(shared: bool) -> None:
+    from pbxc.runtime.dfd import linearize_both
+    from pbxc.runtime.jacobian import linearize
+
+    model = pbxc.load(EXAMPLES / "digits_cnn.pbx", dtype="float64")   # max pooling: local data
+    x = np.load(EXAMPLES / "digits_cnn_reference.npz")["inputs"][:6].astype(np.float64)
+    x0 = np.full_like(x, 0.25) if shared else x[::-1] * 0.5
+    at, base = linearize_both(model, {"image": x}, {"image": x0})
+    for got, point in ((at, x), (base, x0)):
+        want = linearize(model, {"image": point}, derivatives=False)
+        assert set(got.values) == set(want.values) and set(got.local) == set(want.local)
+        for k, v in want.values.items():
+            np.testing.assert_allclose(got.values[k], v, rtol=1e-13, atol=1e-13)
+        for k, v in want.local.items():
+            np.testing.assert_array_equal(got.local[k], v)
