@@ -594,12 +594,15 @@ def _per_sample_sum(a):
 UNMODIFIED = ((1.0, ("same", None), ("same", None), ("same", None)),)
 
 
-def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=None, **attrs):
+def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=None,
+                  dense=None, **attrs):
     """Relevance at the op's output -> (relevance per input, absorbed by bias, by stabiliser).
 
     ``z_out``, the op's forward output, stands in for z where a group leaves inputs, weights
     and bias unmodified (LRP-0, epsilon): that z *is* the forward pass, so the step costs one
-    transposed product instead of two."""
+    transposed product instead of two. ``dense``, the op's (out, in) matrix when it is
+    cheaper than its kernel (a small convolution), takes the transposed products with the
+    unmodified weights."""
     table = globals()
     w, b = table[f"{op}_lrp_params"](p, xs, **attrs)
     forward, transpose = table[f"{op}_lrp_forward"], table[f"{op}_lrp_transpose"]
@@ -631,7 +634,11 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
         zs = lrp_stabilise(z, epsilon, placement)
         s = lrp_divide(relevance, zs, epsilon, placement)
         for sign, ins, wt in passes:
-            for i, c in enumerate(transpose(s, wt, xs, **attrs)):
+            if dense is not None and wt is w:   # c = W^T s depends on the weights alone
+                cs = [(s.reshape(len(s), -1) @ dense).reshape(xs[0].shape)]
+            else:
+                cs = transpose(s, wt, xs, **attrs)
+            for i, c in enumerate(cs):
                 term = ins[i] * c if coef * sign == 1 else (coef * sign) * ins[i] * c
                 r_in[i] = term if r_in[i] is None else r_in[i] + term
         if np.ndim(zb):

@@ -64,6 +64,14 @@ def dense_cost(node: OpNode, graph: ModelGraph) -> int | None:
     return max(1, entries // GEMM_ADVANTAGE)
 
 
+def cheaper_dense(nodes: list[OpNode], graph: ModelGraph) -> frozenset[str]:
+    """The constant linear ops (small convolutions, pooling) that every pass applies as their
+    cached dense matrix, because that costs less than their native kernels."""
+    return frozenset(n.name for n in nodes if n.kind in DENSABLE
+                     and (alt := dense_cost(n, graph)) is not None
+                     and alt < vector_cost(n, graph))
+
+
 def op_costs(nodes: list[OpNode], graph: ModelGraph) -> tuple[list[int], set[str]]:
     """Each op's cheapest per-vector cost, and which ops take their dense form for it."""
     costs, dense = [], set()

@@ -28,7 +28,7 @@ from pbxc.errors import InputError
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, require_kernel
 from pbxc.ops import WEIGHTED, OpKind
-from pbxc.runtime.jacobian import Linearization, linearize
+from pbxc.runtime.jacobian import Linearization, OpMaps, linearize
 
 Array = np.ndarray
 
@@ -45,6 +45,8 @@ def dfd_step(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
     xs = [ctx.at.values[i] for i in node.inputs]
     y = ctx.at.values[node.name]
     if node.kind in DFD_BY_VJP:  # eq. 7: an affine op's multipliers are its weights
+        if node.name in getattr(ctx.model, "dense_ops", ()):   # a small conv: one GEMM
+            return OpMaps(ctx.model, ctx.at).vjp(node, m)
         vjp = require_kernel(K, node, "vjp", "dfd")
         return vjp(m, xs, y, ctx.at.local.get(node.name), params, **kernel_attrs(node))
     kernel = require_kernel(K, node, "dfd", "dfd")

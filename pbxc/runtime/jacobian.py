@@ -35,6 +35,21 @@ class Linearization:
                      params, self.local.get(node.name))
 
 
+def dense_matrix(model: object, node: OpNode, dtype: np.dtype) -> Array:
+    """The (out, in) matrix of a constant linear op (conv, average pooling) without its bias,
+    built once per model and dtype by pushing the identity through the op's JVP."""
+    cache: dict[tuple[str, str], Array] = model.dense_cache  # type: ignore[attr-defined]
+    key = (node.name, np.dtype(dtype).name)
+    if key not in cache:
+        graph = model.graph  # type: ignore[attr-defined]
+        in_shape, out_shape = graph.shape_of(node.inputs[0]) or (), node.shape or ()
+        pt = Point(node, [np.zeros((1, *in_shape), dtype)], np.zeros((1, *out_shape), dtype),
+                   model.params[node.name])  # type: ignore[attr-defined]
+        t = jvp_rule(node)(pt, [identity_tangents(1, in_shape, dtype)])
+        cache[key] = np.ascontiguousarray(t.reshape(size(in_shape), size(out_shape)).T)
+    return cache[key]
+
+
 def linearize(model: object, inputs: Mapping[str, Array],
               derivatives: bool = True) -> Linearization:
     """Evaluate every node, keeping the local data of nonlinear ops: argmax indices of max
@@ -50,7 +65,8 @@ def linearize(model: object, inputs: Mapping[str, Array],
             values[node.name] = table(node.name, xs[0])
             if derivatives:
                 local[node.name] = table.derivative(node.name, xs[0])
-        else:
+        else:   # the ops' own kernels even where a dense matrix is cheaper: the forward
+            # values stay those of Model.forward, bit for bit (LRP's 1/z amplifies any change)
             params = model.params[node.name]  # type: ignore[attr-defined]
             values[node.name] = forward_rule(node)(node, xs, params)
             extra = local_data(node, xs, params)
@@ -64,21 +80,14 @@ class OpMaps:
     dense matrix cached on the model (their Jacobian does not depend on the input)."""
 
     def __init__(self, model: object, lin: Linearization,
-                 dense_ops: set[str] | frozenset[str] = frozenset()) -> None:
-        self.model, self.lin, self.dense_ops = model, lin, dense_ops
+                 dense_ops: set[str] | frozenset[str] | None = None) -> None:
+        self.model, self.lin = model, lin
+        # by default the model's own choice (lower/plan's cost model)
+        self.dense_ops: set[str] | frozenset[str] = (
+            getattr(model, "dense_ops", frozenset()) if dense_ops is None else dense_ops)
 
     def matrix(self, node: OpNode) -> Array:
-        cache: dict[tuple[str, str], Array] = self.model.dense_cache  # type: ignore[attr-defined]
-        dtype = self.lin.values[node.name].dtype
-        key = (node.name, dtype.name)
-        if key not in cache:
-            in_shape = self.lin.values[node.inputs[0]].shape[1:]
-            out_shape = self.lin.values[node.name].shape[1:]
-            pt = Point(node, [np.zeros((1, *in_shape), dtype)], np.zeros((1, *out_shape), dtype),
-                       self.model.params[node.name])  # type: ignore[attr-defined]
-            t = jvp_rule(node)(pt, [identity_tangents(1, in_shape, dtype)])
-            cache[key] = np.ascontiguousarray(t.reshape(size(in_shape), size(out_shape)).T)
-        return cache[key]
+        return dense_matrix(self.model, node, self.lin.values[node.name].dtype)
 
     def jvp(self, node: OpNode, ts: list[Array]) -> Array:
         if node.name in self.dense_ops:

@@ -28,7 +28,7 @@ from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import kernel_attrs
 from pbxc.ops import LRP_COMPOSITES, OpKind
-from pbxc.runtime.jacobian import linearize
+from pbxc.runtime.jacobian import dense_matrix, linearize
 from pbxc.runtime.lrp_rules import (
     COMPOSITES,
     LRP0,
@@ -313,6 +313,12 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     layers: dict[str, LayerLedger] = {}
     ties: dict[str, int] = {}
     known: dict[int, tuple[Array, Array, Array]] = {}
+    dense_ops: frozenset[str] = getattr(model, "dense_ops", frozenset())
+
+    def dense_for(node: OpNode) -> Array | None:
+        if node.name not in dense_ops:
+            return None
+        return dense_matrix(model, node, values[node.name].dtype)
 
     def sums(r: Array) -> tuple[Array, Array]:
         """Per-sample sum and absolute sum, once per array (routed ops pass theirs on)."""
@@ -336,7 +342,7 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
                                                model.params[node.name],
                                                node_rule.groups_data(), node_rule.epsilon,
                                                node_rule.placement, values[node.name],
-                                               **kernel_attrs(node))
+                                               dense_for(node), **kernel_attrs(node))
         elif node.kind is OpKind.MAXPOOL2D:
             assert node.name in lin.local
             r0, ties[node.name] = K.lrp_maxpool(r_out, xs[0], lin.local[node.name],

@@ -12,7 +12,7 @@ import numpy as np
 from pbxc.codegen.numpy_printer import render_activation_functions
 from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.lower.plan import path_nodes
+from pbxc.lower.plan import cheaper_dense, path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.allocator import tune_allocator
 from pbxc.runtime.codeload import load_generated_module
@@ -182,6 +182,7 @@ class Model:
         # (node, dtype); weights never change after loading, so they stay valid
         self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
         self.plan_cache: dict[tuple[str, str, int, str], Any] = {}   # Jacobian plans
+        self.dense_ops = cheaper_dense(self.nodes, graph)   # applied as cached matrices
 
     # ------------------------------------------------------------------ description
     @property

@@ -191,3 +191,23 @@ def test_one_forward_batch_for_inputs_and_defaults_matches_two(shared: bool) -> 
             np.testing.assert_allclose(got.values[k], v, rtol=1e-13, atol=1e-13)
         for k, v in want.local.items():
             np.testing.assert_array_equal(got.local[k], v)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_resnet"])
+def test_small_convolutions_as_dense_matrices_agree_with_their_kernels(name: str) -> None:
+    dense = pbxc.load(EXAMPLES / f"{name}.pbx", dtype="float64")
+    native = pbxc.load(EXAMPLES / f"{name}.pbx", dtype="float64")
+    assert dense.dense_ops, "the examples' small convolutions should take the dense path"
+    native.dense_ops = frozenset()
+    x = np.load(EXAMPLES / f"{name}_reference.npz")["inputs"][:6].astype(np.float64)
+    a, b = dense.dfd(x, baseline="zeros"), native.dfd(x, baseline="zeros")
+    for k in a.attributions:
+        np.testing.assert_allclose(a.attributions[k], b.attributions[k], rtol=1e-12,
+                                   atol=1e-13 * np.abs(b.attributions[k]).max())
+    for composite in ("epsilon", "epsilon-gamma-box"):
+        ra, rb = dense.lrp(x, composite=composite), native.lrp(x, composite=composite)
+        for k in ra.relevance:
+            np.testing.assert_allclose(ra.relevance[k], rb.relevance[k], rtol=1e-11,
+                                       atol=1e-13 * np.abs(rb.relevance[k]).max())
+    ga, gb = dense.gradient(x), native.gradient(x)
+    np.testing.assert_allclose(ga, gb, rtol=1e-12, atol=1e-13 * np.abs(gb).max())
