@@ -145,10 +145,17 @@ def _untile(grid, in_hw):
 def maxpool2d_transpose(g, index, in_hw, kernel, stride, padding):
     """Route each cotangent to its window's maximum (winner takes all)."""
     kh, kw = kernel
-    if _tiles(kernel, stride, padding):   # one pass, written in the output's order
-        offsets = (np.arange(kh) * kw)[:, None, None] + np.arange(kw)        # (kh, 1, kw)
-        hit = index[..., :, None, :, None] == offsets                        # (.., OH, kh, OW, kw)
-        return _untile(np.where(hit, g[..., :, None, :, None], 0), in_hw)   # not g * hit: inf * 0
+    if _tiles(kernel, stride, padding):   # one scatter: each input is in at most one window
+        oh, ow = index.shape[-2:]
+        h, w = in_hw
+        rows = (np.arange(oh) * kh)[:, None] + index // kw
+        cols = np.arange(ow) * kw + index % kw
+        dest = (rows * w + cols).reshape(*index.shape[:-2], -1)   # the winners' flat positions
+        lead = np.broadcast_shapes(g.shape[:-2], index.shape[:-2])
+        out = np.zeros((*lead, h * w), dtype=g.dtype)
+        values = np.broadcast_to(g, (*lead, oh, ow)).reshape(*lead, -1)
+        np.put_along_axis(out, dest, values, axis=-1)   # index may broadcast over a tangent axis
+        return out.reshape(*lead, h, w)
     return _scatter_windows(lambda p, q: np.where(index == p * kw + q, g, 0), in_hw, kernel,
                             stride, padding, g.dtype, g.shape[:-2])
 
@@ -324,6 +331,8 @@ def maxpool2d_jvp(ts, xs, y, local, p, kernel, stride, padding):
 
 
 def maxpool2d_vjp(v, xs, y, local, p, kernel, stride, padding):
+    if _tiles(kernel, stride, padding):   # the sample's winners serve all its K rows
+        return [maxpool2d_transpose(v, local[:, None], xs[0].shape[2:], kernel, stride, padding)]
     index = np.repeat(local, v.shape[1], axis=0)
     g = maxpool2d_transpose(flat_bk(v), index, xs[0].shape[2:], kernel, stride, padding)
     return [unflat_bk(g, v)]
