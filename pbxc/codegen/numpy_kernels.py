@@ -142,20 +142,26 @@ def _untile(grid, in_hw):
     return out
 
 
+def _winner_positions(index, kernel, width):
+    """Tiling windows: each window's maximum as a flat position in its (H, W) plane."""
+    (kh, kw), (oh, ow) = kernel, index.shape[-2:]
+    rows = (np.arange(oh) * kh)[:, None] + index // kw
+    cols = np.arange(ow) * kw + index % kw
+    return (rows * width + cols).reshape(*index.shape[:-2], -1)
+
+
 def maxpool2d_transpose(g, index, in_hw, kernel, stride, padding):
     """Route each cotangent to its window's maximum (winner takes all)."""
-    kh, kw = kernel
     if _tiles(kernel, stride, padding):   # one scatter: each input is in at most one window
         oh, ow = index.shape[-2:]
         h, w = in_hw
-        rows = (np.arange(oh) * kh)[:, None] + index // kw
-        cols = np.arange(ow) * kw + index % kw
-        dest = (rows * w + cols).reshape(*index.shape[:-2], -1)   # the winners' flat positions
+        dest = _winner_positions(index, kernel, w)
         lead = np.broadcast_shapes(g.shape[:-2], index.shape[:-2])
         out = np.zeros((*lead, h * w), dtype=g.dtype)
         values = np.broadcast_to(g, (*lead, oh, ow)).reshape(*lead, -1)
         np.put_along_axis(out, dest, values, axis=-1)   # index may broadcast over a tangent axis
         return out.reshape(*lead, h, w)
+    kw = kernel[1]
     return _scatter_windows(lambda p, q: np.where(index == p * kw + q, g, 0), in_hw, kernel,
                             stride, padding, g.dtype, g.shape[:-2])
 
@@ -326,6 +332,10 @@ def maxpool2d_forward(xs, p, kernel, stride, padding):
 
 def maxpool2d_jvp(ts, xs, y, local, p, kernel, stride, padding):
     t = ts[0]
+    if _tiles(kernel, stride, padding):   # one gather at the sample's winners, for all K rows
+        dest = _winner_positions(local[:, None], kernel, t.shape[-1])
+        picked = np.take_along_axis(t.reshape(*t.shape[:-2], -1), dest, axis=-1)
+        return picked.reshape(*t.shape[:-2], *local.shape[-2:])
     index = np.repeat(local, t.shape[1], axis=0)
     return unflat_bk(maxpool2d_gather(flat_bk(t), index, kernel, stride, padding), t)
 

@@ -92,3 +92,20 @@ def test_tiled_maxpool_transpose_keeps_a_non_finite_cotangent_at_its_winner() ->
     index = np.array([[[[3]]]])
     got = K.maxpool2d_transpose(g, index, (2, 2), (2, 2), (2, 2), (0, 0))
     np.testing.assert_array_equal(got, [[[[0.0, 0.0], [0.0, np.inf]]]])
+
+
+@pytest.mark.parametrize("in_hw", [(8, 8), (5, 7)])
+def test_tiled_maxpool_tangents_match_the_window_gather(in_hw: tuple[int, int]) -> None:
+    rng = np.random.default_rng(2)
+    kernel = stride = (2, 2)
+    x = rng.standard_normal((3, 4, *in_hw))
+    _, local = K.maxpool2d(x, kernel, stride, (0, 0))
+    t = rng.standard_normal((3, 5, 4, *in_hw))   # five tangent rows per sample
+    got = K.maxpool2d_jvp([t], [x], None, local, {}, kernel, stride, (0, 0))
+    want = np.stack([K.maxpool2d_gather(t[:, k], local, kernel, stride, (0, 0))
+                     for k in range(5)], axis=1)
+    np.testing.assert_array_equal(got, want)
+    v = rng.standard_normal(want.shape)
+    back = K.maxpool2d_vjp(v, [x], None, local, {}, kernel, stride, (0, 0))[0]
+    assert back.shape == t.shape
+    np.testing.assert_allclose(np.sum(back * t), np.sum(v * got), rtol=1e-12)   # adjoint
