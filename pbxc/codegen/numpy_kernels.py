@@ -279,7 +279,9 @@ def _sample_param(v, sample_shape):
 # ---- linear
 def linear_forward(xs, p):
     y = matmul_last(xs[0], p["weight"].T)
-    return y + p["bias"] if "bias" in p else y
+    if "bias" in p:
+        y += p["bias"]   # in place: y is the product's own fresh array
+    return y
 
 
 def linear_jvp(ts, xs, y, local, p):
