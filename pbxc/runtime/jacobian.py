@@ -218,6 +218,11 @@ def chain_execute(model: object, lin: Linearization, wrt: str, nodes: list[OpNod
         if action == "vjp":  # apply op i's transpose to the rows of M[i+1..j]
             m = run(children[0])
             v = m.reshape(batch, m.shape[1], *shapes[i + 1])
+            if nodes[i].kind is OpKind.ACTIVATION and v.flags.writeable:
+                # diag(f'(z)) in place: a writeable block here is this plan's own temporary
+                # (a chain has no fan-out; shared weights come broadcast, read-only)
+                v *= lin.local[nodes[i].name][:, None]
+                return _flat_matrix(v)
             return _flat_matrix(maps.vjp(nodes[i], v)[0])
         left, right = run(children[0]), run(children[1])
         return np.matmul(right, left)  # M[k+1..j] @ M[i..k]
