@@ -249,3 +249,22 @@ def test_plans_are_kept_per_batch_and_mode() -> None:
     assert model.jacobian(x[:2]).plan.batch == 2
     assert model.jacobian(x, mode="reverse").plan.mode == "reverse"
     assert model.jacobian(x).plan is first
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_mode_leaves_weights_and_inputs_as_they_were(name: str) -> None:
+    """The chain plan scales its own blocks in place; nothing the caller or model holds."""
+    model, x = example(name, n=4)
+    weights = {n: {k: v.copy() for k, v in p.items()} for n, p in model.params.items()}
+    x_before = x.copy()
+    first = {mode: model.jacobian(x, mode=mode).jacobian
+             for mode in ("forward", "reverse", "chain", "auto")
+             if mode != "chain" or model.jacobian(x).plan.alternatives.get("chain")}
+    for mode, j in first.items():
+        np.testing.assert_array_equal(model.jacobian(x, mode=mode).jacobian, j)
+        np.testing.assert_allclose(j, first["reverse"], rtol=1e-11,
+                                   atol=1e-13 * np.abs(first["reverse"]).max())
+    np.testing.assert_array_equal(x, x_before)
+    for n, p in model.params.items():
+        for k, v in p.items():
+            np.testing.assert_array_equal(v, weights[n][k])
