@@ -104,8 +104,24 @@ def maxpool2d_gather(t, index, kernel, stride, padding):
     return np.ascontiguousarray(np.take_along_axis(flat, index[..., None], axis=4)[..., 0])
 
 
+def _tile_offsets(x, kernel):
+    """Tiling windows: one strided view per in-window offset, in row-major order."""
+    kh, kw = kernel
+    oh, ow = x.shape[-2] // kh, x.shape[-1] // kw
+    return [x[..., p:p + kh * oh:kh, q:q + kw * ow:kw] for p in range(kh) for q in range(kw)]
+
+
 def maxpool2d(x, kernel, stride, padding):
     """Values and the flat in-window index of each maximum (the first in row-major order)."""
+    if _tiles(kernel, stride, padding) and not np.isnan(x).any():   # argmax's NaN rule aside
+        parts = _tile_offsets(x, kernel)
+        best = parts[0].copy()
+        index = np.zeros(best.shape, dtype=np.intp)
+        for k, part in enumerate(parts[1:], 1):
+            better = part > best   # strictly: a tie keeps the earlier offset
+            np.copyto(best, part, where=better)
+            np.copyto(index, k, where=better)
+        return best, index
     win = windows2d(x, kernel, stride, padding, pad_value=-np.inf)
     flat = win.reshape(*win.shape[:4], -1)
     index = flat.argmax(axis=4)
@@ -174,7 +190,13 @@ def avgpool2d_counts(in_hw, kernel, stride, padding, count_include_pad, dtype):
 
 
 def avgpool2d(x, kernel, stride, padding, count_include_pad):
-    total = windows2d(x, kernel, stride, padding).sum(axis=(4, 5))
+    if _tiles(kernel, stride, padding):   # offset by offset: far faster than a window reduce
+        parts = _tile_offsets(x, kernel)
+        total = parts[0].copy()
+        for part in parts[1:]:
+            total += part
+    else:
+        total = windows2d(x, kernel, stride, padding).sum(axis=(4, 5))
     return total / avgpool2d_counts(x.shape[2:], kernel, stride, padding, count_include_pad,
                                     x.dtype)
 
