@@ -699,10 +699,19 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
 def lrp_maxpool(relevance, x, index, kernel, stride, padding):
     """Winner takes all: each window's relevance to its argmax (the first maximum in row-major
     order, as PyTorch). Also returns how many windows with relevance had a tied maximum."""
-    win = windows2d(x, kernel, stride, padding, pad_value=-np.inf)
-    flat = win.reshape(*win.shape[:4], -1)
-    best = np.take_along_axis(flat, index[..., None], axis=4)
-    ties = int(np.count_nonzero(((flat == best).sum(axis=4) > 1) & (relevance != 0)))
+    if _tiles(kernel, stride, padding):
+        parts = _tile_offsets(x, kernel)
+        best = parts[0].copy()   # the value at ``index``: the window maximum (NaN if any)
+        for part in parts[1:]:
+            np.maximum(best, part, out=best)
+        equal = np.zeros(best.shape, dtype=np.int32)
+        for part in parts:
+            equal += part == best
+    else:
+        win = windows2d(x, kernel, stride, padding, pad_value=-np.inf)
+        flat = win.reshape(*win.shape[:4], -1)
+        equal = (flat == np.take_along_axis(flat, index[..., None], axis=4)).sum(axis=4)
+    ties = int(np.count_nonzero((equal > 1) & (relevance != 0)))
     return maxpool2d_transpose(relevance, index, x.shape[2:], kernel, stride, padding), ties
 
 

@@ -132,3 +132,17 @@ def test_tiled_maxpool_keeps_argmax_semantics_for_nan() -> None:
     x = np.array([[[[1.0, np.nan], [3.0, 2.0]]]])
     values, index = K.maxpool2d(x, (2, 2), (2, 2), (0, 0))
     assert index.item() == 1 and np.isnan(values.item())   # NaN is the maximum, as argmax
+
+
+@pytest.mark.parametrize("in_hw", [(8, 8), (5, 7)])
+def test_tiled_lrp_maxpool_counts_the_same_ties(in_hw: tuple[int, int]) -> None:
+    rng = np.random.default_rng(4)
+    x = np.round(rng.standard_normal((3, 4, *in_hw)))   # many tied windows
+    _, index = K.maxpool2d(x, (2, 2), (2, 2), (0, 0))
+    relevance = rng.standard_normal(index.shape)
+    relevance[0, 0] = 0.0   # windows without relevance are not reported
+    win = K.windows2d(x, (2, 2), (2, 2), (0, 0), pad_value=-np.inf)
+    flat = win.reshape(*win.shape[:4], -1)
+    tied = (flat == flat.max(axis=4, keepdims=True)).sum(axis=4) > 1
+    _, ties = K.lrp_maxpool(relevance, x, index, (2, 2), (2, 2), (0, 0))
+    assert ties == int(np.count_nonzero(tied & (relevance != 0))) > 0
