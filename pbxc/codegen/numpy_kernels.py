@@ -113,15 +113,6 @@ def _tile_offsets(x, kernel):
 
 def maxpool2d(x, kernel, stride, padding):
     """Values and the flat in-window index of each maximum (the first in row-major order)."""
-    if _tiles(kernel, stride, padding) and not np.isnan(x).any():   # argmax's NaN rule aside
-        parts = _tile_offsets(x, kernel)
-        best = parts[0].copy()
-        index = np.zeros(best.shape, dtype=np.intp)
-        for k, part in enumerate(parts[1:], 1):
-            better = part > best   # strictly: a tie keeps the earlier offset
-            np.copyto(best, part, where=better)
-            np.copyto(index, k, where=better)
-        return best, index
     win = windows2d(x, kernel, stride, padding, pad_value=-np.inf)
     flat = win.reshape(*win.shape[:4], -1)
     index = flat.argmax(axis=4)
