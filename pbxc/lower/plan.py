@@ -74,16 +74,10 @@ def cheaper_dense(nodes: list[OpNode], graph: ModelGraph) -> frozenset[str]:
 
 def op_costs(nodes: list[OpNode], graph: ModelGraph) -> tuple[list[int], set[str]]:
     """Each op's cheapest per-vector cost, and which ops take their dense form for it."""
-    costs, dense = [], set()
-    for node in nodes:
-        native = vector_cost(node, graph)
-        alt = dense_cost(node, graph)
-        if alt is not None and alt < native:
-            costs.append(alt)
-            dense.add(node.name)
-        else:
-            costs.append(native)
-    return costs, dense
+    dense = cheaper_dense(nodes, graph)
+    costs = [dense_cost(n, graph) or 1 if n.name in dense else vector_cost(n, graph)
+             for n in nodes]
+    return costs, set(dense)
 
 
 @dataclass

@@ -178,8 +178,8 @@ class Model:
             self.params[node.name] = bound
         self.weights = cast
         self.activations = compile_activations(graph, convention, self.dtype)
-        # dense matrices of constant linear ops (conv, pooling) that a plan chose, by
-        # (node, dtype); weights never change after loading, so they stay valid
+        # dense matrices of the constant linear ops in ``dense_ops`` (small convolutions,
+        # pooling), by (node, dtype); weights never change after loading, so they stay valid
         self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
         self.plan_cache: dict[tuple[str, str, int, str], Any] = {}   # Jacobian plans
         self.dense_ops = cheaper_dense(self.nodes, graph)   # applied as cached matrices
