@@ -833,3 +833,12 @@ def normalize_lrp_forward(ins, w):
 
 def normalize_lrp_transpose(s, w, xs):
     return [s * w[None]]
+
+
+# =============================================================================== op families
+# Round 2 (issue 11): one module per family under pbxc/codegen/kernels; ``pbxc compile``
+# copies their source after this module's (pbxc.codegen.kernels.FAMILIES).
+from pbxc.codegen.kernels.elementwise import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.pooling import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.resize import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.shape import *  # noqa: E402,F403  family
