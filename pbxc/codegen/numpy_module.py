@@ -17,12 +17,15 @@ from typing import Any
 import networkx as nx
 
 from pbxc.codegen import numpy_kernels
+from pbxc.codegen.kernels import conv as conv_kernels
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, kernel_name
 from pbxc.ops import OpKind
 
 #: the kernels' import of the numeric prelude, which the generated module holds verbatim
 PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
+#: the kernels' import of the op-family modules, whose sources precede them in the module
+FAMILY_IMPORT = re.compile(r"^from pbxc\.codegen\.kernels\.\w+ import \*.*\n", re.M)
 
 
 def var(name: str, prefix: str = "v") -> str:
@@ -270,8 +273,10 @@ class NumpyModuleRenderer:
         params = {n.name: {role: key for role, key, _ in n.params} for n in self.nodes}
         parts = [
             header,
+            "# ---- convolution kernels (pbxc.codegen.kernels.conv) ----",
+            inspect.getsource(conv_kernels),
             "# ---- op kernels (pbxc.codegen.numpy_kernels) ----",
-            PRELUDE_IMPORT.sub("", inspect.getsource(numpy_kernels)),
+            FAMILY_IMPORT.sub("", PRELUDE_IMPORT.sub("", inspect.getsource(numpy_kernels))),
             "# ---- activations, printed from sympy ----",
             self.activation_source.replace("import numpy as np\n", ""),
             "# ---- the model ----",

@@ -1,0 +1,1 @@
+"""Op-family kernel modules (NumPy only), copied verbatim into standalone generated modules."""
