@@ -42,7 +42,7 @@ def loops_conv(x: np.ndarray, w: np.ndarray, stride: tuple[int, ...],
                pads: tuple[tuple[int, int], ...], dilation: tuple[int, ...], groups: int
                ) -> np.ndarray:
     """y[n, o, r] = sum over c in o's group and k of w[o, c, k] x[n, c, r*s + k*d - begin]."""
-    n, c_in = x.shape[:2]
+    n, _c_in = x.shape[:2]
     c_out, cpg = w.shape[:2]
     kernel = w.shape[2:]
     out = tuple((s + b + e - d * (k - 1) - 1) // st + 1
@@ -89,7 +89,7 @@ def _torch_pad(x: object, pads: tuple[tuple[int, int], ...]) -> object:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-g{c[8]}")
 def test_conv_matches_loops(case: tuple) -> None:
-    dims, cin, cout, size, kernel, stride, pads, dil, groups, _ = case
+    _dims, cin, cout, size, kernel, stride, pads, dil, groups, _ = case
     x = RNG.normal(size=(2, cin, *size))
     w = RNG.normal(size=(cout, cin // groups, *kernel))
     expected = loops_conv(x, w, stride, pads, dil, groups)
@@ -208,7 +208,7 @@ def test_workspace_of_a_large_convolution_is_bounded(small_workspace: None) -> N
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-g{c[8]}")
 def test_dense_matrix_scattered_from_the_weights(case: tuple) -> None:
-    dims, cin, cout, size, kernel, stride, pads, dil, groups, _ = case
+    _dims, cin, cout, size, kernel, stride, pads, dil, groups, _ = case
     w = RNG.normal(size=(cout, cin // groups, *kernel))
     x = RNG.normal(size=(1, cin, *size))
     dense = C.conv_dense_matrix(w, size, stride, pads, dil, groups)
