@@ -267,3 +267,38 @@ def test_cuda_target_names_what_it_refuses(write_model: Any) -> None:
     model = pbxc.load(write_model("model m\nweights \"w.npz\"\ninput x: float64[2, 5, 5]\n"
                                   "output y = conv2d(x, @c, padding=(0, 1, 0, 1), bias=false)\n", w))
     assert "symmetric convolution padding" in (unsupported(model.graph) or "")
+
+
+def test_dense_matrices_are_lazy_bounded_and_equal_the_kernels(
+        unet: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The small convolutions' dense matrices (transposed one included) are built on first
+    use, scattered from the weights, equal to the JVP of the identity through the kernels,
+    and the planner keeps their total within DENSE_TOTAL_LIMIT entries."""
+    from pbxc.lower import plan as plan_module
+    from pbxc.lower.plan import cheaper_dense, size
+    from pbxc.runtime.jacobian import dense_matrix, identity_tangents
+    from pbxc.runtime.linearize import Point, jvp_rule
+
+    _, _, folder = unet
+    model = pbxc.load(folder / "m.pbx", dtype="float64")
+    assert not model.dense_cache
+    assert {"d1/conv_transpose2d", "e2/conv2d"} <= set(model.dense_ops)
+    x = _x((2, 2, 8, 8))
+    grad = model.gradient(x)
+    assert model.dense_cache   # built by the first pass that needed one
+    for node in model.nodes:
+        if node.name not in model.dense_ops:
+            continue
+        in_shape, out_shape = model.graph.shape_of(node.inputs[0]), node.shape
+        pt = Point(node, [np.zeros((1, *in_shape))], np.zeros((1, *out_shape)),
+                   model.params[node.name])
+        t = jvp_rule(node)(pt, [identity_tangents(1, in_shape, np.dtype("float64"))])
+        pushed = t.reshape(size(in_shape), size(out_shape)).T
+        assert np.array_equal(dense_matrix(model, node, np.dtype("float64")), pushed)
+    monkeypatch.setattr(plan_module, "DENSE_TOTAL_LIMIT", 30_000)
+    bounded = cheaper_dense(model.nodes, model.graph)
+    assert bounded < model.dense_ops
+    assert sum(size(n.shape) * size(model.graph.shape_of(n.inputs[0]))
+               for n in model.nodes if n.name in bounded) <= 30_000
+    model.dense_ops, model.dense_cache = frozenset(), {}
+    np.testing.assert_allclose(model.gradient(x), grad, rtol=1e-12, atol=1e-14)
