@@ -19,19 +19,21 @@ import networkx as nx
 
 from pbxc.codegen import numpy_kernels
 from pbxc.codegen.kernels import FAMILIES
+from pbxc.codegen.kernels import conv as conv_kernels
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import dfd_by_vjp, kernel_attrs, kernel_base, kernel_name
 from pbxc.ops import MAXPOOL, SHAPE_ONLY, OpKind
 
 #: the kernels' import of the numeric prelude, which the generated module holds verbatim
 PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
-#: the kernels' imports of the op families, whose sources follow the kernels' verbatim
+#: the kernels' imports of the op families, whose sources surround the kernels' verbatim
 FAMILY_IMPORT = re.compile(r"^from pbxc\.codegen\.kernels\.\w+ import .*\n", re.M)
 
 
 def kernel_source() -> str:
-    """numpy_kernels' source and every family's (pbxc.codegen.kernels), as one module text
-    that imports only numpy."""
+    """numpy_kernels' source and every family's listed in pbxc.codegen.kernels.FAMILIES, as one
+    module text (the convolution family, which numpy_kernels uses at import, precedes it in
+    the generated module)."""
     parts = [FAMILY_IMPORT.sub("", PRELUDE_IMPORT.sub("", inspect.getsource(numpy_kernels)))]
     for family in FAMILIES:
         module = importlib.import_module(f"pbxc.codegen.kernels.{family}")
@@ -291,6 +293,8 @@ class NumpyModuleRenderer:
         params = {n.name: {role: key for role, key, _ in n.params} for n in self.nodes}
         parts = [
             header,
+            "# ---- convolution kernels (pbxc.codegen.kernels.conv) ----",
+            inspect.getsource(conv_kernels),
             "# ---- op kernels (pbxc.codegen.numpy_kernels) ----",
             kernel_source(),
             "# ---- activations, printed from sympy ----",

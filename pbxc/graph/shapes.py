@@ -65,33 +65,60 @@ class _Ctx:
         return x
 
 
-def _conv(ctx: _Ctx, spatial: int) -> Shape:
-    layout = "[C, L]" if spatial == 1 else "[C, H, W]"
-    x = ctx.rank(spatial + 1, layout)
+_LAYOUTS = {1: "[C, L]", 2: "[C, H, W]", 3: "[C, D, H, W]"}
+
+
+def _conv(ctx: _Ctx, spatial: int, transposed: bool = False) -> Shape:
+    """conv*d: weight [out, in/groups, *k]; conv_transpose*d: weight [in, out/groups, *k]."""
+    x = ctx.rank(spatial + 1, _LAYOUTS[spatial])
     w = ctx.weight("weight", spatial + 2)
     assert w is not None
     groups = ctx.node.attr("groups")
-    c_in, c_out = x[0], w[0]
-    if c_in % groups or c_out % groups:
-        raise ctx.fail(f"groups={groups} must divide both the {c_in} input and {c_out} "
-                       "output channels")
-    if w[1] * groups != c_in:
-        key = ctx.node.param_key("weight")
-        raise ShapeError(f"weight '{key}' has shape {fmt(w)}: expected {c_in // groups} input "
-                         f"channels per group (input has {c_in} channels, groups={groups}), "
-                         f"got {w[1]}", ctx.node.param_pos("weight"))
+    key = ctx.node.param_key("weight")
+    c_in = x[0]
+    if transposed:
+        c_out = w[1] * groups
+        if w[0] != c_in or c_in % groups:
+            raise ShapeError(f"weight '{key}' has shape {fmt(w)}: a transposed convolution's "
+                             f"weight is [in, out/groups, *kernel], and the input has {c_in} "
+                             f"channels (groups={groups}, which must divide them)",
+                             ctx.node.param_pos("weight"))
+    else:
+        c_out = w[0]
+        if c_in % groups or c_out % groups:
+            raise ctx.fail(f"groups={groups} must divide both the {c_in} input and {c_out} "
+                           "output channels")
+        if w[1] * groups != c_in:
+            raise ShapeError(f"weight '{key}' has shape {fmt(w)}: expected {c_in // groups} "
+                             f"input channels per group (input has {c_in} channels, "
+                             f"groups={groups}), got {w[1]}", ctx.node.param_pos("weight"))
     ctx.expect_weight("bias", (c_out,))
+    pads = ctx.node.attr("padding")
     out = [c_out]
     for i in range(spatial):
-        n = _window_out(ctx, x[1 + i], w[2 + i], ctx.node.attr("stride")[i],
-                        ctx.node.attr("padding")[i], ctx.node.attr("dilation")[i])
+        stride, dilation = ctx.node.attr("stride")[i], ctx.node.attr("dilation")[i]
+        begin, end = pads[2 * i], pads[2 * i + 1]
+        if transposed:
+            extra = ctx.node.attr("output_padding")[i]
+            if extra >= max(stride, dilation):
+                raise ctx.fail(f"output_padding {extra} must be smaller than the stride "
+                               f"({stride}) or the dilation ({dilation})")
+            n = (x[1 + i] - 1) * stride - begin - end + dilation * (w[2 + i] - 1) + extra + 1
+            if n < 1:
+                raise ctx.fail(f"padding ({begin}, {end}) leaves no output on axis {i + 1} "
+                               f"(input {x[1 + i]}, kernel {w[2 + i]}, stride {stride})")
+        else:
+            n = _window_out(ctx, x[1 + i], w[2 + i], stride, (begin, end), dilation)
         out.append(n)
     return tuple(out)
 
 
-def _window_out(ctx: _Ctx, size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+def _window_out(ctx: _Ctx, size: int, kernel: int, stride: int, pad: int | tuple[int, int],
+                dilation: int = 1) -> int:
+    """Windows along one axis; ``pad`` is both sides or (begin, end)."""
     span = dilation * (kernel - 1) + 1
-    n = (size + 2 * pad - span) // stride + 1
+    begin, end = (pad, pad) if isinstance(pad, int) else pad
+    n = (size + begin + end - span) // stride + 1
     if n < 1:
         raise ctx.fail(f"window of {span} (kernel {kernel}, dilation {dilation}) does not fit "
                        f"an axis of {size} with padding {pad}")
@@ -356,6 +383,10 @@ SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
     OpKind.CONV1D: lambda c: _conv(c, 1),
     OpKind.CONV2D: lambda c: _conv(c, 2),
     OpKind.MAXPOOL1D: lambda c: _pool(c, 1),
+    OpKind.CONV3D: lambda c: _conv(c, 3),
+    OpKind.CONV_TRANSPOSE1D: lambda c: _conv(c, 1, transposed=True),
+    OpKind.CONV_TRANSPOSE2D: lambda c: _conv(c, 2, transposed=True),
+    OpKind.CONV_TRANSPOSE3D: lambda c: _conv(c, 3, transposed=True),
     OpKind.MAXPOOL2D: _pool,
     OpKind.MAXPOOL3D: lambda c: _pool(c, 3),
     OpKind.AVGPOOL1D: lambda c: _pool(c, 1),
