@@ -558,7 +558,8 @@ def explain_rows(model: Any, x: np.ndarray, start: int, opts: Options) -> dict[s
 
 def _rows_or_value(value: Any, n: int, per_sample_ndim: int, name: str) -> tuple[Any, Any]:
     """(what workers get, what the store records) for a target or a baseline."""
-    if (isinstance(value, (str, Path)) and Path(value).suffix in (".npy", ".npz")) or \
+    if (isinstance(value, (str, Path)) and (Path(value).suffix in (".npy", ".npz")
+                                             or is_zarr_path(value))) or \
             isinstance(value, (Rows, np.ndarray)) or type(value).__module__.startswith(
                 ("dask", "zarr")):
         rows = open_rows(value)
@@ -571,7 +572,7 @@ def _rows_or_value(value: Any, n: int, per_sample_ndim: int, name: str) -> tuple
 
 def make_options(model: Model, n: int, method: str, *, target: Any = None,
                  output: str | None = None, mode: str = "auto", baseline: Any = "zeros",
-                 data: Any = None, dfd_rule: str = "rescale", rule: str | None = None,
+                 baseline_data: Any = None, dfd_rule: str = "rescale", rule: str | None = None,
                  composite: str | None = None, batch_size: int = DEFAULT_BATCH,
                  strict: bool = False, backend: str = "numpy") -> Options:
     """Check the options against the model and method; record what decides the numbers."""
@@ -584,8 +585,10 @@ def make_options(model: Model, n: int, method: str, *, target: Any = None,
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     output = output or model.output_names[0]
     model._io(output, None)
-    if method != "dfd" and (baseline not in (None, "zeros") or data is not None):
-        raise InputError("baseline and data apply to method 'dfd'")
+    if method != "dfd" and (not (baseline is None or (isinstance(baseline, str) and
+                                                       baseline == "zeros"))
+                            or baseline_data is not None):
+        raise InputError("baseline and baseline_data apply to method 'dfd'")
     if method != "dfd" and dfd_rule != "rescale":
         raise InputError("dfd_rule applies to method 'dfd'")
     if method != "lrp" and (rule or composite):
@@ -612,9 +615,10 @@ def make_options(model: Model, n: int, method: str, *, target: Any = None,
     if baseline is None:
         baseline = "zeros"
     if isinstance(baseline, str) and baseline == "mean":
-        if data is None:
-            raise InputError("baseline 'mean' needs data to average (the training inputs)")
-        rows = open_rows(data)
+        if baseline_data is None:
+            raise InputError("baseline 'mean' needs baseline_data to average (the training "
+                             "inputs; --data)")
+        rows = open_rows(baseline_data)
         mean = resolve_baseline(model, {name: np.zeros((1, *model.input_shapes[name]),
                                                        model.dtype)},
                                 "mean", rows.read(0, len(rows)))[name][0]
@@ -753,8 +757,9 @@ def explain(model_path_or_text: str | Path, data: Any, method: str = "lrp",
     (samples, *input shape). ``options``: ``chunk`` (samples per task, a multiple of
     ``batch_size``), ``batch_size`` (256), ``key`` (.npz key / Zarr array), ``dtype``,
     ``kinks``, ``backend`` ("numpy" or "cupy" on workers with a GPU), ``target``,
-    ``output``, and per method ``mode`` (jacobian), ``baseline``/``data``/``dfd_rule``
-    (dfd), ``rule``/``composite`` (lrp), as in ``pbxc explain``. Samples holding NaN or
+    ``output``, and per method ``mode`` (jacobian), ``baseline``/``dfd_rule``
+    (dfd; ``baseline_data`` is what the "mean" baseline averages), ``rule``/``composite``
+    (lrp), as in ``pbxc explain``. Samples holding NaN or
     infinity give NaN rows (``strict=True`` raises instead).
     """
     job = plan(model_path_or_text, data, method, **options)
@@ -936,9 +941,12 @@ class Summary:
 
     def line(self) -> str:
         skipped = self.chunks - self.computed_chunks
-        text = (f"{self.samples} samples in {self.chunks} chunks ({self.computed_chunks} "
-                f"computed" + (f", {skipped} already done" if skipped else "") +
-                f") in {self.seconds:.2f} s: {self.samples_per_second:,.0f} samples/s")
+        if not self.computed_chunks:
+            text = f"{self.samples} samples: all {self.chunks} chunks were already done"
+        else:
+            text = (f"{self.samples} samples in {self.chunks} chunks ({self.computed_chunks} "
+                    "computed" + (f", {skipped} already done" if skipped else "") +
+                    f") in {self.seconds:.2f} s: {self.samples_per_second:,.0f} samples/s")
         for key, value in self.worst.items():
             text += f"; worst {key.replace('_', ' ')} {value:.2e}"
         return text
@@ -977,7 +985,7 @@ def _progress(total: int, enabled: bool | None) -> Any:
                 disable=(None if enabled is None else not enabled))
 
 
-def to_zarr(model_path_or_text: str | Path, data: Any, out: str | Path, method: str = "lrp", *,
+def to_zarr(model_path_or_text: str | Path | Plan, data: Any, out: str | Path, method: str = "lrp", *,
             client: Any = None, progress: bool | None = None,
             on_chunk: Callable[[ChunkDone], None] | None = None, **options: Any) -> Summary:
     """Explain every sample of ``data`` into the Zarr store ``out``, chunk by chunk; resumable.
@@ -985,11 +993,13 @@ def to_zarr(model_path_or_text: str | Path, data: Any, out: str | Path, method: 
     ``client``: a ``distributed.Client`` to run the chunks on its workers (they must see
     ``data``, the model and ``out`` at the same paths, as with any Dask-to-Zarr write), or
     None to run them here one after another. ``options`` as in :func:`explain`, plus
-    ``strict`` (stop at the first sample holding NaN or infinity). A rerun skips the
+    ``strict`` (stop at the first sample holding NaN or infinity); a :class:`Plan` from
+    :func:`plan` may stand for the model, data and options. A rerun skips the
     chunks marked done; a store of another run is refused with the differences.
     """
     out = Path(out)
-    job = plan(model_path_or_text, data, method, **options)
+    job = model_path_or_text if isinstance(model_path_or_text, Plan) else \
+        plan(model_path_or_text, data, method, **options)
     group, _ = _open_or_create(job, out)
     done = np.asarray(group["done"][:])
     todo = [i for i in range(job.n_chunks) if not done[i]]
@@ -1084,12 +1094,16 @@ def local_cluster(workers: int) -> Any:
         yield client
 
 
-def connect(address: str, timeout: float = 10.0) -> Any:
+#: seconds a client waits for a scheduler
+CONNECT_TIMEOUT = 10.0
+
+
+def connect(address: str, timeout: float | None = None) -> Any:
     """A client of the running scheduler at ``address``; an error when it cannot be reached."""
     from distributed import Client
 
     try:
-        return Client(address, timeout=f"{timeout}s")
+        return Client(address, timeout=f"{timeout or CONNECT_TIMEOUT}s")
     except (OSError, TimeoutError, ValueError) as err:
         raise InputError(f"cannot reach the Dask scheduler at '{address}': "
                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
