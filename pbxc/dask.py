@@ -39,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pbxc.errors import InputError, PbxError
+from pbxc.graph.build import build_graph
+from pbxc.parse.ast import Program
 from pbxc.parse.parser import parse_file, parse_text
 from pbxc.pipeline import BACKENDS, _on_backend, frontend, weight_paths
 from pbxc.runtime.dfd import resolve_baseline
-from pbxc.runtime.model import Model
+from pbxc.runtime.model import Model, resolve_dtype
 from pbxc.symbolic.calculus import DEFAULT_CONVENTION
 
 if TYPE_CHECKING:
@@ -107,11 +109,15 @@ def _read_model(source: str | Path) -> tuple[str, str | None, str]:
         raise InputError(f"cannot read model '{path}': {err}") from None
 
 
-def _build_model(text: str, given_text: str | None, origin: str, dtype: Any,
-                 convention: str) -> tuple[Model, str]:
+def _identify(text: str, given_text: str | None, origin: str,
+              dtype: Any) -> tuple[Program, str, str]:
+    """(program, content hash, compute dtype) without loading the weights into a model."""
     program = parse_text(text, "<string>") if given_text is not None else parse_file(origin)
-    graph, store = frontend(program)
-    return Model(graph, store, dtype, convention), _content_digest(text, graph)
+    graph = build_graph(program)
+    declared = {i.dtype for i in graph.inputs}
+    name = resolve_dtype(dtype).name if dtype is not None else (
+        "float64" if "float64" in declared else "float32")
+    return program, _content_digest(text, graph), name
 
 
 #: per-process models by content hash (and dtype, kink convention, backend)
@@ -120,17 +126,26 @@ _MODELS: dict[tuple[str, str, str, str], Any] = {}
 MODEL_LOADS: list[int] = [0]
 
 
+def _numpy_model(program: Program, key: tuple[str, str, str, str]) -> Model:
+    numpy_key = (*key[:3], "numpy")
+    found = _MODELS.get(numpy_key)
+    if found is None:
+        graph, store = frontend(program)
+        found = _MODELS[numpy_key] = Model(graph, store, key[1], key[2])
+        MODEL_LOADS[0] += 1
+    return found
+
+
 def model_source(model: str | Path, dtype: Any = None, convention: str = DEFAULT_CONVENTION,
                  backend: str = "numpy") -> tuple[ModelSource, Model]:
-    """Load ``model`` (a .pbx path or text) here on the NumPy backend and describe it for
-    workers; the NumPy model checks the data and options before any work is sent."""
+    """Describe ``model`` (a .pbx path or text) for workers, and this process's NumPy model
+    of it, which checks the data and options before any work is sent."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}")
     text, given, origin = _read_model(model)
-    loaded, digest = _build_model(text, given, origin, dtype, convention)
-    source = ModelSource(origin, given, digest, loaded.dtype.name, convention, backend)
-    _MODELS.setdefault(replace(source, backend="numpy").key, loaded)
-    return source, loaded
+    program, digest, dtype_name = _identify(text, given, origin, dtype)
+    source = ModelSource(origin, given, digest, dtype_name, convention, backend)
+    return source, _numpy_model(program, source.key)
 
 
 def cached_model(source: ModelSource) -> Any:
@@ -140,12 +155,11 @@ def cached_model(source: ModelSource) -> Any:
         return found
     text, given, origin = _read_model(source.text if source.text is not None
                                       else source.origin)
-    model, digest = _build_model(text, given, origin, source.dtype, source.convention)
+    program, digest, _ = _identify(text, given, origin, source.dtype)
     if digest != source.digest:
         raise InputError(f"model '{origin}' changed since the run started (content hash "
                          f"{digest[:12]}, expected {source.digest[:12]})")
-    MODEL_LOADS[0] += 1
-    on_backend = _on_backend(model, source.backend)
+    on_backend = _on_backend(_numpy_model(program, source.key), source.backend)
     _MODELS[source.key] = on_backend
     return on_backend
 
