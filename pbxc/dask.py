@@ -611,7 +611,7 @@ def make_options(model: Model, n: int, method: str, *, target: Any = None,
         raise InputError("mode applies to method 'jacobian'")
     name = model.input_names[0]
     in_ndim = 1 + len(model.input_shapes[name])
-    if target == "predicted":
+    if isinstance(target, str) and target == "predicted":
         target = None
     if isinstance(target, (bool, float)) or (target is not None and not isinstance(
             target, (int, np.integer, str, Path, np.ndarray, Rows))
@@ -1056,7 +1056,7 @@ def _run_on_cluster(client: Any, job: Plan, path: str, out: Path, todo: list[int
             shipped = job.rows.read(start, stop)
         elif isinstance(job.rows, DaskRows):
             shipped = client.compute(job.rows.array[start:stop])
-        futures.append(client.submit(write_chunk, _light(job), path, i, shipped,
+        futures.append(client.submit(write_chunk, _light(job, start, stop), path, i, shipped,
                                      key=f"pbxc-chunk-{job.source.digest[:8]}-{run}-{i}",
                                      pure=False))
     samples = 0
@@ -1076,12 +1076,28 @@ def _run_on_cluster(client: Any, job: Plan, path: str, out: Path, todo: list[int
     return samples
 
 
-def _light(job: Plan) -> Plan:
-    """The job as sent to workers: in-memory samples travel chunk by chunk, not whole."""
+def _light(job: Plan, start: int, stop: int) -> Plan:
+    """The job as sent to workers for samples [start, stop): in-memory samples, targets and
+    baselines travel chunk by chunk, not whole."""
     if isinstance(job.rows, (MemoryRows, DaskRows)):
-        rows = _Shape(job.rows.shape, job.rows.dtype, job.rows.description)
-        return replace(job, rows=rows)
-    return job
+        job = replace(job, rows=_Shape(job.rows.shape, job.rows.dtype, job.rows.description))
+    opts = job.options
+    moved: dict[str, Any] = {name: _OffsetRows(value.read(start, stop), start)
+                             for name, value in (("target", opts.target),
+                                                 ("baseline", opts.baseline))
+                             if isinstance(value, (MemoryRows, DaskRows))}
+    return replace(job, options=replace(opts, **moved)) if moved else job
+
+
+class _OffsetRows(Rows):
+    """Rows [start, start + len(array)) of a per-sample option, sent with their chunk."""
+
+    def __init__(self, array: np.ndarray, start: int) -> None:
+        self.array, self.start = array, start
+        self.shape, self.dtype, self.description = tuple(array.shape), array.dtype, {}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start - self.start:stop - self.start]
 
 
 class _Shape(Rows):
