@@ -8,7 +8,7 @@ bench/common.py, run in float32), ``--samples`` inputs are generated chunk by ch
 Zarr store (uniform pixels / standard normal features, seeded), then explained into a Zarr
 store by ``pbxc.dask.to_zarr``: in this process (workers 0) and on a ``LocalCluster`` of
 K single-threaded worker processes. "in memory" is the same batches through the model with
-no store at all (what ``pbxc explain --out X.npz`` computes). The overhead per chunk is the
+no store at all (the calls ``pbxc explain --out X.npz`` makes). The overhead per chunk is the
 time a run spends beyond that compute, in worker-seconds per chunk:
 ``(wall * max(K, 1) - in_memory) / chunks``; the cluster's start-up is printed apart.
 Figures on a shared machine are noisy: compare ratios from one run.
@@ -54,14 +54,19 @@ def make_inputs(path: Path, n: int, shape: tuple[int, ...], kind: str, chunk: in
 
 
 def in_memory_seconds(model_path: Path, data: Path, method: str, batch: int) -> float:
-    """The same batches through the model, read from the store but written nowhere."""
+    """The calls ``pbxc explain --out X.npz`` makes per batch (the forward pass for the
+    outputs, then the method), on the same batches, read from the store, written nowhere."""
     import zarr
 
     model = pbxc.load(model_path, dtype="float32")
     x = zarr.open_array(data, mode="r")
-    run = {"lrp": lambda xb: model.lrp(xb), "dfd": lambda xb: model.dfd(xb),
-           "gradient": lambda xb: model.gradient(xb),
-           "input_x_gradient": lambda xb: model.input_x_gradient(xb)}[method]
+    passes = {"lrp": model.lrp, "dfd": model.dfd, "gradient": model.gradient,
+              "input_x_gradient": model.input_x_gradient}
+
+    def run(xb: np.ndarray) -> None:
+        model.outputs(xb)
+        passes[method](xb)
+
     run(np.asarray(x[:batch]))          # warm-up: dense caches, plans
     total = 0.0
     step = max(batch, 16 * batch)
