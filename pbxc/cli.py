@@ -250,6 +250,10 @@ def _batches(n: int, size: int, label: str) -> Any:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from pbxc.cli_dask import explain_dataset, wants_dataset_run
+
+    if wants_dataset_run(args):   # a Zarr store, chunk by chunk, here or on Dask workers
+        return explain_dataset(args)
     from pbxc.pipeline import load
 
     model = load(args.model, dtype=args.dtype, convention=args.kinks)
@@ -365,6 +369,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pbxc.cli_dask import add_dataset_options
+
     parser = argparse.ArgumentParser(
         prog="pbxc", description="Compile and verify neural-network attribution passes.")
     parser.add_argument("--version", action="version", version=_version())
@@ -411,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--png", metavar="DIR", help="draw one PNG per sample into DIR")
     p.add_argument("--png-max", type=int, default=16, help="at most this many PNGs (16)")
+    add_dataset_options(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compile", help="write standalone NumPy or CUDA code for every pass")

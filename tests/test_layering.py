@@ -13,7 +13,7 @@ STAGES = ["parse", "weights", "graph", "symbolic", "lower", "codegen", "runtime"
 RANK = {name: i for i, name in enumerate(STAGES)}
 RANK["evaluate"] = RANK["interop"]
 LEAVES = {"errors", "ops"}
-TOP = {"pipeline", "cli", "__init__", "__main__"}
+TOP = {"pipeline", "cli", "__init__", "__main__", "dask"}  # pbxc.dask: the data-set API
 
 
 def stage_of(module: str) -> str | None:
