@@ -92,7 +92,7 @@ def plan_hessian(graph: ModelGraph, wrt: str, output: str, batch: int, *, curved
     curved_nodes = [node for node in nodes if node.name in curved]
     curved_size = sum(size(node.shape) for node in curved_nodes)
     sizes = [size(node.shape) for node in nodes] or [1]
-    widest = max(sizes + [n])
+    widest = max([*sizes, n])
 
     # forward: J rows (n) and H rows (n^2) through every op, the outer products at curved ops;
     # a Hessian-vector product contracts the full Hessian with the vectors afterwards

@@ -312,7 +312,7 @@ def reverse_tangent_sweep(model: Any, lin: Linearization, wrt: str, output: str,
         if v is None:
             continue
         rule = second_order_rule(node)
-        ts = [tangents[i] if i in tangents else None for i in node.inputs]
+        ts = [tangents.get(i) for i in node.inputs]
         if rule.curved and any(t is None for t in ts):
             ts = [t if t is not None else np.zeros((v.shape[0], m, *lin.values[i].shape[1:]),
                                                    dtype=v.dtype)
