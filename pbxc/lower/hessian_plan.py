@@ -26,7 +26,7 @@ from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.plan import CALL_OVERHEAD, op_costs, path_nodes, size
 
 #: bytes of tangent blocks one chunk of the batch may hold (the result comes on top)
-WORK_BYTES = 1 << 30
+WORK_BYTES = 1 << 29
 #: a plan needing more than this for one sample is refused before anything is allocated
 SAMPLE_LIMIT_BYTES = 8 << 30
 
@@ -77,7 +77,7 @@ class HessianPlan:
 def plan_hessian(graph: ModelGraph, wrt: str, output: str, batch: int, *, curved: set[str],
                  targets: int = 1, directions: int | None = None, itemsize: int = 8,
                  mode: str = "auto", intermediates: bool = False,
-                 work_bytes: int = WORK_BYTES) -> HessianPlan:
+                 work_bytes: int | None = None) -> HessianPlan:
     """Choose how to compute second derivatives of ``targets`` outputs along ``directions``
     tangent directions (None: the full Hessian, n directions).
 
@@ -128,7 +128,8 @@ def plan_hessian(graph: ModelGraph, wrt: str, output: str, batch: int, *, curved
             f"the {chosen} hessian plan needs {per_sample / 2**30:.1f} GiB of tangent blocks "
             f"for one sample (n = {n} inputs{', every intermediate kept' if intermediates else ''}); "
             "use mode 'reverse' or hvp() for large inputs")
-    chunk = max(1, min(batch, work_bytes // max(per_sample, 1)))
+    budget = WORK_BYTES if work_bytes is None else work_bytes
+    chunk = max(1, min(batch, budget // max(per_sample, 1)))
     return HessianPlan(chosen, [node.name for node in nodes], n, m, targets, int(flops), calls,
                        batch, int(chunk), int(per_sample), alternatives, set(dense_ops),
                        [node.name for node in curved_nodes])
