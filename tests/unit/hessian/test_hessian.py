@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ def torch_hessians(name: str, target: int, on: str) -> np.ndarray:
         sys.path.remove(str(EXAMPLES))
     net = models.load_model(name, EXAMPLES).requires_grad_(False)
 
-    def f(v: "torch.Tensor") -> "torch.Tensor":
+    def f(v: torch.Tensor) -> torch.Tensor:
         y = net(v[None])[0]
         return (torch.softmax(y, -1) if on == "probabilities" else y)[target]
 
@@ -167,7 +168,7 @@ def test_linear_ops_get_their_rule_by_construction() -> None:
     for kind in AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT, OpKind.MAXPOOL2D}:
         rule = hess_mod.SECOND_ORDER_RULES[kind]
         assert not rule.curved and rule.source
-    assert hess_mod.CURVED_KINDS == {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX}
+    assert {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX} == hess_mod.CURVED_KINDS
 
 
 def test_a_missing_rule_names_the_pass_and_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -293,7 +294,7 @@ def test_taylor_residual_ratio_falls_with_the_step() -> None:
         iu, ju = np.triu_indices(13, 1)
         ratios.append(float(np.median(np.abs(res.residual[:, iu, ju])
                                       / np.abs(res.taylor[:, iu, ju]))))
-    assert all(a > 1.6 * b for a, b in zip(ratios, ratios[1:]))   # O(|d|): halves per halving
+    assert all(a > 1.6 * b for a, b in itertools.pairwise(ratios))   # O(|d|): halves per halving
 
 
 def test_top_pairs_carry_the_feature_names() -> None:
