@@ -218,7 +218,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-METHODS = ("jacobian", "gradient", "input_x_gradient", "lrp", "dfd")
+METHODS = ("jacobian", "gradient", "input_x_gradient", "lrp", "dfd", "hessian", "interactions")
 
 
 def _parse_target(text: str) -> Any:
@@ -269,6 +269,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError("--dfd-rule applies to --method dfd")
     if args.method != "lrp" and (args.rule or args.composite):
         raise UsageError("--rule and --composite apply to --method lrp")
+    if args.method in ("hessian", "interactions"):
+        from pbxc.cli_hessian import explain_second_order
+
+        return explain_second_order(model, x.reshape(-1, *model.input_shapes[
+            model.input_names[0]]), args, target, args.output_name or model.output_names[0])
+    if args.on != "logits" or args.step != "0.1":
+        raise UsageError("--on and --step apply to --method hessian and interactions")
     data = load_array_file(args.data, args.data_key, model.input_names) if args.data else None
     baseline = _parse_baseline(args.baseline) if args.baseline is not None else "zeros"
     if isinstance(baseline, np.ndarray) and baseline.ndim == x.ndim and len(baseline) == len(x):
@@ -418,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", metavar="DIR", help="draw one PNG per sample into DIR")
     p.add_argument("--png-max", type=int, default=16, help="at most this many PNGs (16)")
     add_dataset_options(p)
+    from pbxc.cli_hessian import add_arguments as add_second_order_arguments
+
+    add_second_order_arguments(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compile", help="write standalone NumPy or CUDA code for every pass")

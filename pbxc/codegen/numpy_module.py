@@ -22,7 +22,11 @@ from pbxc.codegen.kernels import FAMILIES
 from pbxc.codegen.kernels import conv as conv_kernels
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import dfd_by_vjp, kernel_attrs, kernel_base, kernel_name
-from pbxc.ops import MAXPOOL, SHAPE_ONLY, OpKind
+from pbxc.ops import AFFINE, MAXPOOL, SHAPE_ONLY, OpKind
+
+#: ops whose second derivative is zero: the Hessian pass applies their VJP to the cotangent's
+#: tangent (the runtime's deflinear rules, pbxc.runtime.hessian); max pooling is piecewise linear
+HESSIAN_LINEAR = frozenset(AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT, OpKind.MAXPOOL2D})
 
 #: the kernels' import of the numeric prelude, which the generated module holds verbatim
 PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
@@ -283,6 +287,101 @@ class NumpyModuleRenderer:
                 assigned.add(name)
         return out
 
+    # ---------------------------------------------------------------- second order
+    # (specs/hessian.md) Forward over reverse: tangents t_<node> along M directions, then the
+    # cotangent g_<node> and its tangent d_<node> back; linear ops apply their VJP to d_,
+    # nonlinear ones call their <op>_hvp kernel (numpy_kernels, second order).
+    def _live(self, output: str, wrt: str) -> set[str]:
+        return (nx.ancestors(self.graph.digraph, output) | {output}) & (
+            nx.descendants(self.graph.digraph, wrt) | {wrt})
+
+    def tangent_body(self, output: str, wrt: str) -> list[str]:
+        """t_<node> = J t_<inputs> for every node between ``wrt`` and ``output``."""
+        live = self._live(output, wrt)
+        out = [f"    M = {var(wrt, 't')}.shape[1]"]
+        for node in self.nodes:
+            if node.name not in live:
+                continue
+            out.append(_comment(node, self.lines))
+            ts = []
+            for i in node.inputs:
+                if i in live:
+                    ts.append(var(i, "t"))
+                else:   # an input the tangents do not reach
+                    ts.append(f"np.zeros((E[{var(i, 'v')!r}].shape[0], M, "
+                              f"*E[{var(i, 'v')!r}].shape[1:]), E[{var(i, 'v')!r}].dtype)")
+            xs = "[" + ", ".join(f"E[{var(i, 'v')!r}]" for i in node.inputs) + "]"
+            local = f"E[{var(node.name, 'l')!r}]" if self.has_local(node) else "None"
+            out.append(f"    {var(node.name, 't')} = {kernel_name(node, 'jvp')}("
+                       f"[{', '.join(ts)}], {xs}, E[{var(node.name, 'v')!r}], {local}, "
+                       f"P[{node.name!r}]{_attrs(node)})")
+        return out
+
+    def hvp_body(self, output: str, wrt: str) -> list[str]:
+        """g_ and d_ from ``g_<output>`` / ``d_<output>`` back to ``d_<wrt>``."""
+        live = self._live(output, wrt)
+        curved = {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX}
+        out = []
+        assigned = {output}
+        for node in reversed(self.nodes):
+            if node.name not in live:
+                continue
+            out.append(_comment(node, self.lines))
+            k = len(node.inputs)
+            temps = [f"_t{j}" for j in range(k)]
+            dtemps = [f"_d{j}" for j in range(k)]
+            comma = "," if k == 1 else ""
+            out.append(f"    {', '.join(temps)}{comma} = {self.backward_call(node, 'vjp')}")
+            g, d = var(node.name, "g"), var(node.name, "d")
+            xs = "[" + ", ".join(f"E[{var(i, 'v')!r}]" for i in node.inputs) + "]"
+            local = f"E[{var(node.name, 'l')!r}]" if self.has_local(node) else "None"
+            if node.kind in curved:
+                ts = "[" + ", ".join(f"T[{var(i, 't')!r}]" if i in live else "None"
+                                     for i in node.inputs) + "]"
+                curv = (f"{self.act[node.name]['d2f']}(E[{var(node.inputs[0], 'v')!r}])"
+                        if node.kind is OpKind.ACTIVATION else "None")
+                out.append(f"    {', '.join(dtemps)}{comma} = {kernel_name(node, 'hvp')}("
+                           f"{g}, {d}, {ts}, {xs}, E[{var(node.name, 'v')!r}], {local}, "
+                           f"{curv}, P[{node.name!r}]{_attrs(node)})")
+            elif node.kind in HESSIAN_LINEAR:
+                out.append(f"    {', '.join(dtemps)}{comma} = ({kernel_name(node, 'vjp')}({d}, "
+                           f"{xs}, E[{var(node.name, 'v')!r}], {local}, P[{node.name!r}]"
+                           f"{_attrs(node)}) if {d} is not None else [None] * {k})")
+            else:
+                out.append(f"    raise ValueError('hessian has no rule for op "
+                           f"{node.kind.value!r} (value {node.name!r})')")
+                continue
+            for name, t, dt in zip(node.inputs, temps, dtemps):
+                if name not in live:
+                    continue
+                gi, di = var(name, "g"), var(name, "d")
+                if name in assigned:
+                    out.append(f"    {gi} = {gi} + {t}")
+                    out.append(f"    {di} = _add_or_none({di}, {dt})")
+                else:
+                    out.append(f"    {gi}, {di} = {t}, {dt}")
+                assigned.add(name)
+        return out
+
+    def render_second_order(self) -> list[str]:
+        graph = self.graph
+        wrt, output = graph.input_names[0], graph.output_names[0]
+        return [
+            f"def _tangents(E, P, {var(wrt, 't')}):",
+            *self.tangent_body(output, wrt),
+            "    return locals()",
+            "",
+            "",
+            f"def _hvp_pullback(E, T, P, {var(output, 'g')}, {var(output, 'd')}):",
+            *self.hvp_body(output, wrt),
+            f"    if {var(wrt, 'd')} is None:",
+            f"        return np.zeros_like(T[{var(wrt, 't')!r}])",
+            f"    return {var(wrt, 'd')}",
+            "",
+            f"TANGENT_INPUT = {var(wrt, 't')!r}",
+            SECOND_ORDER_PASSES,
+        ]
+
     # ---------------------------------------------------------------- module
     def render(self, header: str) -> str:
         graph = self.graph
@@ -328,6 +427,7 @@ class NumpyModuleRenderer:
             f"    return {var(wrt, 'g')}",
             "",
             RUNTIME_PASSES,
+            *self.render_second_order(),
             *self.render_lrp(),
         ]
         return "\n".join(parts) + "\n"
@@ -434,4 +534,50 @@ def dfd(x, baseline=0.0, target=None, dtype=None):
     flat, flat0 = y.reshape(len(y), -1), y0.reshape(len(y), -1)
     delta = flat[np.arange(len(c)), c] - flat0[np.arange(len(c)), c]
     return m * (xs[0] - x0), delta
+'''
+
+SECOND_ORDER_PASSES = '''
+
+def _add_or_none(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _hvp_directions(P, xs, E, V, target):
+    T = _tangents(E, P, V)
+    y = E[OUTPUT_VALUE]
+    return _hvp_pullback(E, T, P, _one_hot(y, _targets(y, target)), None)
+
+
+def hvp(x, v, target=None, dtype=None):
+    """Hessian-vector products H v of the target logit (predicted by default), by forward
+    over reverse; v is (*in), (B, *in) or (B, K, *in) and the result has its shape."""
+    P, xs = _prepare(x, dtype)
+    E = _forward(*xs, P)
+    shape = xs[0].shape[1:]
+    v = np.asarray(v, dtype=xs[0].dtype)
+    if v.shape == shape:
+        v = np.broadcast_to(v, xs[0].shape)
+    squeeze = v.shape[1:] == shape
+    V = np.ascontiguousarray(v[:, None] if squeeze else v)
+    if V.shape[0] != xs[0].shape[0] or V.shape[2:] != shape:
+        raise ValueError(f"v has shape {list(v.shape)}; expected {list(shape)}, [batch, "
+                         f"*{list(shape)}] or [batch, K, *{list(shape)}]")
+    out = _hvp_directions(P, xs, E, V, target)
+    return out[:, 0] if squeeze else out
+
+
+def hessian(x, target=None, dtype=None):
+    """The exact Hessian (B, *in, *in) of the target logit (predicted by default), by
+    forward over reverse with the identity directions."""
+    P, xs = _prepare(x, dtype)
+    E = _forward(*xs, P)
+    shape = xs[0].shape[1:]
+    n = int(np.prod(shape))
+    eye = np.broadcast_to(np.eye(n, dtype=xs[0].dtype), (xs[0].shape[0], n, n))
+    V = np.ascontiguousarray(eye).reshape(xs[0].shape[0], n, *shape)
+    return _hvp_directions(P, xs, E, V, target).reshape(xs[0].shape[0], *shape, *shape)
 '''

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pbxc.verify import hessian_properties  # noqa: F401  (registers the second-order properties)
 from pbxc.verify.backends import BACKENDS, Backend
 from pbxc.verify.properties import PROPERTIES, CheckConfig, Context, Outcome, Property, Skip
 from pbxc.verify.search import (
