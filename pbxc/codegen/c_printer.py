@@ -24,6 +24,7 @@ import sympy
 from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
+from pbxc.codegen.escape import c_text
 from pbxc.codegen.numpy_printer import (
     ALLOWED_FUNCTIONS,
     ROUTINE_DOCS,
@@ -408,7 +409,7 @@ def _render_c_routine(name: str, routine: Routine, single: bool,
     replacements, reduced = sympy.cse(exprs, symbols=symbols, order="none")
     pending = dict(replacements)
     emitted: set[sympy.Symbol] = set()
-    lines = [f"// {doc}"] if doc else []
+    lines = [f"// {c_text(doc, 400)}"] if doc else []
     args = ", ".join(f"{t} {a.name}" for a in routine.args)
     lines.append(f"__device__ __forceinline__ {t} {name}({args}) {{")
     for c in routine.precision_constants:
