@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from pbxc.cli import EXIT_OK, UsageError, atomic_write, load_array_file
+from pbxc.cli import EXIT_OK, UsageError, atomic_write, check_output, load_array_file
 from pbxc.errors import InputError
+from pbxc.outputs import check_directory_target
 
 DEFAULT_METHODS = "gradient,input_x_gradient,lrp-epsilon,dfd"
 
@@ -44,6 +45,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise UsageError(f"--ax takes sum and/or product, got '{args.ax}'")
     if args.png_max < 0 or args.batch_size < 1:
         raise UsageError("--png-max must be >= 0 and --batch-size >= 1")
+    check_output(args.out)
+    if args.png:
+        check_directory_target(args.png)
     model = load(args.model, dtype=args.dtype)
     if len(model.input_names) != 1:
         raise UsageError(f"score takes models with one input; this one has "

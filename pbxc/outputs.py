@@ -142,6 +142,25 @@ def write_file(path: str | os.PathLike[str], write: Writer, *, force: bool = Fal
     return path
 
 
+def write_with(path: str | os.PathLike[str], write: Callable[[Path], None], *,
+                force: bool = False) -> Path:
+    """As :func:`write_file`, for writers that take a path (``savefig``): ``write(tmp)``
+    fills the temporary sibling ``tmp``, which already exists with the umask's mode."""
+    path = check_file_target(path, force)
+    _mkdirs(path.parent, path)
+    tmp = _temp_name(path.parent, "tmp")
+    try:
+        _write_temp(tmp, lambda fh: None)
+        write(tmp)
+        check_file_target(path, force)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _fail(path, err) from None
+    finally:
+        _remove(tmp)
+    return path
+
+
 def write_text(path: str | os.PathLike[str], text: str, *, force: bool = False) -> Path:
     data = text.encode("utf-8", "surrogateescape")
     return write_file(path, lambda fh: fh.write(data), force=force)
@@ -292,6 +311,14 @@ def write_directory(path: str | os.PathLike[str], files: Mapping[str, Writer],
     return [path / name for name in files] + [path / MANIFEST]
 
 
+def check_directory_output(path: str | os.PathLike[str], force: bool = False) -> Path:
+    """``path`` as a :func:`write_directory` output: refused now, before any work, if it may
+    not be replaced (checked again when it is)."""
+    path = Path(path)
+    _refuse_directory(path, force)
+    return path
+
+
 def _refuse_directory(path: Path, force: bool) -> None:
     st = _lstat(path)
     if st is None:
@@ -356,13 +383,24 @@ def _swap_in(staged: Path, path: Path, force: bool) -> None:
             _remove(aside)
 
 
-def prepare_directory(path: str | os.PathLike[str]) -> Path:
-    """A folder that outputs are written into (``--png DIR``): created if absent; an existing
-    file, link or special file there is refused."""
+def check_directory_target(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a folder outputs go into (``--png DIR``): absent or a directory (a link to
+    one included); a file or special file there is refused."""
     path = Path(path)
-    st = _lstat(path)
-    if st is not None and not stat.S_ISDIR(st.st_mode):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as err:
+        raise _fail(path, err) from None
+    if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"cannot write into '{path}': it is {_kind(st.st_mode)}, not a "
                           "directory")
+    return path
+
+
+def prepare_directory(path: str | os.PathLike[str]) -> Path:
+    """A folder outputs are written into, created if absent (see check_directory_target)."""
+    path = check_directory_target(path)
     _mkdirs(path, path)
     return path

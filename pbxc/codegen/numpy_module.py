@@ -352,20 +352,45 @@ def load_weights(path=None, dtype="float64"):
 
 
 def _prepare(x, dtype):
-    if not isinstance(x, dict):
+    """Check the inputs as the pbxc runtime does (names, real numbers, shape, finite) and
+    return (weights, inputs cast to the compute dtype)."""
+    if isinstance(x, dict):
+        missing = [n for n in INPUTS if n not in x]
+        extra = [n for n in x if n not in INPUTS]
+        if missing or extra:
+            raise ValueError(f"model {MODEL!r} takes inputs {list(INPUTS)}; missing {missing}, "
+                             f"unexpected {extra}")
+    elif len(INPUTS) != 1:
+        raise TypeError(f"model {MODEL!r} has inputs {list(INPUTS)}; pass a dict by name")
+    else:
         x = {next(iter(INPUTS)): x}
-    dtype = np.dtype(dtype or next(iter(x.values())).dtype)
-    if dtype not in (np.float32, np.float64):
-        dtype = np.dtype(np.float64)
+    arrays = {}
+    for name, value in x.items():
+        a = np.asarray(value)
+        if a.dtype.kind not in "fiub":
+            raise TypeError(f"input {name!r} has dtype {a.dtype}; expected real numbers")
+        arrays[name] = a
+    if dtype is None:
+        dtype = next(iter(arrays.values())).dtype
+        if dtype not in (np.float32, np.float64):
+            dtype = np.float64
+    elif np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    dtype = np.dtype(dtype)
     key = dtype.name
     if key not in _WEIGHTS:
         _WEIGHTS[key] = load_weights(dtype=key)
     xs = []
+    batch = None
     for name, shape in INPUTS.items():
-        a = np.ascontiguousarray(x[name], dtype=dtype)
-        if a.shape[1:] != tuple(shape):
+        a = np.ascontiguousarray(arrays[name], dtype=dtype)
+        if a.ndim != len(shape) + 1 or a.shape[1:] != tuple(shape):
             raise ValueError(f"input {name!r} has shape {list(a.shape)}; expected [batch, "
                              + ", ".join(map(str, shape)) + "]")
+        if batch is not None and len(a) != batch:
+            raise ValueError(f"input {name!r} has batch size {len(a)}, but other inputs "
+                             f"have {batch}")
+        batch = len(a)
         if not np.isfinite(a).all():
             raise ValueError(f"input {name!r} has non-finite values")
         xs.append(a)
@@ -374,9 +399,13 @@ def _prepare(x, dtype):
 
 def _targets(y, target):
     flat = y.reshape(y.shape[0], -1)
-    if target is None or target == "predicted":
+    if target is None or (isinstance(target, str) and target == "predicted"):
         return flat.argmax(axis=1)
-    return np.broadcast_to(np.asarray(target, dtype=np.int64), (y.shape[0],))
+    t = np.broadcast_to(np.asarray(target), (y.shape[0],))
+    if t.dtype.kind not in "iu" or (t < 0).any() or (t >= flat.shape[1]).any():
+        raise ValueError(f"target must be 'predicted' or class indices in [0, "
+                         f"{flat.shape[1]}), got {target!r}")
+    return t.astype(np.int64)
 
 
 def _one_hot(y, c):
