@@ -38,7 +38,8 @@ MANIFEST = "manifest.json"
 #: the manifest's ``generator`` of directories pbxc wrote
 GENERATOR = "pbxc"
 
-Writer = Callable[[IO[bytes]], None]
+#: fills an open binary file (its return value is ignored)
+Writer = Callable[[IO[bytes]], object]
 
 
 def _describe(err: OSError) -> str:
@@ -142,7 +143,7 @@ def write_file(path: str | os.PathLike[str], write: Writer, *, force: bool = Fal
     return path
 
 
-def write_with(path: str | os.PathLike[str], write: Callable[[Path], None], *,
+def write_with(path: str | os.PathLike[str], write: Callable[[Path], object], *,
                 force: bool = False) -> Path:
     """As :func:`write_file`, for writers that take a path (``savefig``): ``write(tmp)``
     fills the temporary sibling ``tmp``, which already exists with the umask's mode."""
@@ -202,7 +203,7 @@ def _staging(parent: Path, shown: Path) -> Iterator[Path]:
 
 
 def write_files(folder: str | os.PathLike[str], files: Mapping[str, Writer], *,
-                force: bool = False, validate: Callable[[Path], None] | None = None
+                force: bool = False, validate: Callable[[Path], object] | None = None
                 ) -> list[Path]:
     """Several files into ``folder`` (kept as it is otherwise), all or none: each is written
     and ``validate(staged_folder)`` runs before any of them is renamed into place; a failure

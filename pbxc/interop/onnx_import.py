@@ -741,7 +741,7 @@ def convert_onnx(model: Any, name: str = "imported", source: str = "",
 
 def import_onnx(source: str | os.PathLike[str], pbx_path: str | os.PathLike[str], *,
                 name: str | None = None, weights_name: str | None = None,
-                validate: Callable[[Path], None] | None = None,
+                validate: Callable[[Path], object] | None = None,
                 force: bool = False) -> ImportResult:
     """Read ``source`` (.onnx) with the onnx package; write ``pbx_path`` and its .npz weights
     beside it, both or neither (pbxc.outputs.write_files): ``validate(staged_pbx)`` runs on
