@@ -334,6 +334,10 @@ def render_routine(name: str, routine: Routine, doc: str = "") -> str:
     out = [f"def {name}({', '.join(args)}):"]
     if doc:
         out.append(f'    """{py_text(doc, 400)}"""')
+    if routine.widen_single:   # float32 in float64, rounded once (derive._widen_if_needed)
+        out.append(f"    if all(_is_single(a) for a in ({', '.join(args)},)):")
+        out.append(f"        return {name}({', '.join(f'np.asarray({a}, np.float64)' for a in args)})"
+                   ".astype(np.float32)")
     out.append(f"    {', '.join(args)}{',' if len(args) == 1 else ''} = _args({', '.join(args)})")
     out.append('    with np.errstate(all="ignore"):')
     for c in routine.precision_constants:
@@ -342,6 +346,8 @@ def render_routine(name: str, routine: Routine, doc: str = "") -> str:
     for line in body[:-1]:
         out.append(f"        {line}")
     out.append(f"        return _finish({body[-1]}, {', '.join(args)})")
+    if routine.widen_single:
+        out.append(f"\n\n{name}.widen_single = True")
     return "\n".join(out) + "\n"
 
 
