@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pbxc.cli import EXIT_ERROR, EXIT_OK, FORCE_HELP, UsageError, check_output, load_array_file
-from pbxc.outputs import write_text
+from pbxc.outputs import check_directory_target, write_text
 
 
 def _as_dict(x: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -36,6 +36,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError("--examples must be >= 0")
     if args.json and args.json != "-":
         check_output(args.json, args.force)
+    if not args.replay:
+        check_directory_target(args.counterexamples)
     if args.replay:
         model, plan, results = _replay(args)
     else:
