@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +15,9 @@ import numpy as np
 from pbxc.errors import InputError, PbxError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+#: what --force allows, on every command that writes (specs/security.md)
+FORCE_HELP = ("replace an output that is a symbolic link or special file, or a compiled "
+              "directory whose files were edited (never a directory pbxc did not write)")
 
 #: Modules with a ``register(subparsers)`` function adding more subcommands.
 EXTENSION_COMMANDS: tuple[str, ...] = ("pbxc.cli_interop", "pbxc.cli_evaluate", "pbxc.cli_verify",
@@ -30,24 +31,34 @@ class UsageError(Exception):
 # ---------------------------------------------------------------- file helpers
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False) -> None:
+    """Write through a temporary file in the same folder, then rename: never half-written,
+    and never over anything but a regular file (pbxc.outputs)."""
+    from pbxc.outputs import write_with
+
+    write_with(path, write, force=force)
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
-    atomic_write(path, write)
+def save_npz(path: Path, arrays: dict[str, np.ndarray], force: bool = False) -> None:
+    from pbxc.outputs import write_npz
+
+    write_npz(path, arrays, force=force)
+
+
+def check_compile_output(path: str | None, force: bool = False) -> None:
+    """Refuse ``compile -o DIR`` before compiling if DIR may not be replaced."""
+    if path:
+        from pbxc.outputs import check_directory_output
+
+        check_directory_output(path, force)
+
+
+def check_output(path: str | None, force: bool = False) -> None:
+    """Refuse an unusable output path before any work is done (pbxc.outputs)."""
+    if path:
+        from pbxc.outputs import check_file_target
+
+        check_file_target(path, force)
 
 
 def load_array_file(path: str, key: str | None, names: Sequence[str]) -> Any:
@@ -123,11 +134,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
 
+    check_output(args.out, args.force)
     model = load(args.model, dtype=args.dtype)
     x = load_array_file(args.input, args.key, model.input_names)
     outputs = model.outputs(x)
     if args.out:
-        save_npz(Path(args.out), outputs)
+        save_npz(Path(args.out), outputs, args.force)
         print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in outputs.items())} "
               f"to {args.out}")
         return EXIT_OK
@@ -202,6 +214,7 @@ def graph_text(graph: Any) -> str:
 def cmd_graph(args: argparse.Namespace) -> int:
     from pbxc.pipeline import check_file
 
+    check_output(args.output, args.force)
     graph, _ = check_file(args.model)
     if args.format == "json":
         text = json.dumps(graph_json(graph), indent=2) + "\n"
@@ -212,7 +225,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if args.output:
         def write(tmp: Path) -> None:
             tmp.write_text(text, encoding="utf-8")
-        atomic_write(Path(args.output), write)
+        atomic_write(Path(args.output), write, args.force)
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -256,6 +269,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return explain_dataset(args)
     from pbxc.pipeline import load
 
+    check_output(args.out, args.force)
+    if args.png:
+        from pbxc.outputs import check_directory_target
+
+        check_directory_target(args.png)
     model = load(args.model, dtype=args.dtype, convention=args.kinks)
     x = load_array_file(args.input, args.key, model.input_names)
     if isinstance(x, dict):
@@ -326,7 +344,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.explain_plan and plan_text:
         print(plan_text)
     if args.out:
-        save_npz(Path(args.out), arrays)
+        save_npz(Path(args.out), arrays, args.force)
         print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in arrays.items())} "
               f"to {args.out}")
     else:
@@ -347,7 +365,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         from pbxc.evaluate.plots import draw_explanation
 
         pngs = draw_explanation(model, x, arrays, args.method, args.png,
-                                max_files=args.png_max, output=output)
+                                max_files=args.png_max, output=output, force=args.force)
         print(f"wrote {len(pngs)} PNG file(s) to {args.png}")
     return EXIT_OK
 
@@ -357,15 +375,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
     from pbxc.runtime.compile import compile_model
 
+    if args.batch is not None and (not args.explain_plan or args.batch < 1):
+        raise UsageError("--batch N (N >= 1) sizes the cost estimate of --explain-plan; the "
+                         "compiled module takes batches of any size")
+    check_compile_output(args.output, args.force)
     model = load(args.model, dtype=args.dtype)
     if args.explain_plan:
         for out in model.output_names:
             for wrt in model.input_names:
-                plan = plan_jacobian(model.graph, wrt, out, args.batch)
-                print(f"d {out} / d {wrt}:")
+                # the compiled module's jacobian() accumulates in reverse: show that plan,
+                # with the other orders' costs beside it
+                plan = plan_jacobian(model.graph, wrt, out, args.batch or 256, mode="reverse")
+                print(f"d {out} / d {wrt} (the compiled module accumulates in reverse; "
+                      "pbxc explain --mode picks per call):")
                 print(plan.explain())
     if args.output:
-        files = compile_model(model, args.output, target=args.target)
+        files = compile_model(model, args.output, target=args.target, force=args.force)
         print(f"wrote {', '.join(str(f) for f in files)}")
     elif not args.explain_plan:
         raise UsageError("give -o DIR to write the compiled module, or --explain-plan")
@@ -396,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="compute dtype (default: the inputs' declared dtype)")
     p.add_argument("--show", type=int, default=10, help="rows to print without --out")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("explain", help="attributions for a batch: jacobian, gradient, "
@@ -428,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pbxc.cli_hessian import add_arguments as add_second_order_arguments
 
     add_second_order_arguments(p)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compile", help="write standalone NumPy or CUDA code for every pass")
@@ -438,14 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "CuPy launcher)")
     p.add_argument("--explain-plan", action="store_true",
                    help="print the Jacobian accumulation plan and its cost estimate")
-    p.add_argument("--batch", type=int, default=256, help="batch size the plan is made for")
+    p.add_argument("--batch", type=int, help="with --explain-plan: the batch size its cost "
+                   "estimate is for (default 256); the module takes any batch")
     p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("graph", help="print the computation graph")
     p.add_argument("model", help="the .pbx file")
     p.add_argument("--format", "-f", choices=["text", "dot", "json"], default="text")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_graph)
 
     # commands that live in their own top-level modules (pbxc/cli_<name>.py)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pbxc.cli import EXIT_OK, UsageError
+from pbxc.cli import EXIT_OK, FORCE_HELP, UsageError, check_output
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -19,8 +19,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else src.with_suffix(".pbx")
     if out.suffix != ".pbx":
         raise UsageError(f"-o must name a .pbx file, got '{out}'")
-    result = import_onnx(src, out, name=args.name, weights_name=args.weights)
-    check_file(str(out))   # the written model parses, builds and binds its weights
+    check_output(str(out), args.force)
+    # the model must parse, build and bind its weights before either file replaces anything
+    result = import_onnx(src, out, name=args.name, weights_name=args.weights,
+                         validate=lambda staged: check_file(str(staged)), force=args.force)
     print(f"wrote {out} and {result.weights_path} ({len(result.weights)} tensors, "
           f"{len(result.statements)} statements)")
     return EXIT_OK
@@ -32,4 +34,5 @@ def register(sub: Any) -> None:
     p.add_argument("--output", "-o", help="the .pbx file to write (default: beside the source)")
     p.add_argument("--weights", help="weights file name (default: MODEL.npz beside the .pbx)")
     p.add_argument("--name", help="model name (default: the .pbx file's stem)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_import)

@@ -12,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from pbxc.errors import InputError, UnsupportedOp
+from pbxc.outputs import write_files
 
 SUPPORTED_OPS = (
     "Gemm", "MatMul", "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten",
@@ -730,18 +730,6 @@ def _ident(text: str) -> str:
     return s
 
 
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def convert_onnx(model: Any, name: str = "imported", source: str = "",
                  weights_file: str = "weights.npz") -> ImportResult:
     """An in-memory ONNX ModelProto as .pbx text and a weight dict (keys as written)."""
@@ -752,9 +740,12 @@ def convert_onnx(model: Any, name: str = "imported", source: str = "",
 
 
 def import_onnx(source: str | os.PathLike[str], pbx_path: str | os.PathLike[str], *,
-                name: str | None = None, weights_name: str | None = None) -> ImportResult:
+                name: str | None = None, weights_name: str | None = None,
+                validate: Callable[[Path], object] | None = None,
+                force: bool = False) -> ImportResult:
     """Read ``source`` (.onnx) with the onnx package; write ``pbx_path`` and its .npz weights
-    beside it. Returns what was written."""
+    beside it, both or neither (pbxc.outputs.write_files): ``validate(staged_pbx)`` runs on
+    the staged pair before either replaces anything. Returns what was written."""
     try:
         import onnx
     except ImportError:
@@ -771,13 +762,15 @@ def import_onnx(source: str | os.PathLike[str], pbx_path: str | os.PathLike[str]
     result = convert_onnx(model, name or out.stem, src.name, wname)
     wpath = out.parent / wname
 
-    def write_npz(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **result.weights)  # type: ignore[arg-type]
+    if wpath.parent != out.parent:
+        raise InputError(f"the weights file name '{wname}' must not name a folder")
 
-    def write_text(tmp: Path) -> None:
-        tmp.write_text(result.text, encoding="utf-8")
-    _atomic(wpath, write_npz)
-    _atomic(out, write_text)
+    def write_npz(fh: IO[bytes]) -> None:
+        np.savez(fh, **result.weights)  # type: ignore[arg-type]
+
+    def write_text(fh: IO[bytes]) -> None:
+        fh.write(result.text.encode("utf-8"))
+    write_files(out.parent, {wname: write_npz, out.name: write_text}, force=force,
+                validate=(lambda staged: validate(staged / out.name)) if validate else None)
     result.pbx_path, result.weights_path = out, wpath
     return result

@@ -89,7 +89,8 @@ class ActivationTable:
         fn = self.routines[self.keys[node_name]]["m"]
         shape = np.broadcast_shapes(np.shape(z0), np.shape(z))
         if (f0 is None or f1 is None or not shape or np.shape(z0) != shape
-                or np.shape(z) != shape):
+                or np.shape(z) != shape
+                or (getattr(fn, "widen_single", False) and z.dtype == np.float32)):
             with np.errstate(all="ignore"):
                 out = fn(z0, z)
             return np.broadcast_to(np.asarray(out, dtype=z.dtype), shape)
