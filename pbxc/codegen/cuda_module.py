@@ -36,7 +36,7 @@ from pbxc.codegen.cuda_kernels import (
     render_kernels,
 )
 from pbxc.codegen.numpy_module import EntryCalls, LrpPlan, render_lrp_entry, var
-from pbxc.errors import UnsupportedOp
+from pbxc.errors import UnsupportedOp, source_lines
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs
 from pbxc.ops import OpKind
@@ -164,7 +164,7 @@ class CudaModuleRenderer:
         self.nodes = [n for n in graph.topological() if n.kind is not OpKind.INPUT]
         self.activation_source = activation_source
         self.act = activation_names
-        self.lines = dict(enumerate((source_text or "").splitlines(), start=1))
+        self.lines = dict(enumerate(source_lines(source_text or ""), start=1))
         self.index = {n.name: k for k, n in enumerate(self.nodes)}
         for node in self.nodes:
             if node.kind not in SUPPORTED:

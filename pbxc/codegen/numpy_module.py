@@ -17,6 +17,7 @@ from typing import Any
 import networkx as nx
 
 from pbxc.codegen import numpy_kernels
+from pbxc.errors import source_lines
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, kernel_name
 from pbxc.ops import OpKind
@@ -152,7 +153,7 @@ class NumpyModuleRenderer:
         self.activation_source = activation_source
         # node name -> generated routine names {"f": "act0_f", "df": ..., "m": ...}
         self.act = activation_names
-        self.lines = dict(enumerate((source_text or "").splitlines(), start=1))
+        self.lines = dict(enumerate(source_lines(source_text or ""), start=1))
 
     def has_local(self, node: OpNode) -> bool:
         return node.kind is OpKind.ACTIVATION or hasattr(numpy_kernels,
