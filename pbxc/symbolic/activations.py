@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import sympy
 from sympy import Abs, Piecewise, Rational, erfc, exp, sqrt, tanh
+from sympy.logic.boolalg import ITE
 
 from pbxc.errors import PbxValidationError, SourcePos
 from pbxc.ops import BUILTIN_ACTIVATIONS, MATH_CONSTANTS, MATH_FUNCTIONS
@@ -178,7 +179,10 @@ def _cached_expression(key: ActivationKey,
     if key.definition is None:
         return builtin_expression(key.name, params)
     values = {p: number(params.get(p, default)) for p, default in key.definition.params}
-    return _UserExpr({d.name: d for d in definitions}).build(key.definition, Z, values)
+    built = _UserExpr({d.name: d for d in definitions}).build(key.definition, Z, values)
+    # a comparison of piecewise values (max(min(z, 1), max(z, -1))) folds into if-then-else
+    # conditions, which no evaluator or printer has; as and/or they mean the same
+    return built.replace(lambda e: isinstance(e, ITE), lambda e: e.to_nnf())
 
 
 def activation_expression(key: ActivationKey,
