@@ -91,12 +91,13 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pbxc.pipeline import check_file
+    from pbxc.pipeline import check_file, derive_activations
 
     failed: list[PbxError] = []
     for path in args.model:
         try:
             graph, store = check_file(path)
+            derive_activations(graph)
         except PbxError as err:
             if len(args.model) == 1:
                 raise
