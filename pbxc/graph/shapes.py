@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos
+from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos, WeightError
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.ops import OpKind
 from pbxc.weights.store import WeightStore
@@ -242,7 +242,11 @@ def _check_weight(key: str, role: str, node: OpNode, store: WeightStore,
     if key in checked:
         return True
     checked.add(key)
-    array = store[key]
+    try:
+        array = store[key]  # read from its file now: only the keys a model binds are read
+    except WeightError as err:
+        bag.diagnostics.extend(err.diagnostics)
+        return False
     if not np.issubdtype(array.dtype, np.floating):
         bag.error(f"weight '{key}' has dtype {array.dtype}; expected a floating dtype "
                   "(float16, float32 or float64)", pos, [f"in '{store.file_of(key)}'"])
