@@ -7,7 +7,7 @@ time they are needed, so a user with a large model raises them without touching 
 
 * ``PBXC_MAX_ARRAY_BYTES`` (default 4 GiB): the largest single array read from a weight or
   input file (.npz, .npy, .safetensors).
-* ``PBXC_MAX_SAMPLE_BYTES`` (default 1 GiB): the memory one sample's forward pass needs (the
+* ``PBXC_MAX_SAMPLE_BYTES`` (default 2 GiB): the memory one sample's forward pass needs (the
   sum over the graph's values of their per-sample sizes, in float64).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 GIB = 1 << 30
-DEFAULTS = {"PBXC_MAX_ARRAY_BYTES": 4 * GIB, "PBXC_MAX_SAMPLE_BYTES": 1 * GIB}
+DEFAULTS = {"PBXC_MAX_ARRAY_BYTES": 4 * GIB, "PBXC_MAX_SAMPLE_BYTES": 2 * GIB}
 #: deflate cannot compress by more than about 1032:1; a member that claims more is a lie
 MAX_DEFLATE_RATIO = 1100
 
