@@ -31,7 +31,8 @@ import sympy
 
 @dataclass(frozen=True)
 class DerivationLimits:
-    #: wall-clock seconds one activation's derivation (with its accuracy check) may take
+    #: seconds of CPU time one activation's derivation (with its accuracy check) may take; CPU
+    #: time, so that a loaded machine does not refuse what an idle one derives
     seconds: float = 20.0
     #: nodes of f's expression tree, after user activations are inlined
     max_size: int = 400
@@ -159,11 +160,11 @@ _STATE = threading.local()
 
 @contextlib.contextmanager
 def deadline(seconds: float) -> Iterator[None]:
-    """Raise :class:`DerivationLimit` in the body once ``seconds`` of wall time have passed.
+    """Raise :class:`DerivationLimit` in the body once it has used ``seconds`` of CPU time.
 
-    In the main thread an interval timer (SIGALRM) interrupts the body; elsewhere (where no
-    signal can be set) a trace function checks the clock at every Python call. Nested deadlines
-    leave the outermost in charge.
+    In the main thread a profiling timer (SIGPROF, process CPU time) interrupts the body;
+    elsewhere (where no signal can be set) a trace function checks the thread's CPU clock at
+    every Python call. Nested deadlines leave the outermost in charge.
     """
     if getattr(_STATE, "active", False) or not seconds > 0 or seconds == float("inf"):
         yield
@@ -171,7 +172,7 @@ def deadline(seconds: float) -> Iterator[None]:
     _STATE.active = True
     use_signal = (threading.current_thread() is threading.main_thread()
                   and hasattr(signal, "setitimer"))
-    end = time.monotonic() + seconds
+    end = time.thread_time() + seconds
     try:
         if use_signal:
             with _alarm(seconds):
@@ -191,25 +192,26 @@ def _alarm(seconds: float) -> Iterator[None]:
     def ring(signum: int, frame: FrameType | None) -> None:
         raise _OutOfTime()
 
-    previous = signal.signal(signal.SIGALRM, ring)
-    pending, _ = signal.getitimer(signal.ITIMER_REAL)
-    started = time.monotonic()
-    # it rings again each second, in case sympy code catches BaseException once
-    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    previous = signal.signal(signal.SIGPROF, ring)
+    pending, _ = signal.getitimer(signal.ITIMER_PROF)
+    started = time.process_time()
+    # it rings again every half second, in case the first lands where Python ignores it (a
+    # garbage-collector callback) or sympy catches BaseException
+    signal.setitimer(signal.ITIMER_PROF, seconds, 0.5)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if pending > 0:  # someone else's alarm was set: give it back what remains of it
-            signal.setitimer(signal.ITIMER_REAL,
-                             max(pending - (time.monotonic() - started), 1e-3))
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+        if pending > 0:  # someone else's timer was set: give it back what remains of it
+            signal.setitimer(signal.ITIMER_PROF,
+                             max(pending - (time.process_time() - started), 1e-3))
 
 
 @contextlib.contextmanager
 def _traced(end: float) -> Iterator[None]:
     def trace(frame: FrameType, event: str, arg: Any) -> None:
-        if event == "call" and time.monotonic() > end:
+        if event == "call" and time.thread_time() > end:
             raise _OutOfTime()
 
     previous = sys.gettrace()

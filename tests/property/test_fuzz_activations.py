@@ -4,7 +4,7 @@ Every case writes ``activation f(z, a = 0.5) = EXPR`` over the functions of spec
 (``MATH_FUNCTIONS``, the built-in activations, ``+ - * / ^``, numbers, ``pi``, ``e``), loads the
 model and runs its forward pass, gradient and DFD on a small batch. The only outcomes allowed
 are success or a :class:`pbxc.PbxError` naming the activation's line, and each case must end
-within the derivation budget (plus the time of the passes).
+within the derivation budget (CPU time, plus the time of the passes).
 
 A larger run, on demand (figures in specs/security_inputs.md)::
 
@@ -99,10 +99,10 @@ def _reason(rendered: str) -> str:
 @settings(max_examples=12)
 @given(EXPRESSIONS)
 def test_random_activations_derive_or_refuse_within_budget(expr: str) -> None:
-    start = time.monotonic()
+    start = time.process_time()  # the budget is CPU time: a loaded CI machine is not a hang
     run_case(expr, CI_SECONDS)
-    elapsed = time.monotonic() - start
-    assert elapsed < CI_SECONDS + SLACK, f"{expr!r} took {elapsed:.1f} s"
+    elapsed = time.process_time() - start
+    assert elapsed < CI_SECONDS + SLACK, f"{expr!r} took {elapsed:.1f} s of CPU time"
 
 
 def main(argv: list[str]) -> int:
@@ -119,13 +119,13 @@ def main(argv: list[str]) -> int:
     @settings(max_examples=args.cases, derandomize=False, database=None, deadline=None)
     @given(EXPRESSIONS)
     def one(expr: str) -> None:
-        t0 = time.monotonic()
+        t0 = time.process_time()
         try:
             outcomes[run_case(expr, args.seconds)] += 1
         except Exception as exc:  # counted and printed: the figure the test promises is 0
             outcomes["UNCAUGHT " + type(exc).__name__] += 1
             print(f"UNCAUGHT {type(exc).__name__}: {expr}", flush=True)
-        elapsed = time.monotonic() - t0
+        elapsed = time.process_time() - t0
         if elapsed > slowest[0]:
             slowest[:] = [elapsed, expr]
         if elapsed > args.seconds + SLACK:
