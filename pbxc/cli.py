@@ -61,37 +61,44 @@ def check_output(path: str | None, force: bool = False) -> None:
         check_file_target(path, force)
 
 
-def load_array_file(path: str, key: str | None, names: Sequence[str]) -> Any:
-    """An input batch from .npy or .npz; for .npz, ``key`` or the model's input names."""
+def load_array_file(path: str, key: str | None, names: Sequence[str],
+                    option: str = "--key") -> Any:
+    """An input batch from .npy or .npz; for .npz, ``key`` or the model's input names. Only
+    the members picked are read, each after its declared size is checked
+    (``pbxc.weights.arrays``); ``option`` is the flag that chooses a key, for messages."""
+    from pbxc.weights.arrays import ArrayFileError, is_npy, npz_directory, read_npy
+    from pbxc.weights.limits import LimitSettingError
+
     p = Path(path)
     if not p.is_file():
         raise InputError(f"input file not found: '{p}'")
     try:
-        data = np.load(p, allow_pickle=False)
-    except ValueError as err:
-        raise InputError(f"cannot read '{p}': {err} (pickled objects are refused)") from None
-    except OSError as err:
-        raise InputError(f"cannot read '{p}': {err}") from None
-    if isinstance(data, np.ndarray):
-        if key is not None:
-            raise UsageError(f"--key applies to .npz files; '{p}' is a single array")
-        return data
-    with data:
-        files = list(data.files)
-        try:
+        if is_npy(p):
             if key is not None:
-                if key not in files:
-                    raise InputError(f"'{p}' has no key '{key}'; it has {files}")
-                return data[key]
-            if all(n in files for n in names):
-                picked = {n: data[n] for n in names}
-                return picked if len(names) > 1 else picked[names[0]]
-            if len(files) == 1:
-                return data[files[0]]
-        except ValueError as err:
-            raise InputError(f"cannot read '{p}': {err} (pickled objects are refused)") from None
-    raise InputError(f"'{p}' has keys {files}; choose one with --key (the model's inputs are "
-                     f"{list(names)})")
+                raise InputError(f"{option} applies to .npz files; '{p}' is a single array")
+            return read_npy(p)
+        try:
+            directory = npz_directory(p)
+        except ArrayFileError as err:
+            raise InputError(f"cannot read '{p}': {err} (expected .npy or .npz)") from None
+        files = list(directory)
+        if key is not None:
+            if key not in directory:
+                raise InputError(f"'{p}' has no key '{key}' ({option}); it has {files}")
+            return directory[key].read()
+        if names and all(n in directory for n in names):
+            picked = {n: directory[n].read() for n in names}
+            return picked if len(names) > 1 else picked[names[0]]
+        if len(files) == 1:
+            return directory[files[0]].read()
+    except ArrayFileError as err:
+        raise InputError(f"cannot read '{p}': {err}") from None
+    except (OSError, LimitSettingError) as err:
+        raise InputError(f"cannot read '{p}': {err}") from None
+    if not files:
+        raise InputError(f"'{p}' holds no arrays")
+    raise InputError(f"'{p}' has keys {files}; choose one with {option} (the model's inputs "
+                     f"are {list(names)})")
 
 
 # ---------------------------------------------------------------- commands
@@ -102,12 +109,13 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pbxc.pipeline import check_file
+    from pbxc.pipeline import check_file, derive_activations
 
     failed: list[PbxError] = []
     for path in args.model:
         try:
             graph, store = check_file(path)
+            derive_activations(graph)
         except PbxError as err:
             if len(args.model) == 1:
                 raise
@@ -243,14 +251,40 @@ def _parse_target(text: str) -> Any:
         raise UsageError(f"--target must be 'predicted' or a class index, got '{text}'") from None
 
 
-def _parse_baseline(text: str) -> Any:
+def _parse_baseline(text: str, model: Any, n: int) -> Any:
+    """zeros, mean, a number, or a file holding one sample or one per input sample."""
     if text in ("zeros", "mean"):
         return text
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
-    return load_array_file(text, None, ())
+    else:
+        if not np.isfinite(value):
+            raise InputError(f"--baseline {text} is not a finite number")
+        return value
+    if not Path(text).is_file():
+        raise InputError(f"--baseline '{text}' is not zeros, mean, a number or a file")
+    name = model.input_names[0]
+    baseline = np.asarray(load_array_file(text, None, (name,), option="--baseline's key"))
+    shape = tuple(model.input_shapes[name])
+    if baseline.shape not in (shape, (1, *shape), (n, *shape)):
+        raise InputError(f"--baseline '{text}' has shape {_fmt_shape(baseline.shape)}; expected "
+                         f"one sample {_fmt_shape(shape)} or one per input sample "
+                         f"{_fmt_shape((n, *shape))}")
+    return baseline
+
+
+def _check_explain_arguments(args: argparse.Namespace, model: Any) -> None:
+    """Every value explain is given, before anything runs (exit 1 with an error line)."""
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be a positive number of samples, got "
+                         f"{args.batch_size}")
+    if args.png_max < 0:
+        raise InputError(f"--png-max must be 0 or more, got {args.png_max}")
+    if args.output_name is not None and args.output_name not in model.output_names:
+        raise InputError(f"model '{model.name}' has no output '{args.output_name}'; its outputs "
+                         f"are {list(model.output_names)}")
 
 
 def _batches(n: int, size: int, label: str) -> Any:
@@ -274,12 +308,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         from pbxc.outputs import check_directory_target
 
         check_directory_target(args.png)
-    model = load(args.model, dtype=args.dtype, convention=args.kinks)
-    x = load_array_file(args.input, args.key, model.input_names)
-    if isinstance(x, dict):
-        raise UsageError("explain takes models with one input; this model has "
-                         f"{list(model.input_names)}")
-    x = np.asarray(x)
     target = _parse_target(args.target)
     if args.method != "dfd" and args.baseline is not None:
         raise UsageError("--baseline applies to --method dfd")
@@ -287,15 +315,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError("--dfd-rule applies to --method dfd")
     if args.method != "lrp" and (args.rule or args.composite):
         raise UsageError("--rule and --composite apply to --method lrp")
+    if args.method not in ("jacobian", "hessian", "interactions") and args.explain_plan:
+        raise UsageError("--explain-plan applies to --method jacobian, hessian and interactions "
+                         "(the other methods run one reverse pass and have no plan)")
+    if args.method not in ("hessian", "interactions") and (args.on != "logits"
+                                                          or args.step != "0.1"):
+        raise UsageError("--on and --step apply to --method hessian and interactions")
+    model = load(args.model, dtype=args.dtype, convention=args.kinks)
+    _check_explain_arguments(args, model)
+    x = load_array_file(args.input, args.key, model.input_names)
+    if isinstance(x, dict):
+        raise UsageError("explain takes models with one input; this model has "
+                         f"{list(model.input_names)}")
+    x = np.asarray(x)
+    model.prepare_inputs(x)  # shape, dtype, finiteness and an empty batch: before any chunk
     if args.method in ("hessian", "interactions"):
         from pbxc.cli_hessian import explain_second_order
 
         return explain_second_order(model, x.reshape(-1, *model.input_shapes[
             model.input_names[0]]), args, target, args.output_name or model.output_names[0])
-    if args.on != "logits" or args.step != "0.1":
-        raise UsageError("--on and --step apply to --method hessian and interactions")
-    data = load_array_file(args.data, args.data_key, model.input_names) if args.data else None
-    baseline = _parse_baseline(args.baseline) if args.baseline is not None else "zeros"
+    data = (load_array_file(args.data, args.data_key, model.input_names, option="--data-key")
+            if args.data else None)
+    baseline = (_parse_baseline(args.baseline, model, len(x)) if args.baseline is not None
+                else "zeros")
     if isinstance(baseline, np.ndarray) and baseline.ndim == x.ndim and len(baseline) == len(x):
         per_sample_baseline = baseline
     else:
@@ -307,14 +349,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         parts.setdefault(key, []).append(value)
 
     n = len(x) if x.ndim > len(model.input_shapes[model.input_names[0]]) else 1
-    plan_text = None
+    plans: dict[str, list[int]] = {}   # each distinct plan, with the chunks that ran it
+    kinks_hit = 0
     for start in _batches(n, args.batch_size, f"{args.method}"):
         xb = x[start:start + args.batch_size]
         outputs = model.outputs(xb)[output]
         if args.method == "jacobian":
             res = model.jacobian(xb, output=output, mode=args.mode)
             add("attributions", res.jacobian)
-            plan_text = res.plan.explain()
+            plans.setdefault(res.plan.explain(), []).append(start)
             targets = model.targets(outputs, target)
         elif args.method in ("gradient", "input_x_gradient"):
             fn = model.gradient if args.method == "gradient" else model.input_x_gradient
@@ -339,10 +382,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         add("outputs", outputs)
         add("targets", targets)
         if args.method in ("jacobian", "gradient", "input_x_gradient"):
-            add("kinks", np.array([sum(model.kinks_hit(xb).values())]))
+            kinks_hit += sum(model.kinks_hit(xb).values())
     arrays = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in parts.items()}
-    if args.explain_plan and plan_text:
-        print(plan_text)
+    if args.method in ("jacobian", "gradient", "input_x_gradient"):
+        # one count for the whole batch, whatever --batch-size cut it into
+        arrays["kinks"] = np.array([kinks_hit])
+    if args.explain_plan:
+        for text, starts in plans.items():
+            if len(plans) > 1:
+                print(f"samples {', '.join(f'{s}-{min(s + args.batch_size, n) - 1}' for s in starts)}:")
+            print(text)
     if args.out:
         save_npz(Path(args.out), arrays, args.force)
         print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in arrays.items())} "

@@ -22,6 +22,7 @@ from pbxc.codegen.escape import identifier, py_literal, py_text
 from pbxc.codegen.kernels import FAMILIES
 from pbxc.codegen.kernels import conv as conv_kernels
 from pbxc.errors import PbxError
+from pbxc.errors import source_lines as split_source_lines
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import dfd_by_vjp, kernel_attrs, kernel_base, kernel_name
 from pbxc.ops import AFFINE, MAXPOOL, SHAPE_ONLY, OpKind
@@ -67,9 +68,9 @@ def check_symbols(graph: ModelGraph) -> None:
 
 
 def source_lines(source_text: str | None) -> dict[int, str]:
-    """The .pbx lines by number, split where the grammar's positions count lines (``\\n``
-    only: a form feed or U+2028 inside a comment does not start a line)."""
-    return dict(enumerate((source_text or "").split("\n"), start=1))
+    """The .pbx lines by number, split where the grammar's positions count lines
+    (:func:`pbxc.errors.source_lines`)."""
+    return dict(enumerate(split_source_lines(source_text or ""), start=1))
 
 
 def _attrs(node: OpNode) -> str:

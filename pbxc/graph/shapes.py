@@ -6,14 +6,16 @@ the weight store in hand. Each rule states the shapes it expected and got.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos
+from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos, WeightError
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.ops import OpKind
+from pbxc.weights.limits import describe_bytes, max_sample_bytes
 from pbxc.weights.store import WeightStore
 
 Shape = tuple[int, ...]
@@ -322,9 +324,9 @@ def _concat(ctx: _Ctx) -> Shape:
 
 def _reshape(ctx: _Ctx) -> Shape:
     x = ctx.inputs[0]
-    size = int(np.prod(x))
+    size = math.prod(x)
     target = list(ctx.node.attr("shape"))
-    known = int(np.prod([d for d in target if d != -1]))
+    known = math.prod([d for d in target if d != -1])
     if -1 in target:
         if size % known:
             raise ctx.fail(f"cannot reshape {fmt(x)} ({size} elements) to {fmt(tuple(target))}")
@@ -404,7 +406,7 @@ SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
     OpKind.UNSQUEEZE: _unsqueeze,
     OpKind.PAD: _pad,
     OpKind.GLOBAL_AVGPOOL: _global_avgpool,
-    OpKind.FLATTEN: lambda c: (int(np.prod(c.inputs[0])),),
+    OpKind.FLATTEN: lambda c: (math.prod(c.inputs[0]),),
     OpKind.RESHAPE: _reshape,
     OpKind.ADD: _elementwise,
     OpKind.CONCAT: _concat,
@@ -430,7 +432,11 @@ def _check_weight(key: str, role: str, node: OpNode, store: WeightStore,
     if key in checked:
         return True
     checked.add(key)
-    array = store[key]
+    try:
+        array = store[key]  # read from its file now: only the keys a model binds are read
+    except WeightError as err:
+        bag.diagnostics.extend(err.diagnostics)
+        return False
     if not np.issubdtype(array.dtype, np.floating):
         bag.error(f"weight '{key}' has dtype {array.dtype}; expected a floating dtype "
                   "(float16, float32 or float64)", pos, [f"in '{store.file_of(key)}'"])
@@ -493,8 +499,30 @@ def infer_shapes(graph: ModelGraph, store: WeightStore) -> ModelGraph:
     for out in graph.outputs:
         out_shape = graph.node(out.name).shape
         if out.classes is not None and out_shape is not None and \
-                len(out.classes) != int(np.prod(out_shape)):
-            bag.error(f"output '{out.name}' has {int(np.prod(out_shape))} elements but "
+                len(out.classes) != math.prod(out_shape):
+            bag.error(f"output '{out.name}' has {math.prod(out_shape)} elements but "
                       f"{len(out.classes)} class names", out.pos)
     bag.raise_if_any(PbxValidationError)
+    _check_sample_memory(graph)
     return graph
+
+
+def _check_sample_memory(graph: ModelGraph) -> None:
+    """The values of one sample's forward pass, in float64, against ``PBXC_MAX_SAMPLE_BYTES``:
+    a declared ``float64[100000000000]`` or a ``padding=1000000000`` is refused here, naming
+    its node, before any pass allocates an array for it."""
+    limit = max_sample_bytes()
+    total = 0
+    largest: tuple[int, OpNode] | None = None
+    for node in graph.topological():
+        nbytes = math.prod(node.shape or ()) * 8
+        total += nbytes
+        if largest is None or nbytes > largest[0]:
+            largest = (nbytes, node)
+    if total > limit and largest is not None:
+        nbytes, node = largest
+        what = "input" if node.kind is OpKind.INPUT else node.kind.value
+        raise PbxValidationError(
+            f"one sample needs {describe_bytes(total)} of values in float64, over the limit of "
+            f"{describe_bytes(limit)} (PBXC_MAX_SAMPLE_BYTES); the largest is {what} "
+            f"'{node.name}' of shape {fmt(node.shape)} ({describe_bytes(nbytes)})", node.pos)

@@ -343,7 +343,8 @@ def register_composite(name: str, factory: Callable[..., Composite]) -> None:
 
 def get_composite(name: str, **kwargs: object) -> Composite:
     """The registered composite ``name``, built with ``kwargs`` (e.g. low/high, epsilon)."""
-    factory = COMPOSITES.get(name)
+    # specs/language.md: composite names are written with '_' or '-' (epsilon_plus)
+    factory = COMPOSITES.get(name) or COMPOSITES.get(name.replace("_", "-"))
     if factory is None:
         raise LrpConfigError(f"unknown LRP composite '{name}'; known: "
                              f"{', '.join(sorted(COMPOSITES))}")

@@ -258,6 +258,10 @@ class Model:
                     f"{where} has shape {list(arr.shape)}; expected [batch, "
                     f"{', '.join(map(str, info.shape))}]{hint}"))
                 continue
+            if arr.shape[0] == 0:  # one rule for every pass (specs/security_inputs.md)
+                problems.append(Diagnostic(f"{where} is an empty batch (shape "
+                                           f"{list(arr.shape)}); give at least one sample"))
+                continue
             if batch is not None and arr.shape[0] != batch:
                 problems.append(Diagnostic(f"{where} has batch size {arr.shape[0]}, but other "
                                            f"inputs have {batch}"))
