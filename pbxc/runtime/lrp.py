@@ -27,8 +27,9 @@ from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import kernel_attrs
+from pbxc.lower.memory import backward_needs, release_schedule
 from pbxc.ops import LRP_COMPOSITES, OpKind
-from pbxc.runtime.jacobian import dense_matrix, linearize
+from pbxc.runtime.jacobian import dense_matrix, linearize, release
 from pbxc.runtime.lrp_rules import (
     COMPOSITES,
     LRP0,
@@ -297,10 +298,16 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     output = output or model.output_names[0]
     if output not in model.graph.digraph:
         raise LrpConfigError(f"model '{model.name}' has no value '{output}'")
-    lin = linearize(model, prepared, derivatives=False)  # LRP needs values and argmax only
-    values = lin.values
     out_node = model.graph.node(output)
     start = out_node.inputs[0] if out_node.kind in OUTPUT_ONLY else output
+    # the memory plan: values the rules read (a, z) and argmax; the rest is released in the
+    # forward pass, and each kept value after the last rule that reads it
+    nodes = list(model.nodes)
+    needed, _ = backward_needs(PASS, nodes)
+    keep = frozenset(model.output_names) | {start}
+    lin = linearize(model, prepared, derivatives=False, keep=needed | keep)
+    schedule = release_schedule(PASS, nodes)
+    values = lin.values
     logits = values[start]
     batch = logits.shape[0]
     targets = model.targets(logits, target)
@@ -312,7 +319,8 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     rules = resolve_rules(model, values, composite, rule, overrides, composite_args)
     layers: dict[str, LayerLedger] = {}
     ties: dict[str, int] = {}
-    known: dict[int, tuple[Array, Array, Array]] = {}
+    # per-sample sums of relevance arrays handed on unchanged (routed ops), by destination
+    known: dict[str, tuple[Array, Array, Array]] = {}
     dense_ops: frozenset[str] = getattr(model, "dense_ops", frozenset())
 
     def dense_for(node: OpNode) -> Array | None:
@@ -320,14 +328,14 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
             return None
         return dense_matrix(model, node, values[node.name].dtype)
 
-    def sums(r: Array) -> tuple[Array, Array]:
+    def sums(r: Array, name: str | None = None) -> tuple[Array, Array]:
         """Per-sample sum and absolute sum, once per array (routed ops pass theirs on)."""
-        hit = known.get(id(r))
+        hit = known.pop(name, None) if name is not None else None
         if hit is None or hit[0] is not r:
-            hit = known[id(r)] = (r, _per_sample(r), _per_sample(np.abs(r)))
+            hit = (r, _per_sample(r), _per_sample(np.abs(r)))
         return hit[1], hit[2]
 
-    for node in reversed(model.nodes):
+    for node in reversed(nodes):
         r_out = relevance.pop(node.name, None) if node.kind is not OpKind.INPUT else None
         if r_out is None:
             continue
@@ -355,13 +363,20 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
                                     "explained output, where relevance starts at the logits")
         else:
             raise unsupported(node)
-        out_sum, out_abs = sums(r_out)
-        in_sums = [sums(r) for r in r_in]
+        out_sum, out_abs = sums(r_out, node.name)
+        in_sums = [(out_sum, out_abs) if r is r_out else sums(r) for r in r_in]
         layers[node.name] = LayerLedger(node.name, node.kind.value, label, out_sum,
                                         sum((t for t, _ in in_sums), zero), bias, stab,
                                         out_abs + sum((a for _, a in in_sums), zero))
-        for name, r_i in zip(node.inputs, r_in):
-            relevance[name] = relevance[name] + r_i if name in relevance else r_i
+        for name, r_i, (t, a) in zip(node.inputs, r_in, in_sums):
+            if name in relevance:
+                known.pop(name, None)
+                relevance[name] = relevance[name] + r_i
+            else:
+                relevance[name] = r_i
+                known[name] = (r_i, t, a)
+        del r_out, r_in, xs
+        release(lin, schedule, node.name, keep)
     result = {name: relevance.get(name, np.zeros_like(x)) for name, x in prepared.items()}
     reached = sum((_per_sample(r) for r in result.values()), np.zeros(batch, logits.dtype))
     ledger = Ledger(layers, _per_sample(seed), reached)

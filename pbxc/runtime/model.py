@@ -12,11 +12,12 @@ import numpy as np
 from pbxc.codegen.numpy_printer import render_activation_functions
 from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
+from pbxc.lower.memory import backward_needs, release_schedule
 from pbxc.lower.plan import cheaper_dense, path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.allocator import tune_allocator
 from pbxc.runtime.codeload import load_generated_module
-from pbxc.runtime.dfd import DfdResult, dfd, linearize_both, resolve_baseline
+from pbxc.runtime.dfd import DfdResult, dfd, dfd_keep, linearize_both, resolve_baseline
 from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.lrp import LrpResult, file_rules, lrp
 from pbxc.runtime.lrp_rules import rule_from_spec
@@ -62,6 +63,7 @@ class ActivationTable:
     kink_points: dict[ActivationKey, tuple[float, ...]]
     convention: str
     source: str
+    binary_slopes: frozenset[ActivationKey] = frozenset()   # f' takes only 0 and 1
 
     def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
         return self._apply(self.routines[self.keys[node_name]]["f"], z)
@@ -104,6 +106,18 @@ class ActivationTable:
                 out[rest] = fn(z0[rest], z[rest])
         return out
 
+    def slope(self, node_name: str, z: np.ndarray) -> np.ndarray:
+        """f'(z) in the least memory that holds it exactly: a bool mask where f' is 0 or 1
+        everywhere (ReLU under a 0/1 kink convention; 1/8 of a float64 array), else f'(z).
+        ``v * mask`` equals ``v * f'(z)`` bit for bit."""
+        df = self.derivative(node_name, z)
+        if self.keys[node_name] not in self.binary_slopes:
+            return df
+        mask = df == 1
+        if not (mask | (df == 0)).all():   # NaN or inf in z: keep f' as it is
+            return df
+        return mask
+
     def kinks_hit(self, node_name: str, z: np.ndarray) -> int:
         """How many entries of ``z`` sit exactly on a kink, where f' is a convention."""
         points = self.kink_points[self.keys[node_name]]
@@ -143,8 +157,23 @@ def compile_activations(graph: ModelGraph, convention: str = DEFAULT_CONVENTION,
         kink_points = {key: tuple(float(k.point) for k in
                                   derive(key, graph.user_activations, convention).kinks)
                        for key in distinct}
+    binary = frozenset(key for key in distinct if key.definition is None
+                       and key.name in BINARY_SLOPE_BUILTINS
+                       and _slopes_binary(routines[key]["df"], kink_points[key]))
     return ActivationTable(keys, routines, dict(rendered.names), kink_points, convention,
-                           rendered.source)
+                           rendered.source, binary)
+
+
+# built-ins whose derivative is 0 or 1 away from their kinks
+BINARY_SLOPE_BUILTINS = frozenset({"relu"})
+
+
+def _slopes_binary(df: Callable[[np.ndarray], np.ndarray], kinks: tuple[float, ...]) -> bool:
+    """The kink convention keeps f' in {0, 1} at the kinks too (not the 'mean' convention)."""
+    at = np.asarray([*kinks, -1.0, 1.0], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        values = np.broadcast_to(np.asarray(df(at), dtype=np.float64), at.shape)
+    return bool(np.isin(values, (0.0, 1.0)).all())
 
 
 def _first_bad_index(array: np.ndarray) -> tuple[int, ...]:
@@ -362,14 +391,18 @@ class Model:
                   ) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
         output, wrt = self._io(output, wrt)
         inputs = self.prepare_inputs(x)
-        lin = linearize(self, inputs)
+        nodes = path_nodes(self.graph, wrt, output)
+        # the memory plan: keep only what the VJPs read (masks, argmax, softmax outputs)
+        needed, _ = backward_needs("gradient", nodes)
+        lin = linearize(self, inputs, keep=needed | {output, wrt},
+                        local_of=lambda node, z, _: self.activations.slope(node.name, z))
         y = lin.values[output]
         c = self.targets(y, target)
         seed = np.zeros((y.shape[0], 1, y[0].size), dtype=y.dtype)
         seed[np.arange(y.shape[0]), 0, c] = 1
         seed = seed.reshape(y.shape[0], 1, *y.shape[1:])
-        nodes = path_nodes(self.graph, wrt, output)
-        grad = reverse_sweep(self, lin, wrt, output, nodes, seed)[:, 0]
+        grad = reverse_sweep(self, lin, wrt, output, nodes, seed,
+                             schedule=release_schedule("gradient", nodes))[:, 0]
         return grad, inputs, wrt
 
     def dfd(self, x: np.ndarray | Mapping[str, np.ndarray], *, baseline: Any = "zeros",
@@ -386,7 +419,8 @@ class Model:
         output, _ = self._io(output, None)
         inputs = self.prepare_inputs(x)
         default = resolve_baseline(self, inputs, baseline, data)
-        at, base = linearize_both(self, inputs, default)
+        at, base = linearize_both(self, inputs, default,
+                                  dfd_keep(self, output) if rule == "rescale" else None)
         y = at.values[output]
         c = self.targets(y, target)
         flat = y.reshape(y.shape[0], -1)

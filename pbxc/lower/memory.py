@@ -1,0 +1,354 @@
+"""The memory plan of a pass: which forward values it keeps, when it frees them, its peak.
+
+A pass runs the forward pass and then walks the graph backwards (gradient, LRP, DFD). Its
+backward step at a node reads some of the forward pass: the node's input values, its output
+value, its local data (a ReLU mask or f'(z), max-pool argmax indices, DFD multipliers), or
+only their shapes. ``BACKWARD_READS`` says which, per pass and op kind; an op kind it does
+not list keeps everything (the safe default for ops added later). From it and the graph:
+
+* during the forward pass, a value is released after its last forward consumer unless the
+  backward walk reads it (forward liveness);
+* during the backward walk, a value or local is released after the last backward step that
+  reads it (the earliest such node in topological order), and a cotangent or relevance
+  array after the node it belongs to has consumed it.
+
+``predict`` simulates the same schedule on the shapes alone and reports the peak, the moment
+it happens and the arrays that hold it (``pbxc explain --explain-plan``); ``batch_for_limit``
+inverts it to choose a batch size from a memory limit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pbxc.errors import InputError
+from pbxc.graph.ir import ModelGraph, OpNode
+from pbxc.ops import AFFINE, LRP_RULE_KINDS, SHAPE_ONLY, OpKind
+
+PASSES = ("gradient", "lrp", "dfd")
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What one backward step reads of the forward pass (beyond shapes and dtypes)."""
+
+    inputs: bool = False   # the values of the node's inputs
+    output: bool = False   # the node's own value
+    local: bool = False    # its local data: mask / f'(z), argmax, DFD multiplier
+
+
+NOTHING = Reads()
+EVERYTHING = Reads(True, True, True)
+LOCAL = Reads(local=True)
+
+# the reverse-mode VJP kernels (pbxc.codegen.numpy_kernels.<op>_vjp): what each one reads
+_VJP_READS: dict[OpKind, Reads] = {
+    **{k: NOTHING for k in AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT}},
+    OpKind.MAXPOOL2D: LOCAL,
+    OpKind.ACTIVATION: LOCAL,
+    OpKind.SOFTMAX: Reads(output=True),
+    OpKind.LOG_SOFTMAX: Reads(output=True),
+}
+
+BACKWARD_READS: dict[str, dict[OpKind, Reads]] = {
+    "gradient": _VJP_READS,
+    # rules read a (the inputs) and z (the output); max pooling routes by argmax and counts
+    # ties on its input; activations, reshapes and concat route relevance unchanged
+    "lrp": {
+        **{k: Reads(inputs=True, output=True) for k in LRP_RULE_KINDS},
+        OpKind.MAXPOOL2D: Reads(inputs=True, local=True),
+        **{k: NOTHING for k in SHAPE_ONLY | {OpKind.ACTIVATION, OpKind.CONCAT,
+                                             OpKind.SOFTMAX, OpKind.LOG_SOFTMAX}},
+    },
+    # affine ops by their VJP (seed 004 eq. 7); activations by the multiplier computed in the
+    # forward pass; max pooling and softmax read the values at both points
+    "dfd": {
+        **_VJP_READS,
+        OpKind.ACTIVATION: LOCAL,
+        OpKind.MAXPOOL2D: Reads(inputs=True),
+        OpKind.SOFTMAX: Reads(inputs=True),
+        OpKind.LOG_SOFTMAX: Reads(inputs=True),
+    },
+}
+
+
+def backward_reads(pass_name: str, node: OpNode) -> Reads:
+    return BACKWARD_READS[pass_name].get(node.kind, EVERYTHING)
+
+
+def forward_uses(nodes: Sequence[OpNode]) -> dict[str, int]:
+    """How many times each value is an input of a later op (``add(x, x)`` counts twice)."""
+    uses: dict[str, int] = {n.name: 0 for n in nodes}
+    for node in nodes:
+        for i in node.inputs:
+            uses[i] = uses.get(i, 0) + 1
+    return uses
+
+
+def backward_needs(pass_name: str, nodes: Sequence[OpNode]) -> tuple[set[str], set[str]]:
+    """The values and the locals the backward walk reads."""
+    values: set[str] = set()
+    locals_: set[str] = set()
+    for node in nodes:
+        if node.kind is OpKind.INPUT:
+            continue
+        reads = backward_reads(pass_name, node)
+        if reads.inputs:
+            values.update(node.inputs)
+        if reads.output:
+            values.add(node.name)
+        if reads.local:
+            locals_.add(node.name)
+    return values, locals_
+
+
+def release_schedule(pass_name: str, nodes: Sequence[OpNode]
+                     ) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Node -> (values, locals) that no backward step after it reads: release them there.
+
+    ``nodes`` in topological order; the backward walk visits them reversed, so a value's last
+    reader is its first reader in topological order.
+    """
+    last_value: dict[str, str] = {}
+    last_local: dict[str, str] = {}
+    for node in reversed(nodes):
+        if node.kind is OpKind.INPUT:
+            continue
+        reads = backward_reads(pass_name, node)
+        names = (list(node.inputs) if reads.inputs else []) + ([node.name] if reads.output
+                                                               else [])
+        for v in names:
+            last_value[v] = node.name   # overwritten by earlier nodes: the last reader wins
+        if reads.local:
+            last_local[node.name] = node.name
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for v, n in last_value.items():
+        out.setdefault(n, ([], []))[0].append(v)
+    for v, n in last_local.items():
+        out.setdefault(n, ([], []))[1].append(v)
+    return {n: (tuple(vs), tuple(ls)) for n, (vs, ls) in out.items()}
+
+
+# ---------------------------------------------------------------- the memory limit
+
+DEFAULT_LIMIT = 2 << 30       # 2 GiB: what a pass may hold at once, unless configured
+LIMIT_ENV = "PBXC_MEMORY_LIMIT"
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'512M', '2GiB', '1.5g', '1000000' -> bytes (powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise InputError(f"memory size must be a number with an optional unit (K, M, G), "
+                         f"e.g. 512M or 2G; got {text!r}")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise InputError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def memory_limit(text: str | None = None) -> int:
+    """The limit given, else ``$PBXC_MEMORY_LIMIT``, else 2 GiB."""
+    if text is None:
+        text = os.environ.get(LIMIT_ENV)
+    return DEFAULT_LIMIT if text is None else parse_bytes(text)
+
+
+# ---------------------------------------------------------------- the prediction
+
+def _size(shape: tuple[int, ...] | None) -> int:
+    return int(np.prod(shape)) if shape else 1
+
+
+def _local_bytes(pass_name: str, node: OpNode, elements: int, itemsize: int) -> int:
+    if node.kind is OpKind.MAXPOOL2D:
+        return elements * 8                       # int64 argmax per window
+    if node.kind is OpKind.ACTIVATION:
+        if pass_name == "gradient" and node.activation == "relu":
+            return elements                       # a bool mask
+        return elements * itemsize                # f'(z) or the DFD multiplier
+    return 0
+
+
+def _workspace(node: OpNode, graph: ModelGraph, rows: int, itemsize: int) -> int:
+    """Transient bytes of one forward kernel call beyond its result: a convolution's im2col
+    columns, (in channels x kernel) x output pixels per sample."""
+    if node.kind in (OpKind.CONV1D, OpKind.CONV2D):
+        weight = graph.param_shapes[node.param_key("weight") or ""]
+        channels = int(graph.shape_of(node.inputs[0])[0])
+        return rows * channels * _size(weight[2:]) * _size((node.shape or ())[1:]) * itemsize
+    return 0
+
+
+@dataclass
+class Holder:
+    name: str
+    what: str        # "value", "local", "cotangent", "relevance", "multiplier", "workspace"
+    nbytes: int
+
+
+@dataclass
+class _Peak:
+    nbytes: int = 0
+    where: str = ""
+    holders: list[Holder] = field(default_factory=list)
+
+
+@dataclass
+class MemoryPlan:
+    """A pass's predicted memory: its peak, when it happens and what holds it."""
+
+    pass_name: str
+    batch: int
+    dtype: str
+    peak: int                                   # bytes
+    peak_at: str                                # "forward at <node>" / "backward at <node>"
+    holders: list[Holder] = field(default_factory=list)
+    forward_peak: int = 0
+    backward_peak: int = 0
+    kept: int = 0                               # bytes the forward pass keeps for backward
+    kept_all: int = 0                           # bytes every value and local would take
+
+    def explain(self, top: int = 6) -> str:
+        mib = 1 << 20
+        lines = [f"memory plan: {self.pass_name}, batch {self.batch}, {self.dtype}",
+                 f"  predicted peak {self.peak / mib:,.1f} MiB ({self.peak_at}); forward "
+                 f"{self.forward_peak / mib:,.1f} MiB, backward {self.backward_peak / mib:,.1f} MiB",
+                 f"  kept from the forward pass {self.kept / mib:,.1f} MiB (every value and "
+                 f"local: {self.kept_all / mib:,.1f} MiB)"]
+        if self.holders:
+            lines.append("  held at the peak:")
+            ranked = sorted(self.holders, key=lambda h: -h.nbytes)
+            for h in ranked[:top]:
+                lines.append(f"    {h.nbytes / mib:>10,.1f} MiB  {h.what:<10} {h.name}")
+            rest = sum(h.nbytes for h in ranked[top:])
+            if rest:
+                lines.append(f"    {rest / mib:>10,.1f} MiB  {len(ranked) - top} more arrays")
+        return "\n".join(lines)
+
+
+def predict(graph: ModelGraph, pass_name: str, batch: int, dtype: object = np.float64,
+            nodes: Sequence[OpNode] | None = None) -> MemoryPlan:
+    """Simulate the pass's allocations on shapes: the forward pass with forward liveness,
+    then the backward walk with its release schedule, cotangents and kernel workspaces.
+
+    The weights and caches the model holds anyway are not counted; neither are NumPy's
+    few-element temporaries. DFD runs its forward pass on batch + 1 rows (a shared default).
+    """
+    if pass_name not in PASSES:
+        raise InputError(f"no memory plan for pass '{pass_name}'; choose from {PASSES}")
+    itemsize = np.dtype(dtype).itemsize  # type: ignore[call-overload]
+    nodes = list(nodes if nodes is not None else graph.topological())
+    rows = batch + 1 if pass_name == "dfd" else batch
+    per_value = {n.name: _size(n.shape if n.kind is not OpKind.INPUT else graph.shape_of(n.name))
+                 for n in nodes}
+    keep_values, keep_locals = backward_needs(pass_name, nodes)
+    keep_values |= set(graph.output_names)
+    uses = forward_uses(nodes)
+    live: dict[tuple[str, str], int] = {}
+    best = _Peak()
+    kept_all = 0
+
+    def note(where: str, transient: list[Holder]) -> None:
+        total = sum(live.values()) + sum(h.nbytes for h in transient)
+        if total > best.nbytes:
+            best.nbytes, best.where = total, where
+            best.holders = [Holder(n, w, b) for (w, n), b in live.items()] + transient
+
+    # forward
+    for node in nodes:
+        out_bytes = rows * per_value[node.name] * itemsize
+        kept_all += out_bytes
+        if node.kind is OpKind.INPUT:
+            live[("value", node.name)] = out_bytes
+            continue
+        ws = _workspace(node, graph, rows, itemsize)
+        live[("value", node.name)] = out_bytes
+        note(f"forward at {node.name}", [Holder(node.name, "workspace", ws)] if ws else [])
+        local_elems = batch * per_value[node.name]
+        local = _local_bytes(pass_name, node, local_elems, itemsize)
+        kept_all += local
+        if node.name in keep_locals and local:
+            live[("local", node.name)] = local
+        for i in node.inputs:
+            uses[i] -= 1
+            if uses[i] == 0 and i not in keep_values:
+                live.pop(("value", i), None)
+        if uses.get(node.name, 0) == 0 and node.name not in keep_values:
+            live.pop(("value", node.name), None)
+    forward_peak = best.nbytes
+    kept = sum(live.values())
+    # DFD's values of the two points are views of the joint arrays: nothing to add
+    schedule = release_schedule(pass_name, nodes)
+    what = {"gradient": "cotangent", "lrp": "relevance", "dfd": "multiplier"}[pass_name]
+    start = graph.output_names[0]
+    live[(what, start)] = batch * per_value[start] * itemsize
+    backward_best = 0
+    for node in reversed(nodes):
+        if node.kind is OpKind.INPUT:
+            continue
+        if (what, node.name) not in live:
+            continue
+        in_bytes = [batch * per_value[i] * itemsize for i in node.inputs]
+        out_bytes = batch * per_value[node.name] * itemsize
+        transient = [Holder(node.name, "workspace",
+                            _backward_workspace(pass_name, node, graph, batch, itemsize,
+                                                out_bytes, sum(in_bytes)))]
+        for i, b in zip(node.inputs, in_bytes):
+            if (what, i) not in live:
+                live[(what, i)] = b      # a sum into an existing array reuses it
+        note(f"backward at {node.name}", transient)
+        total = sum(live.values()) + transient[0].nbytes
+        backward_best = max(backward_best, total)
+        live.pop((what, node.name), None)
+        values, locals_ = schedule.get(node.name, ((), ()))
+        for v in values:
+            if v not in graph.output_names:
+                live.pop(("value", v), None)
+        for v in locals_:
+            live.pop(("local", v), None)
+    holders = [h for h in best.holders if h.nbytes]
+    return MemoryPlan(pass_name, batch, np.dtype(dtype).name,  # type: ignore[call-overload]
+                      best.nbytes, best.where, holders, forward_peak, backward_best, kept, kept_all)
+
+
+def _backward_workspace(pass_name: str, node: OpNode, graph: ModelGraph, batch: int,
+                        itemsize: int, out_bytes: int, in_bytes: int) -> int:
+    """Transient bytes of one backward step: the transposed kernel's columns, and for LRP the
+    stabilised z, s and the term a * c."""
+    ws = 0
+    if node.kind in (OpKind.CONV1D, OpKind.CONV2D):
+        weight = graph.param_shapes[node.param_key("weight") or ""]
+        # the transposed product's columns: (out channels / groups) x kernel x input pixels
+        in_shape = graph.shape_of(node.inputs[0])
+        groups = max(1, int(in_shape[0]) // max(1, int(weight[1])))
+        ws = batch * (int(weight[0]) // groups) * _size(weight[2:]) * groups * \
+            _size(in_shape[1:]) * itemsize
+    if pass_name == "lrp" and node.kind in LRP_RULE_KINDS:
+        ws += 2 * out_bytes + in_bytes
+    return ws
+
+
+def batch_for_limit(graph: ModelGraph, pass_name: str, limit: int, dtype: object,
+                    most: int, nodes: Iterable[OpNode] | None = None) -> int:
+    """The largest batch (1 to ``most``) whose predicted peak fits ``limit`` bytes; 1 when
+    even one sample does not fit (the pass then runs one sample at a time)."""
+    node_list = list(nodes) if nodes is not None else None
+    lo, hi = 1, max(1, most)
+    if predict(graph, pass_name, hi, dtype, node_list).peak <= limit:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if predict(graph, pass_name, mid, dtype, node_list).peak <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return lo
