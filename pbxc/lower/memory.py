@@ -107,6 +107,34 @@ def backward_needs(pass_name: str, nodes: Sequence[OpNode]) -> tuple[set[str], s
     return values, locals_
 
 
+def recomputed(pass_name: str, nodes: Sequence[OpNode]) -> frozenset[str]:
+    """Activations whose output the backward walk recomputes from their kept input instead of
+    keeping it: f(z) is one elementwise pass and bit for bit the forward value, and z stays
+    alive until every reader of f(z) has run (z's earliest backward reader comes before the
+    activation in topological order). LRP only: there a, the next layer's input, is f(z)
+    with z the previous layer's own output."""
+    if pass_name != "lrp":
+        return frozenset()
+    index = {n.name: k for k, n in enumerate(nodes)}
+    needed, _ = backward_needs(pass_name, nodes)
+    first_reader: dict[str, int] = {}
+    for k, node in enumerate(nodes):
+        if node.kind is OpKind.INPUT:
+            continue
+        reads = backward_reads(pass_name, node)
+        for v in (list(node.inputs) if reads.inputs else []) + (
+                [node.name] if reads.output else []):
+            first_reader.setdefault(v, k)
+    out: set[str] = set()
+    for node in nodes:
+        if node.kind is not OpKind.ACTIVATION or node.name not in needed:
+            continue
+        z = node.inputs[0]
+        if z in needed and z not in out and first_reader.get(z, len(nodes)) < index[node.name]:
+            out.add(node.name)
+    return frozenset(out)
+
+
 def release_schedule(pass_name: str, nodes: Sequence[OpNode]
                      ) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """Node -> (values, locals) that no backward step after it reads: release them there.
@@ -251,7 +279,8 @@ def predict(graph: ModelGraph, pass_name: str, batch: int, dtype: object = np.fl
     per_value = {n.name: _size(n.shape if n.kind is not OpKind.INPUT else graph.shape_of(n.name))
                  for n in nodes}
     keep_values, keep_locals = backward_needs(pass_name, nodes)
-    keep_values |= set(graph.output_names)
+    remat = recomputed(pass_name, nodes)
+    keep_values = (keep_values - remat) | set(graph.output_names)
     uses = forward_uses(nodes)
     live: dict[tuple[str, str], int] = {}
     best = _Peak()
@@ -271,6 +300,9 @@ def predict(graph: ModelGraph, pass_name: str, batch: int, dtype: object = np.fl
             live[("value", node.name)] = out_bytes
             continue
         ws = _workspace(node, graph, rows, itemsize)
+        if node.kind is OpKind.ACTIVATION and pass_name != "lrp":
+            # f'(z) and the mask tests (gradient); the secant's differences and bounds (DFD)
+            ws = (6 if pass_name == "dfd" else 2) * batch * per_value[node.name] * itemsize
         live[("value", node.name)] = out_bytes
         note(f"forward at {node.name}", [Holder(node.name, "workspace", ws)] if ws else [])
         local_elems = batch * per_value[node.name]
@@ -302,11 +334,14 @@ def predict(graph: ModelGraph, pass_name: str, batch: int, dtype: object = np.fl
         transient = [Holder(node.name, "workspace",
                             _backward_workspace(pass_name, node, graph, batch, itemsize,
                                                 out_bytes, sum(in_bytes)))]
+        reads = backward_reads(pass_name, node)
+        transient += [Holder(i, "recomputed", b) for i, b in zip(node.inputs, in_bytes)
+                      if reads.inputs and i in remat]
         for i, b in zip(node.inputs, in_bytes):
             if (what, i) not in live:
                 live[(what, i)] = b      # a sum into an existing array reuses it
         note(f"backward at {node.name}", transient)
-        total = sum(live.values()) + transient[0].nbytes
+        total = sum(live.values()) + sum(h.nbytes for h in transient)
         backward_best = max(backward_best, total)
         live.pop((what, node.name), None)
         values, locals_ = schedule.get(node.name, ((), ()))

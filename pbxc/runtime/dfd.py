@@ -252,7 +252,12 @@ def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
     import networkx as nx
 
     pairs = reveal_cancel_pairs(model) if rule == "revealcancel" else {}
-    schedule = release_schedule("dfd", model.nodes) if not pairs else {}  # type: ignore[attr-defined]
+    nodes = model.nodes  # type: ignore[attr-defined]
+    # release as the plan says only where the forward pass computed the multipliers (else the
+    # activations read z and f(z) at both points here)
+    planned = not pairs and all(n.name in at.local for n in nodes
+                                if n.kind is OpKind.ACTIVATION)
+    schedule = release_schedule("dfd", nodes) if planned else {}
     keep = frozenset({output, *graph.output_names})
     needed = nx.ancestors(graph.digraph, output) | {output}
     mult: dict[str, Array] = {output: seed[:, None]}

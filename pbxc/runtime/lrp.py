@@ -27,7 +27,7 @@ from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import kernel_attrs
-from pbxc.lower.memory import backward_needs, release_schedule
+from pbxc.lower.memory import backward_needs, recomputed, release_schedule
 from pbxc.ops import LRP_COMPOSITES, OpKind
 from pbxc.runtime.jacobian import dense_matrix, linearize, release
 from pbxc.runtime.lrp_rules import (
@@ -305,9 +305,17 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     nodes = list(model.nodes)
     needed, _ = backward_needs(PASS, nodes)
     keep = frozenset(model.output_names) | {start}
-    lin = linearize(model, prepared, derivatives=False, keep=needed | keep)
+    remat = recomputed(PASS, nodes) - keep   # f(z) again from z, instead of keeping both
+    lin = linearize(model, prepared, derivatives=False, keep=(needed - remat) | keep)
     schedule = release_schedule(PASS, nodes)
     values = lin.values
+
+    def value(name: str) -> Array:
+        if name in remat:
+            node = model.graph.node(name)
+            return model.activations(name, values[node.inputs[0]])
+        return values[name]
+
     logits = values[start]
     batch = logits.shape[0]
     targets = model.targets(logits, target)
@@ -316,7 +324,11 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     rows = np.arange(batch)
     seed[rows, targets] = flat[rows, targets]
     relevance: dict[str, Array] = {start: seed.reshape(logits.shape)}
-    rules = resolve_rules(model, values, composite, rule, overrides, composite_args)
+    first = _first_weighted(model)
+    data = {} if first is None else {   # the box bounds of epsilon-gamma-box read this input
+        i: value(i) for i in model.graph.node(first).inputs}
+    rules = resolve_rules(model, data, composite, rule, overrides, composite_args)
+    del data
     layers: dict[str, LayerLedger] = {}
     ties: dict[str, int] = {}
     # per-sample sums of relevance arrays handed on unchanged (routed ops), by destination
@@ -339,7 +351,8 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
         r_out = relevance.pop(node.name, None) if node.kind is not OpKind.INPUT else None
         if r_out is None:
             continue
-        xs = [values[i] for i in node.inputs]
+        xs = [value(i) for i in node.inputs] if node.kind in RULE_KINDS or \
+            node.kind is OpKind.MAXPOOL2D else [values[i] for i in node.inputs]
         zero = np.zeros(batch, dtype=r_out.dtype)
         bias, stab = zero, zero
         label = "route"
