@@ -107,14 +107,21 @@ def backward_needs(pass_name: str, nodes: Sequence[OpNode]) -> tuple[set[str], s
     return values, locals_
 
 
-def recomputed(pass_name: str, nodes: Sequence[OpNode]) -> frozenset[str]:
+# piecewise-linear built-ins: recomputing f(z) costs about one copy (tanh would cost more
+# than the memory it saves is worth on small models)
+CHEAP_BUILTINS = frozenset({"relu", "leaky_relu", "hardtanh"})
+
+
+def recomputed(pass_name: str, nodes: Sequence[OpNode],
+               user_activations: Iterable[str] = ()) -> frozenset[str]:
     """Activations whose output the backward walk recomputes from their kept input instead of
     keeping it: f(z) is one elementwise pass and bit for bit the forward value, and z stays
     alive until every reader of f(z) has run (z's earliest backward reader comes before the
-    activation in topological order). LRP only: there a, the next layer's input, is f(z)
-    with z the previous layer's own output."""
+    activation in topological order). LRP only, cheap built-ins only: there a, the next
+    layer's input, is f(z) with z the previous layer's own output."""
     if pass_name != "lrp":
         return frozenset()
+    user = set(user_activations)
     index = {n.name: k for k, n in enumerate(nodes)}
     needed, _ = backward_needs(pass_name, nodes)
     first_reader: dict[str, int] = {}
@@ -127,7 +134,8 @@ def recomputed(pass_name: str, nodes: Sequence[OpNode]) -> frozenset[str]:
             first_reader.setdefault(v, k)
     out: set[str] = set()
     for node in nodes:
-        if node.kind is not OpKind.ACTIVATION or node.name not in needed:
+        if node.kind is not OpKind.ACTIVATION or node.name not in needed or \
+                node.activation not in CHEAP_BUILTINS or node.activation in user:
             continue
         z = node.inputs[0]
         if z in needed and z not in out and first_reader.get(z, len(nodes)) < index[node.name]:
@@ -160,6 +168,25 @@ def release_schedule(pass_name: str, nodes: Sequence[OpNode]
     for v, n in last_local.items():
         out.setdefault(n, ([], []))[1].append(v)
     return {n: (tuple(vs), tuple(ls)) for n, (vs, ls) in out.items()}
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What a pass keeps after the forward pass, recomputes, and releases after each node."""
+
+    keep: frozenset[str]
+    recompute: frozenset[str]
+    schedule: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+def pass_plan(graph: ModelGraph, pass_name: str, nodes: Sequence[OpNode],
+              keep: Iterable[str]) -> PassPlan:
+    """The runtime's liveness plan: ``keep`` names what the caller reads after the pass."""
+    keep_set = frozenset(keep) | frozenset(graph.output_names)
+    needed, _ = backward_needs(pass_name, nodes)
+    remat = recomputed(pass_name, nodes, graph.user_activations) - keep_set
+    return PassPlan(frozenset((needed - remat) | keep_set), remat,
+                    release_schedule(pass_name, nodes))
 
 
 # ---------------------------------------------------------------- the memory limit
@@ -279,7 +306,7 @@ def predict(graph: ModelGraph, pass_name: str, batch: int, dtype: object = np.fl
     per_value = {n.name: _size(n.shape if n.kind is not OpKind.INPUT else graph.shape_of(n.name))
                  for n in nodes}
     keep_values, keep_locals = backward_needs(pass_name, nodes)
-    remat = recomputed(pass_name, nodes)
+    remat = recomputed(pass_name, nodes, graph.user_activations)
     keep_values = (keep_values - remat) | set(graph.output_names)
     uses = forward_uses(nodes)
     live: dict[tuple[str, str], int] = {}

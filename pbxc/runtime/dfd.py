@@ -28,7 +28,6 @@ from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import InputError
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, require_kernel
-from pbxc.lower.memory import backward_needs, release_schedule
 from pbxc.ops import WEIGHTED, OpKind
 from pbxc.runtime.jacobian import Linearization, OpMaps, linearize, release
 from pbxc.runtime.released import Released
@@ -227,12 +226,6 @@ def linearize_both(model: object, inputs: Mapping[str, Array], default: Mapping[
     return at, base
 
 
-def dfd_keep(model: object, output: str) -> frozenset[str]:
-    """The values the rescale DFD pass reads after its forward passes (the memory plan)."""
-    needed, _ = backward_needs("dfd", model.nodes)  # type: ignore[attr-defined]
-    return frozenset(needed | {output, *model.graph.output_names})  # type: ignore[attr-defined]
-
-
 def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array],
         output: str, seed: Array, rule: str = "rescale",
         points: tuple[Linearization, Linearization] | None = None
@@ -245,8 +238,9 @@ def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
     if rule not in NONLINEAR_RULES:
         raise InputError(f"DFD rule must be one of {NONLINEAR_RULES}, got {rule!r}")
     # multipliers need values at both points (and max-pool windows), never f'
+    plan = model.pass_plan("dfd", output)  # type: ignore[attr-defined]
     at, base = points or linearize_both(model, inputs, default,
-                                        dfd_keep(model, output) if rule == "rescale" else None)
+                                        plan.keep if rule == "rescale" else None)
     ctx = DfdContext(model, at, base)
     graph = model.graph  # type: ignore[attr-defined]
     import networkx as nx
@@ -257,7 +251,7 @@ def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
     # activations read z and f(z) at both points here)
     planned = not pairs and all(n.name in at.local for n in nodes
                                 if n.kind is OpKind.ACTIVATION)
-    schedule = release_schedule("dfd", nodes) if planned else {}
+    schedule = plan.schedule if planned else {}
     keep = frozenset({output, *graph.output_names})
     needed = nx.ancestors(graph.digraph, output) | {output}
     mult: dict[str, Array] = {output: seed[:, None]}

@@ -27,7 +27,6 @@ from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import kernel_attrs
-from pbxc.lower.memory import backward_needs, recomputed, release_schedule
 from pbxc.ops import LRP_COMPOSITES, OpKind
 from pbxc.runtime.jacobian import dense_matrix, linearize, release
 from pbxc.runtime.lrp_rules import (
@@ -303,11 +302,9 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     # the memory plan: values the rules read (a, z) and argmax; the rest is released in the
     # forward pass, and each kept value after the last rule that reads it
     nodes = list(model.nodes)
-    needed, _ = backward_needs(PASS, nodes)
-    keep = frozenset(model.output_names) | {start}
-    remat = recomputed(PASS, nodes) - keep   # f(z) again from z, instead of keeping both
-    lin = linearize(model, prepared, derivatives=False, keep=(needed - remat) | keep)
-    schedule = release_schedule(PASS, nodes)
+    plan = model.pass_plan(PASS, start)
+    keep, remat, schedule = frozenset(model.output_names) | {start}, plan.recompute, plan.schedule
+    lin = linearize(model, prepared, derivatives=False, keep=plan.keep)
     values = lin.values
 
     def value(name: str) -> Array:

@@ -12,12 +12,12 @@ import numpy as np
 from pbxc.codegen.numpy_printer import render_activation_functions
 from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.lower.memory import backward_needs, release_schedule
+from pbxc.lower.memory import PassPlan, pass_plan
 from pbxc.lower.plan import cheaper_dense, path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.allocator import tune_allocator
 from pbxc.runtime.codeload import load_generated_module
-from pbxc.runtime.dfd import DfdResult, dfd, dfd_keep, linearize_both, resolve_baseline
+from pbxc.runtime.dfd import DfdResult, dfd, linearize_both, resolve_baseline
 from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.lrp import LrpResult, file_rules, lrp
 from pbxc.runtime.lrp_rules import rule_from_spec
@@ -211,7 +211,17 @@ class Model:
         # pooling), by (node, dtype); weights never change after loading, so they stay valid
         self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
         self.plan_cache: dict[tuple[str, str, int, str], Any] = {}   # Jacobian plans
+        self.memory_plans: dict[tuple[str, ...], PassPlan] = {}      # liveness, per pass
         self.dense_ops = cheaper_dense(self.nodes, graph)   # applied as cached matrices
+
+    def pass_plan(self, pass_name: str, output: str, wrt: str | None = None) -> PassPlan:
+        """The liveness plan of a pass (``pbxc.lower.memory``), once per pass and values."""
+        key = (pass_name, output, wrt or "")
+        if key not in self.memory_plans:
+            nodes = path_nodes(self.graph, wrt, output) if wrt else self.nodes
+            keep = {output, wrt} if wrt else {output}
+            self.memory_plans[key] = pass_plan(self.graph, pass_name, nodes, keep)
+        return self.memory_plans[key]
 
     # ------------------------------------------------------------------ description
     @property
@@ -393,16 +403,15 @@ class Model:
         inputs = self.prepare_inputs(x)
         nodes = path_nodes(self.graph, wrt, output)
         # the memory plan: keep only what the VJPs read (masks, argmax, softmax outputs)
-        needed, _ = backward_needs("gradient", nodes)
-        lin = linearize(self, inputs, keep=needed | {output, wrt},
+        plan = self.pass_plan("gradient", output, wrt)
+        lin = linearize(self, inputs, keep=plan.keep,
                         local_of=lambda node, z, _: self.activations.slope(node.name, z))
         y = lin.values[output]
         c = self.targets(y, target)
         seed = np.zeros((y.shape[0], 1, y[0].size), dtype=y.dtype)
         seed[np.arange(y.shape[0]), 0, c] = 1
         seed = seed.reshape(y.shape[0], 1, *y.shape[1:])
-        grad = reverse_sweep(self, lin, wrt, output, nodes, seed,
-                             schedule=release_schedule("gradient", nodes))[:, 0]
+        grad = reverse_sweep(self, lin, wrt, output, nodes, seed, schedule=plan.schedule)[:, 0]
         return grad, inputs, wrt
 
     def dfd(self, x: np.ndarray | Mapping[str, np.ndarray], *, baseline: Any = "zeros",
@@ -419,8 +428,8 @@ class Model:
         output, _ = self._io(output, None)
         inputs = self.prepare_inputs(x)
         default = resolve_baseline(self, inputs, baseline, data)
-        at, base = linearize_both(self, inputs, default,
-                                  dfd_keep(self, output) if rule == "rescale" else None)
+        at, base = linearize_both(self, inputs, default, self.pass_plan("dfd", output).keep
+                                  if rule == "rescale" else None)
         y = at.values[output]
         c = self.targets(y, target)
         flat = y.reshape(y.shape[0], -1)

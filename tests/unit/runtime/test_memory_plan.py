@@ -129,7 +129,7 @@ def test_dfd_equals_the_keep_everything_path(tmp_path: Path) -> None:
 
 def test_lrp_recomputes_relu_outputs_bit_for_bit(tmp_path: Path) -> None:
     model = _residual(tmp_path)
-    remat = recomputed("lrp", model.nodes)
+    remat = recomputed("lrp", model.nodes, model.graph.user_activations)
     assert remat, "the ReLU outputs read by the next layer are recomputed"
     x = np.random.default_rng(5).normal(size=(4, 3, 12, 12))
     res = model.lrp(x)
