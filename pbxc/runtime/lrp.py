@@ -360,7 +360,8 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
                                                model.params[node.name],
                                                node_rule.groups_data(), node_rule.epsilon,
                                                node_rule.placement, values[node.name],
-                                               dense_for(node), **kernel_attrs(node))
+                                               dense_for(node), getattr(model, "fused", None),
+                                               **kernel_attrs(node))
         elif node.kind is OpKind.MAXPOOL2D:
             assert node.name in lin.local
             r0, ties[node.name] = K.lrp_maxpool(r_out, xs[0], lin.local[node.name],

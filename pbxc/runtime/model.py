@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from pbxc.codegen import fused_kernels
+from pbxc.codegen.fused_kernels import NumexprKernels
 from pbxc.codegen.numpy_printer import render_activation_functions
 from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
@@ -64,6 +66,7 @@ class ActivationTable:
     convention: str
     source: str
     binary_slopes: frozenset[ActivationKey] = frozenset()   # f' takes only 0 and 1
+    fused: NumexprKernels | None = None   # fused secant kernels (the ``fast`` extra)
 
     def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
         return self._apply(self.routines[self.keys[node_name]]["f"], z)
@@ -90,6 +93,12 @@ class ActivationTable:
                 out = fn(z0, z)
             return np.broadcast_to(np.asarray(out, dtype=z.dtype), shape)
         floor = np.finfo(z.dtype).tiny / np.finfo(z.dtype).eps
+        if self.fused is not None:   # the same tests in two fused passes (bit for bit)
+            with np.errstate(all="ignore"):
+                out, rest = self.fused.secant(z0, z, f0, f1)
+                if rest.any():
+                    out[rest] = fn(z0[rest], z[rest])
+            return out
         with np.errstate(all="ignore"):
             d, df = z - z0, f1 - f0
             out = np.asarray(df / d, dtype=z.dtype)   # the secant
@@ -161,7 +170,7 @@ def compile_activations(graph: ModelGraph, convention: str = DEFAULT_CONVENTION,
                        and key.name in BINARY_SLOPE_BUILTINS
                        and _slopes_binary(routines[key]["df"], kink_points[key]))
     return ActivationTable(keys, routines, dict(rendered.names), kink_points, convention,
-                           rendered.source, binary)
+                           rendered.source, binary, fused_kernels.available())
 
 
 # built-ins whose derivative is 0 or 1 away from their kinks
@@ -213,6 +222,8 @@ class Model:
         self.plan_cache: dict[tuple[str, str, int, str], Any] = {}   # Jacobian plans
         self.memory_plans: dict[tuple[str, ...], PassPlan] = {}      # liveness, per pass
         self.dense_ops = cheaper_dense(self.nodes, graph)   # applied as cached matrices
+        # numexpr's fused elementwise kernels for LRP and DFD, when installed (``fast``)
+        self.fused = fused_kernels.available()
 
     def pass_plan(self, pass_name: str, output: str, wrt: str | None = None) -> PassPlan:
         """The liveness plan of a pass (``pbxc.lower.memory``), once per pass and values."""
