@@ -249,6 +249,39 @@ def _batches(n: int, size: int, label: str) -> Any:
                 leave=False)
 
 
+MEMORY_PASS = {"gradient": "gradient", "input_x_gradient": "gradient", "lrp": "lrp",
+               "dfd": "dfd", "jacobian": "jacobian"}
+
+
+def _batch_size(args: argparse.Namespace, model: Any, n: int) -> int:
+    """``--batch-size``, or the largest batch whose predicted peak fits the memory limit."""
+    from pbxc.lower.memory import batch_for_limit, memory_limit
+
+    args.batch_size_given = args.batch_size is not None
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
+        return int(args.batch_size)
+    try:
+        limit = memory_limit(args.memory_limit)
+    except PbxError as exc:
+        raise UsageError(f"--memory-limit: {exc.message}") from None
+    return batch_for_limit(model.graph, MEMORY_PASS[args.method], limit, model.dtype, n)
+
+
+def _memory_text(args: argparse.Namespace, model: Any, batch: int) -> str:
+    from pbxc.lower.memory import jacobian_bytes, memory_limit, predict
+
+    source = "--batch-size" if args.batch_size_given else \
+        f"the memory limit, {memory_limit(args.memory_limit) / (1 << 20):,.0f} MiB"
+    head = f"batch size {batch} per step (from {source})"
+    if MEMORY_PASS[args.method] == "jacobian":
+        return (f"{head}\nmemory: jacobian, batch {batch}: at most "
+                f"{jacobian_bytes(model.graph, batch, model.dtype) / (1 << 20):,.1f} MiB")
+    return head + "\n" + predict(model.graph, MEMORY_PASS[args.method], batch,
+                                  model.dtype).explain()
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
 
@@ -279,6 +312,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     n = len(x) if x.ndim > len(model.input_shapes[model.input_names[0]]) else 1
     plan_text = None
+    args.batch_size = _batch_size(args, model, n)
     for start in _batches(n, args.batch_size, f"{args.method}"):
         xb = x[start:start + args.batch_size]
         outputs = model.outputs(xb)[output]
@@ -312,8 +346,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.method in ("jacobian", "gradient", "input_x_gradient"):
             add("kinks", np.array([sum(model.kinks_hit(xb).values())]))
     arrays = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in parts.items()}
-    if args.explain_plan and plan_text:
-        print(plan_text)
+    if args.explain_plan:
+        if plan_text:
+            print(plan_text)
+        print(_memory_text(args, model, min(n, args.batch_size)))
     if args.out:
         save_npz(Path(args.out), arrays)
         print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in arrays.items())} "
@@ -353,6 +389,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 plan = plan_jacobian(model.graph, wrt, out, args.batch)
                 print(f"d {out} / d {wrt}:")
                 print(plan.explain())
+        from pbxc.lower.memory import PASSES, predict
+
+        for pass_name in PASSES:
+            print(predict(model.graph, pass_name, args.batch, model.dtype).explain())
     if args.output:
         files = compile_model(model, args.output, target=args.target)
         print(f"wrote {', '.join(str(f) for f in files)}")
@@ -407,7 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-plan", action="store_true", help="print the jacobian plan")
     p.add_argument("--kinks", default="owner", choices=["owner", "left", "right", "mean"],
                    help="f' where a preactivation sits exactly on a kink (default: owner)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per step")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per step (default: the most whose predicted peak memory fits "
+                        "--memory-limit)")
+    p.add_argument("--memory-limit", metavar="SIZE",
+                   help="memory a step may take, e.g. 512M or 4G (default: $PBXC_MEMORY_LIMIT, "
+                        "else 2G); --explain-plan shows the predicted peak")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--png", metavar="DIR", help="draw one PNG per sample into DIR")
     p.add_argument("--png-max", type=int, default=16, help="at most this many PNGs (16)")

@@ -399,17 +399,35 @@ def _backward_workspace(pass_name: str, node: OpNode, graph: ModelGraph, batch: 
     return ws
 
 
+def jacobian_bytes(graph: ModelGraph, batch: int, dtype: object) -> int:
+    """A bound for the Jacobian pass: the result, a tangent block of the widest node for
+    every input direction, and the forward values with their f'(z)."""
+    itemsize = np.dtype(dtype).itemsize  # type: ignore[call-overload]
+    n_in = sum(_size(i.shape) for i in graph.inputs)
+    n_out = sum(_size(graph.shape_of(o)) for o in graph.output_names)
+    nodes = list(graph.topological())
+    widest = max((_size(n.shape) for n in nodes if n.kind is not OpKind.INPUT), default=1)
+    values = sum(2 * _size(n.shape or graph.shape_of(n.name)) for n in nodes)
+    return batch * itemsize * (n_in * n_out + 2 * min(n_in, n_out) * widest + values)
+
+
+def peak_bytes(graph: ModelGraph, pass_name: str, batch: int, dtype: object) -> int:
+    """The predicted peak of ``pass_name`` (a memory-planned pass or "jacobian")."""
+    if pass_name == "jacobian":
+        return jacobian_bytes(graph, batch, dtype)
+    return predict(graph, pass_name, batch, dtype).peak
+
+
 def batch_for_limit(graph: ModelGraph, pass_name: str, limit: int, dtype: object,
-                    most: int, nodes: Iterable[OpNode] | None = None) -> int:
+                    most: int) -> int:
     """The largest batch (1 to ``most``) whose predicted peak fits ``limit`` bytes; 1 when
     even one sample does not fit (the pass then runs one sample at a time)."""
-    node_list = list(nodes) if nodes is not None else None
     lo, hi = 1, max(1, most)
-    if predict(graph, pass_name, hi, dtype, node_list).peak <= limit:
+    if peak_bytes(graph, pass_name, hi, dtype) <= limit:
         return hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if predict(graph, pass_name, mid, dtype, node_list).peak <= limit:
+        if peak_bytes(graph, pass_name, mid, dtype) <= limit:
             lo = mid
         else:
             hi = mid

@@ -187,3 +187,23 @@ def test_memory_sizes_parse() -> None:
     for bad in ("", "-1G", "lots", "3 parsecs", "0"):
         with pytest.raises(InputError):
             parse_bytes(bad)
+
+
+def test_the_cli_chooses_the_batch_from_the_memory_limit(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from pbxc.cli import main
+
+    model = _residual(tmp_path)
+    x = np.random.default_rng(6).normal(size=(9, 3, 12, 12))
+    np.save(tmp_path / "x.npy", x)
+    limit = predict(model.graph, "lrp", 4, np.float64).peak
+    code = main(["explain", str(tmp_path / "residual.pbx"), "-m", "lrp", "-i",
+                 str(tmp_path / "x.npy"), "--memory-limit", str(limit), "--explain-plan",
+                 "-o", str(tmp_path / "r.npz")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "batch size 4 per step (from the memory limit" in out and "predicted peak" in out
+    saved = np.load(tmp_path / "r.npz")
+    np.testing.assert_allclose(saved["attributions"], model.lrp(x).relevance["img"],
+                               rtol=1e-12, atol=1e-15)
+    assert main(["explain", str(tmp_path / "residual.pbx"), "-m", "lrp", "-i",
+                 str(tmp_path / "x.npy"), "--memory-limit", "lots"]) == 2
