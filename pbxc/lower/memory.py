@@ -233,14 +233,38 @@ def _local_bytes(pass_name: str, node: OpNode, elements: int, itemsize: int) -> 
     return 0
 
 
+WORKSPACE_ENV = "PBXC_WORKSPACE_MB"   # the convolution kernels' tile limit (256 MB default)
+
+
+def conv_workspace_limit() -> int:
+    """The byte limit of one convolution tile's temporaries, as the conv kernels read it
+    from ``$PBXC_WORKSPACE_MB`` (a limit set in-process with ``set_conv_workspace`` is not
+    seen here: the prediction then errs on the side of the default)."""
+    try:
+        mb = float(os.environ.get(WORKSPACE_ENV, "") or 256)
+    except ValueError:
+        mb = 256.0
+    return max(1, int((mb if mb > 0 else 256.0) * (1 << 20)))
+
+
+def _conv_columns(node: OpNode, graph: ModelGraph, rows: int, itemsize: int) -> int:
+    """Transient bytes of a convolution's columns, forward (im2col then GEMM) or transposed
+    (GEMM then col2im): (in channels x kernel) x output pixels per sample, tiled to at most
+    the workspace limit; 0 for other ops."""
+    key = node.param_key("weight") if node.kind.value.startswith("conv") else None
+    if not key or key not in graph.param_shapes or node.kind is OpKind.ACTIVATION:
+        return 0
+    weight = graph.param_shapes[key]
+    in_shape = graph.shape_of(node.inputs[0])
+    out_shape = node.shape or ()
+    pixels = max(_size(out_shape[1:]), _size(tuple(in_shape[1:])))
+    full = rows * int(in_shape[0]) * _size(weight[2:]) * pixels * itemsize
+    return min(full, 2 * conv_workspace_limit())   # columns and the GEMM result of a tile
+
+
 def _workspace(node: OpNode, graph: ModelGraph, rows: int, itemsize: int) -> int:
-    """Transient bytes of one forward kernel call beyond its result: a convolution's im2col
-    columns, (in channels x kernel) x output pixels per sample."""
-    if node.kind in (OpKind.CONV1D, OpKind.CONV2D):
-        weight = graph.param_shapes[node.param_key("weight") or ""]
-        channels = int(graph.shape_of(node.inputs[0])[0])
-        return rows * channels * _size(weight[2:]) * _size((node.shape or ())[1:]) * itemsize
-    return 0
+    """Transient bytes of one forward kernel call beyond its result."""
+    return _conv_columns(node, graph, rows, itemsize)
 
 
 @dataclass
@@ -329,7 +353,7 @@ def predict(graph: ModelGraph, pass_name: str, batch: int, dtype: object = np.fl
         ws = _workspace(node, graph, rows, itemsize)
         if node.kind is OpKind.ACTIVATION and pass_name != "lrp":
             # f'(z) and the mask tests (gradient); the secant's differences and bounds (DFD)
-            ws = (6 if pass_name == "dfd" else 2) * batch * per_value[node.name] * itemsize
+            ws = (16 if pass_name == "dfd" else 2) * batch * per_value[node.name] * itemsize
         live[("value", node.name)] = out_bytes
         note(f"forward at {node.name}", [Holder(node.name, "workspace", ws)] if ws else [])
         local_elems = batch * per_value[node.name]
@@ -386,14 +410,7 @@ def _backward_workspace(pass_name: str, node: OpNode, graph: ModelGraph, batch: 
                         itemsize: int, out_bytes: int, in_bytes: int) -> int:
     """Transient bytes of one backward step: the transposed kernel's columns, and for LRP the
     stabilised z, s and the term a * c."""
-    ws = 0
-    if node.kind in (OpKind.CONV1D, OpKind.CONV2D):
-        weight = graph.param_shapes[node.param_key("weight") or ""]
-        # the transposed product's columns: (out channels / groups) x kernel x input pixels
-        in_shape = graph.shape_of(node.inputs[0])
-        groups = max(1, int(in_shape[0]) // max(1, int(weight[1])))
-        ws = batch * (int(weight[0]) // groups) * _size(weight[2:]) * groups * \
-            _size(in_shape[1:]) * itemsize
+    ws = _conv_columns(node, graph, batch, itemsize)
     if pass_name == "lrp" and node.kind in LRP_RULE_KINDS:
         ws += 2 * out_bytes + in_bytes
     return ws
