@@ -277,7 +277,7 @@ def _parse_baseline(text: str, model: Any, n: int) -> Any:
 
 def _check_explain_arguments(args: argparse.Namespace, model: Any) -> None:
     """Every value explain is given, before anything runs (exit 1 with an error line)."""
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be a positive number of samples, got "
                          f"{args.batch_size}")
     if args.png_max < 0:
@@ -294,6 +294,43 @@ def _batches(n: int, size: int, label: str) -> Any:
     # quiet when stderr is not a terminal (pipes, CI, files)
     return tqdm(starts, desc=label, unit="batch", disable=None if n > size else True,
                 leave=False)
+
+
+MEMORY_PASS = {"gradient": "gradient", "input_x_gradient": "gradient", "lrp": "lrp",
+               "dfd": "dfd", "jacobian": "jacobian"}
+
+
+#: samples per step of the Hessian methods when --batch-size is not given
+SECOND_ORDER_BATCH = 64
+
+
+def _batch_size(args: argparse.Namespace, model: Any, n: int) -> int:
+    """``--batch-size``, or the largest batch whose predicted peak fits the memory limit."""
+    from pbxc.lower.memory import batch_for_limit, memory_limit
+
+    args.batch_size_given = args.batch_size is not None
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
+        return int(args.batch_size)
+    try:
+        limit = memory_limit(args.memory_limit)
+    except PbxError as exc:
+        raise UsageError(f"--memory-limit: {exc.message}") from None
+    return batch_for_limit(model.graph, MEMORY_PASS[args.method], limit, model.dtype, n)
+
+
+def _memory_text(args: argparse.Namespace, model: Any, batch: int) -> str:
+    from pbxc.lower.memory import jacobian_bytes, memory_limit, predict
+
+    source = "--batch-size" if args.batch_size_given else \
+        f"the memory limit, {memory_limit(args.memory_limit) / (1 << 20):,.0f} MiB"
+    head = f"batch size {batch} per step (from {source})"
+    if MEMORY_PASS[args.method] == "jacobian":
+        return (f"{head}\nmemory: jacobian, batch {batch}: at most "
+                f"{jacobian_bytes(model.graph, batch, model.dtype) / (1 << 20):,.1f} MiB")
+    return head + "\n" + predict(model.graph, MEMORY_PASS[args.method], batch,
+                                  model.dtype).explain()
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -315,9 +352,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError("--dfd-rule applies to --method dfd")
     if args.method != "lrp" and (args.rule or args.composite):
         raise UsageError("--rule and --composite apply to --method lrp")
-    if args.method not in ("jacobian", "hessian", "interactions") and args.explain_plan:
-        raise UsageError("--explain-plan applies to --method jacobian, hessian and interactions "
-                         "(the other methods run one reverse pass and have no plan)")
     if args.method not in ("hessian", "interactions") and (args.on != "logits"
                                                           or args.step != "0.1"):
         raise UsageError("--on and --step apply to --method hessian and interactions")
@@ -331,6 +365,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     model.prepare_inputs(x)  # shape, dtype, finiteness and an empty batch: before any chunk
     if args.method in ("hessian", "interactions"):
         from pbxc.cli_hessian import explain_second_order
+
+        # (B, *in, *in) per output row: a fixed default batch, not the first-order memory plan
+        args.batch_size = args.batch_size or SECOND_ORDER_BATCH
 
         return explain_second_order(model, x.reshape(-1, *model.input_shapes[
             model.input_names[0]]), args, target, args.output_name or model.output_names[0])
@@ -351,6 +388,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     n = len(x) if x.ndim > len(model.input_shapes[model.input_names[0]]) else 1
     plans: dict[str, list[int]] = {}   # each distinct plan, with the chunks that ran it
     kinks_hit = 0
+    args.batch_size = _batch_size(args, model, n)
     for start in _batches(n, args.batch_size, f"{args.method}"):
         xb = x[start:start + args.batch_size]
         outputs = model.outputs(xb)[output]
@@ -392,6 +430,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             if len(plans) > 1:
                 print(f"samples {', '.join(f'{s}-{min(s + args.batch_size, n) - 1}' for s in starts)}:")
             print(text)
+        print(_memory_text(args, model, min(n, args.batch_size)))
     if args.out:
         save_npz(Path(args.out), arrays, args.force)
         print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in arrays.items())} "
@@ -438,6 +477,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 print(f"d {out} / d {wrt} (the compiled module accumulates in reverse; "
                       "pbxc explain --mode picks per call):")
                 print(plan.explain())
+        from pbxc.lower.memory import PASSES, predict
+
+        for pass_name in PASSES:
+            print(predict(model.graph, pass_name, args.batch, model.dtype).explain())
     if args.output:
         files = compile_model(model, args.output, target=args.target, force=args.force)
         print(f"wrote {', '.join(str(f) for f in files)}")
@@ -495,7 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-plan", action="store_true", help="print the jacobian plan")
     p.add_argument("--kinks", default="owner", choices=["owner", "left", "right", "mean"],
                    help="f' where a preactivation sits exactly on a kink (default: owner)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per step")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per step (default: the most whose predicted peak memory fits "
+                        "--memory-limit)")
+    p.add_argument("--memory-limit", metavar="SIZE",
+                   help="memory a step may take, e.g. 512M or 4G (default: $PBXC_MEMORY_LIMIT, "
+                        "else 2G); --explain-plan shows the predicted peak")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--png", metavar="DIR", help="draw one PNG per sample into DIR")
     p.add_argument("--png-max", type=int, default=16, help="at most this many PNGs (16)")

@@ -529,14 +529,15 @@ UNMODIFIED = ((1.0, ("same", None), ("same", None), ("same", None)),)
 
 
 def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=None,
-                  dense=None, **attrs):
+                  dense=None, fused=None, **attrs):
     """Relevance at the op's output -> (relevance per input, absorbed by bias, by stabiliser).
 
     ``z_out``, the op's forward output, stands in for z where a group leaves inputs, weights
     and bias unmodified (LRP-0, epsilon): that z *is* the forward pass, so the step costs one
     transposed product instead of two. ``dense``, the op's (out, in) matrix when it is
     cheaper than its kernel (a small convolution), takes the transposed products with the
-    unmodified weights."""
+    unmodified weights. ``fused``: the runtime's fused elementwise kernels
+    (``pbxc.codegen.fused_kernels``, bit for bit these lines), or None."""
     table = globals()
     w, b = table[f"{op}_lrp_params"](p, xs, **attrs)
     forward, transpose = table[f"{op}_lrp_forward"], table[f"{op}_lrp_transpose"]
@@ -565,8 +566,12 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
             z = z + sign * zt
             passes.append((sign, ins, wt))
         z = np.broadcast_to(z, relevance.shape)
-        zs = lrp_stabilise(z, epsilon, placement)
-        s = lrp_divide(relevance, zs, epsilon, placement)
+        fuse = fused is not None and placement != "slides" and z.dtype.type(epsilon) > 0
+        if fuse:   # stabilise and divide in one pass
+            s = fused.quotient(relevance, z, epsilon)
+        else:
+            zs = lrp_stabilise(z, epsilon, placement)
+            s = lrp_divide(relevance, zs, epsilon, placement)
         for sign, ins, wt in passes:
             if dense is not None and wt is w:   # c = W^T s depends on the weights alone
                 cs = [(s.reshape(len(s), -1) @ dense).reshape(xs[0].shape)]
@@ -582,7 +587,8 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
             if dead.any():
                 stab_abs += coef * _per_sample_sum(relevance * dead)
         else:   # per element: sum(R) - sum(s z) would cancel badly in float32
-            stab_abs += coef * _per_sample_sum(relevance - s * z)
+            share = fused.residual(relevance, s, z) if fuse else relevance - s * z
+            stab_abs += coef * _per_sample_sum(share)
     r_in = [np.zeros_like(x) if r is None else r for r, x in zip(r_in, xs)]
     return r_in, bias_abs, stab_abs
 
