@@ -488,6 +488,10 @@ class Converter:
         if node.op_type in ("Shape", "Size"):
             src = self.alias_out.get(ins[0], ins[0]) if ins else ""
             return src in self.values or src in self.consts
+        if node.op_type == "CastLike" and len(ins) == 2:   # reads only the dtype of its second
+            src = self.alias_out.get(ins[1], ins[1])
+            return (ins[0] in self.consts or ins[0] in self.batch_consts) and \
+                (src in self.values or src in self.consts)
         return all(i in self.consts or i in self.batch_consts for i in ins)
 
     def fold(self, node: Any) -> None:
@@ -516,9 +520,9 @@ class Converter:
                     feeds[i] = self.batch_consts[i][min(k, 1)]
                 elif i in self.consts:
                     feeds[i] = self.consts[i]
-                else:  # the value a Shape reads: no data is needed, only its shape
+                else:  # the value a Shape (or CastLike) reads: only its shape and dtype
                     v = self.values[self.alias_out.get(i, i)]
-                    feeds[i] = np.broadcast_to(np.zeros((), np.float32), (b, *v.onnx_shape))
+                    feeds[i] = np.broadcast_to(np.zeros((), self.dtype), (b, *v.onnx_shape))
             inputs = [helper.make_tensor_value_info(
                 k2, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
                 for k2, a in feeds.items()]
