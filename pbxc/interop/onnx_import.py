@@ -690,6 +690,20 @@ class Converter:
                 m = self.match_gelu_tanh(n)
                 if m is not None:
                     take(m[1], "gelu", (m[0], "gelu_tanh"), m[2])
+            if n.op_type == "Softplus":   # softplus(beta x) / beta: nn.Softplus(beta)
+                mul = self.producer_of(n.input[0], "Mul")
+                div = self.only_consumer(n.output[0])
+                if mul is not None and self.only_consumer(n.input[0]) is not None and \
+                        div is not None and div.op_type == "Div" and \
+                        div.input[0] == n.output[0]:
+                    c = next((i for i in mul.input if self.is_const(i)), None)
+                    x = self.other_input(mul, c) if c is not None else None
+                    if c is not None and x is not None and not self.is_const(x) and \
+                            self.consts[c].size == 1 and \
+                            self.const_near(div.input[1], float(self.consts[c].reshape(())),
+                                            0.0):
+                        take(div, "softplus_beta", (x, float(self.consts[c].reshape(()))),
+                             [mul, n, div])
             if n.op_type == "Where":
                 m2 = self.match_softplus_threshold(n)
                 if m2 is not None:
@@ -1677,6 +1691,10 @@ class Converter:
     def pattern_gelu(self, node: Any, data: tuple[str, str]) -> None:
         x = self.value(node, data[0])
         self.define(node, f"{data[1]}({x.name})", x.shape)
+
+    def pattern_softplus_beta(self, node: Any, data: tuple[str, float]) -> None:
+        x = self.value(node, data[0])
+        self.define(node, f"softplus({x.name}, beta={_fmt(data[1])})", x.shape)
 
     def pattern_softplus_threshold(self, node: Any, data: tuple[str, float, float]) -> None:
         z, beta, threshold = data
