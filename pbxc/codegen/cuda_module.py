@@ -47,6 +47,10 @@ SUPPORTED = frozenset({
     OpKind.GLOBAL_AVGPOOL, OpKind.BATCHNORM, OpKind.NORMALIZE, OpKind.ADD, OpKind.FLATTEN,
     OpKind.RESHAPE, OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX,
 })
+#: why an op the NumPy backend runs has no CUDA kernels yet
+_CUDA_HINTS = {k: " (conv3d and the transposed convolutions run on the numpy backend only)"
+               for k in (OpKind.CONV3D, OpKind.CONV_TRANSPOSE1D, OpKind.CONV_TRANSPOSE2D,
+                         OpKind.CONV_TRANSPOSE3D)}
 #: ops whose epilogue kernel may also compute the activation that alone consumes them
 FUSABLE = frozenset({OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D, OpKind.BATCHNORM,
                      OpKind.NORMALIZE, OpKind.ADD})
@@ -66,7 +70,12 @@ def unsupported(graph: ModelGraph) -> str | None:
         if node.kind is OpKind.INPUT:
             continue
         if node.kind not in SUPPORTED:
-            return f"the cuda target has no kernels for op '{node.kind.value}'"
+            return (f"the cuda target has no kernels for op '{node.kind.value}'"
+                    + _CUDA_HINTS.get(node.kind, ""))
+        if node.kind in (OpKind.CONV1D, OpKind.CONV2D) and any(
+                b != e for b, e in kernel_attrs(node)["padding"]):
+            return (f"the cuda target takes symmetric convolution padding only; "
+                    f"'{node.name}' pads {kernel_attrs(node)['padding']} (begin, end) per axis")
         if node.kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
             rank = len(node.shape or ())
             if int(kernel_attrs(node)["axis"]) != rank - 1:
@@ -116,6 +125,12 @@ class Geometry2d:
 def _geometry(node: OpNode, in_shape: tuple[int, ...], weight: tuple[int, ...] | None
               ) -> Geometry2d:
     attrs = kernel_attrs(node)
+    if node.kind in (OpKind.CONV1D, OpKind.CONV2D):
+        if any(b != e for b, e in attrs["padding"]):
+            raise UnsupportedOp(f"the cuda target takes symmetric convolution padding only; "
+                                f"'{node.name}' pads {attrs['padding']} (begin, end) per axis "
+                                "(use the numpy backend)", node.pos)
+        attrs["padding"] = tuple(b for b, _ in attrs["padding"])
     if node.kind is OpKind.CONV1D:
         assert weight is not None
         c, length = in_shape
@@ -168,7 +183,8 @@ class CudaModuleRenderer:
         self.index = {n.name: k for k, n in enumerate(self.nodes)}
         for node in self.nodes:
             if node.kind not in SUPPORTED:
-                raise UnsupportedOp(f"the cuda target has no kernels for op '{node.kind.value}'",
+                raise UnsupportedOp(f"the cuda target has no kernels for op '{node.kind.value}'"
+                                    + _CUDA_HINTS.get(node.kind, ""),
                                     node.pos)
         outputs = set(graph.output_names)
         # producer -> the activation fused into its epilogue

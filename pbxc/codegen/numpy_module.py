@@ -8,6 +8,7 @@ node, each call preceded by the .pbx line it comes from. It imports only numpy.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -17,12 +18,28 @@ from typing import Any
 import networkx as nx
 
 from pbxc.codegen import numpy_kernels
+from pbxc.codegen.kernels import FAMILIES
+from pbxc.codegen.kernels import conv as conv_kernels
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, kernel_name
-from pbxc.ops import OpKind
+from pbxc.lower.calls import dfd_by_vjp, kernel_attrs, kernel_base, kernel_name
+from pbxc.ops import MAXPOOL, SHAPE_ONLY, OpKind
 
 #: the kernels' import of the numeric prelude, which the generated module holds verbatim
 PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
+#: the kernels' imports of the op families, whose sources surround the kernels' verbatim
+FAMILY_IMPORT = re.compile(r"^from pbxc\.codegen\.kernels\.\w+ import .*\n", re.M)
+
+
+def kernel_source() -> str:
+    """numpy_kernels' source and every family's listed in pbxc.codegen.kernels.FAMILIES, as one
+    module text (the convolution family, which numpy_kernels uses at import, precedes it in
+    the generated module)."""
+    parts = [FAMILY_IMPORT.sub("", PRELUDE_IMPORT.sub("", inspect.getsource(numpy_kernels)))]
+    for family in FAMILIES:
+        module = importlib.import_module(f"pbxc.codegen.kernels.{family}")
+        body = inspect.getsource(module).replace("import numpy as np\n", "", 1)
+        parts.append(f"# ---- op family (pbxc.codegen.kernels.{family}) ----\n{body}")
+    return "\n".join(parts)
 
 
 def var(name: str, prefix: str = "v") -> str:
@@ -185,7 +202,7 @@ class NumpyModuleRenderer:
         xs = "[" + ", ".join(env(i, "v") for i in node.inputs) + "]"
         g = var(node.name, "g")
         local = env(node.name, "l") if self.has_local(node) else "None"
-        if pass_suffix == "dfd" and node.kind not in DFD_BY_VJP:
+        if pass_suffix == "dfd" and not dfd_by_vjp(node):
             xs0 = "[" + ", ".join(env(i, "b") for i in node.inputs) + "]"
             if node.kind is OpKind.ACTIVATION:
                 fn = self.act[node.name]   # seed 004 eq. 16-17, cancellation-free
@@ -229,19 +246,25 @@ class NumpyModuleRenderer:
             xs = "[" + ", ".join(f"E[{var(i, 'v')!r}]" for i in node.inputs) + "]"
             attrs = kernel_attrs(node)
             if node.name in rule_nodes:
-                out.append(f"    _r, _b, _s = lrp_rule_step({node.kind.value!r}, {r}, {xs}, "
+                out.append(f"    _r, _b, _s = lrp_rule_step({kernel_base(node)!r}, {r}, {xs}, "
                            f"P[{node.name!r}], *rules[{node.name!r}], "
                            f"z_out=E[{var(node.name, 'v')!r}]{_attrs(node)})")
                 out.append("    bias, stabiliser = bias + _b, stabiliser + _s")
-            elif node.kind is OpKind.MAXPOOL2D:
+            elif node.kind in MAXPOOL and kernel_base(node) == "maxpool":
+                out.append(f"    _r0, _ = maxpool_relevance({r}, E[{var(node.inputs[0], 'v')!r}], "
+                           f"E[{var(node.name, 'l')!r}]{_attrs(node)})")
+                out.append("    _r = [_r0]")
+            elif node.kind is OpKind.MUL:   # a product of two values (rules above take the rest)
+                out.append(f"    _r = product_relevance({r}, {xs}{_attrs(node)})")
+            elif node.kind in MAXPOOL:
                 geometry = ", ".join(f"{k}={attrs[k]!r}" for k in ("kernel", "stride",
                                                                     "padding"))
                 out.append(f"    _r0, _ = lrp_maxpool({r}, E[{var(node.inputs[0], 'v')!r}], "
                            f"E[{var(node.name, 'l')!r}], {geometry})")
                 out.append("    _r = [_r0]")
-            elif node.kind in (OpKind.FLATTEN, OpKind.RESHAPE):
+            elif node.kind in SHAPE_ONLY:
                 out.append(f"    _r = [{r}.reshape(E[{var(node.inputs[0], 'v')!r}].shape)]")
-            elif node.kind is OpKind.ACTIVATION:
+            elif node.kind in (OpKind.ACTIVATION, OpKind.PRELU):
                 out.append(f"    _r = [{r}]")
             elif node.kind is OpKind.CONCAT:
                 out.append(f"    _r = concat_vjp({r}[:, None], {xs}, None, None, None"
@@ -270,8 +293,10 @@ class NumpyModuleRenderer:
         params = {n.name: {role: key for role, key, _ in n.params} for n in self.nodes}
         parts = [
             header,
+            "# ---- convolution kernels (pbxc.codegen.kernels.conv) ----",
+            inspect.getsource(conv_kernels),
             "# ---- op kernels (pbxc.codegen.numpy_kernels) ----",
-            PRELUDE_IMPORT.sub("", inspect.getsource(numpy_kernels)),
+            kernel_source(),
             "# ---- activations, printed from sympy ----",
             self.activation_source.replace("import numpy as np\n", ""),
             "# ---- the model ----",
