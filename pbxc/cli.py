@@ -480,7 +480,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from pbxc.lower.memory import PASSES, predict
 
         for pass_name in PASSES:
-            print(predict(model.graph, pass_name, args.batch, model.dtype).explain())
+            print(predict(model.graph, pass_name, args.batch or 256, model.dtype).explain())
     if args.output:
         files = compile_model(model, args.output, target=args.target, force=args.force)
         print(f"wrote {', '.join(str(f) for f in files)}")
