@@ -346,3 +346,24 @@ def test_fast_2d_pools_keep_their_kernels() -> None:
     names = {n.name: kernel_name(n, "forward") for n in model.nodes if n.name != "x"}
     assert names["a"] == "maxpool2d_forward" and names["b"] == "avgpool2d_forward"
     assert names["c"] == "maxpool_forward"
+
+
+def test_flatten_from_an_axis_and_global_pooling_of_any_rank() -> None:
+    model = pbxc.loads("model f\ninput x: float64[2, 3, 4]\na = flatten(x, start=1)\n"
+                       "b = global_avgpool(x)\nc = global_avgpool(reshape(x, [2, 3, 2, 2]))\n"
+                       "d = global_avgpool(reshape(x, [2, 12]))\noutput y = add(b, c, d)")
+    x = RNG.normal(size=(2, 2, 3, 4))
+    values = model.evaluate({"x": x})
+    assert values["a"].shape == (2, 2, 12)
+    for name in "bcd":
+        np.testing.assert_allclose(values[name], x.reshape(2, 2, -1).mean(axis=2), rtol=1e-15)
+
+
+def test_cuda_target_refuses_what_it_has_no_kernels_for() -> None:
+    from pbxc.codegen.cuda_module import unsupported
+    for body in ("maxpool3d(reshape(x, [2, 2, 2, 4]), 2)", "maxpool2d(reshape(x, [2, 4, 4]), 3, ceil_mode=true)",
+                 "upsample(reshape(x, [2, 4, 4]), scale=2)", "mul(x, 2)", "add(x, 1)",
+                 "sub(x, 1)"):
+        model = pbxc.loads(f"model c\ninput x: float64[2, 16]\noutput y = {body}")
+        reason = unsupported(model.graph)
+        assert reason is not None and "cuda target" in reason, body
