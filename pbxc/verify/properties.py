@@ -20,7 +20,7 @@ import numpy as np
 
 from pbxc.errors import InputError, PbxError, SourcePos
 from pbxc.graph.ir import OpNode
-from pbxc.ops import OpKind
+from pbxc.ops import MAXPOOL, OpKind
 from pbxc.runtime.dfd import DfdContext, dfd, dfd_step, resolve_baseline
 from pbxc.runtime.jacobian import linearize
 from pbxc.symbolic.accuracy import reference_values, relative_errors
@@ -367,8 +367,10 @@ def _kink_sides(ctx: Context, values: Mapping[str, Array], local: Mapping[str, A
                 z = values[node.inputs[0]]
                 sides[node.name] = np.asarray(np.sum([(z > p) for p in points], axis=0,
                                                      dtype=np.int8))
-        elif node.kind is OpKind.MAXPOOL2D and node.name in local:
+        elif node.kind in MAXPOOL and node.name in local:
             sides[node.name] = np.asarray(local[node.name])
+        elif node.kind is OpKind.PRELU:   # one kink, at 0
+            sides[node.name] = np.asarray(values[node.inputs[0]] > 0, dtype=np.int8)
     return sides
 
 

@@ -367,3 +367,15 @@ def test_cuda_target_refuses_what_it_has_no_kernels_for() -> None:
         model = pbxc.loads(f"model c\ninput x: float64[2, 16]\noutput y = {body}")
         reason = unsupported(model.graph)
         assert reason is not None and "cuda target" in reason, body
+
+
+def test_prelu_kinks_are_reported(tmp_path: Path) -> None:
+    np.savez(tmp_path / "w.npz", **{"p.weight": np.array([0.25, -0.5])})
+    (tmp_path / "m.pbx").write_text('model k\nweights "w.npz"\ninput x: float64[2, 2]\n'
+                                    "output y = flatten(prelu(x, @p))\n")
+    model = pbxc.load(tmp_path / "m.pbx")
+    x = np.array([[[0.0, 1.0], [0.0, -2.0]]])
+    res = model.jacobian(x)
+    assert res.kinks == {"y/prelu": 2}
+    np.testing.assert_array_equal(np.diag(res.jacobian[0].reshape(4, 4)),
+                                  [0.25, 1.0, -0.5, -0.5])   # the slope at 0, as PyTorch
