@@ -379,3 +379,64 @@ def test_prelu_kinks_are_reported(tmp_path: Path) -> None:
     assert res.kinks == {"y/prelu": 2}
     np.testing.assert_array_equal(np.diag(res.jacobian[0].reshape(4, 4)),
                                   [0.25, 1.0, -0.5, -0.5])   # the slope at 0, as PyTorch
+
+
+def test_lrp_matches_zennit_on_round2_pooling_and_upsampling(tmp_path: Path) -> None:
+    """Epsilon on conv/linear, Norm on every average pooling (ceil_mode, count_include_pad
+    false, adaptive) and on the upsampling (Zennit's Norm hooked on nn.Upsample: a linear
+    layer with unit-free weights), winner-take-all max pooling (ceil_mode), 1-d and 2-d."""
+    try:
+        from zennit import composites, rules, types
+        from zennit.attribution import Gradient
+    except Exception as exc:   # zennit imports torchvision
+        pytest.skip(f"zennit does not import: {exc}")
+    nn = torch.nn
+    torch.manual_seed(0)
+    net2d = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+        nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False, padding=1),
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.AdaptiveAvgPool2d((3, 2)), nn.Flatten(), nn.Linear(18, 4)).double().eval()
+    net1d = nn.Sequential(
+        nn.Conv1d(1, 2, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True),
+        nn.AvgPool1d(3, 2, padding=1), nn.Upsample(size=9, mode="nearest"),
+        nn.Flatten(), nn.Linear(18, 3)).double().eval()
+    cases = [
+        (net2d, (2, 9, 9), ["conv2d(x, @l0, padding=1)", "relu", "maxpool2d(_, 3, stride=2, "
+         "ceil_mode=true)", "avgpool2d(_, 2, padding=1, ceil_mode=true, count_include_pad="
+         "false)", 'upsample(_, mode="linear", scale=2)', "adaptive_avgpool2d(_, (3, 2))",
+         "flatten", "linear(_, @l7)"]),
+        (net1d, (1, 17), ["conv1d(x, @l0, padding=2)", "relu", "maxpool1d(_, 2, ceil_mode=true)",
+         "avgpool1d(_, 3, stride=2, padding=1)", "upsample(_, size=9)", "flatten",
+         "linear(_, @l6)"]),
+    ]
+    for net, shape, layers in cases:
+        weights = {f"l{i}.{k}": v.detach().numpy() for i, m in enumerate(net)
+                   for k, v in m.state_dict().items()}
+        np.savez(tmp_path / "w.npz", **weights)
+        lines, prev = [], "x"
+        for i, layer in enumerate(layers):
+            expr = layer if "(" in layer else f"{layer}(_)"
+            lines.append(f"h{i} = {expr.replace('(_', '(' + prev).replace('(x', '(x')}")
+            prev = f"h{i}"
+        text = (f'model z\nweights "w.npz"\ninput x: float64[{", ".join(map(str, shape))}]\n'
+                + "\n".join(lines) + f"\noutput logits = {prev}\n")
+        (tmp_path / "z.pbx").write_text(text)
+        model = pbxc.load(tmp_path / "z.pbx")
+        x = RNG.normal(size=(4, *shape))
+        ours = model.lrp(x, composite="epsilon")
+        data = torch.from_numpy(x).requires_grad_(True)
+        with torch.no_grad():
+            logits = net(data)
+        np.testing.assert_allclose(logits.numpy(), ours.outputs["logits"], rtol=1e-12)
+        seed = torch.zeros_like(logits)
+        rows, targets = torch.arange(len(x)), torch.from_numpy(ours.targets)
+        seed[rows, targets] = logits[rows, targets]
+        composite = composites.LayerMapComposite(layer_map=[
+            *composites.layer_map_base(), (types.Convolution, rules.Epsilon()),
+            (torch.nn.Linear, rules.Epsilon()), (torch.nn.Upsample, rules.Norm())])
+        with Gradient(model=net, composite=composite) as attributor:
+            _, relevance = attributor(data, seed)
+        theirs = relevance.detach().numpy()
+        assert np.abs(theirs).max() > 1e-3
+        np.testing.assert_allclose(ours.relevance["x"], theirs, rtol=1e-9, atol=1e-12)
