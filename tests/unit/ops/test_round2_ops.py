@@ -440,3 +440,57 @@ def test_lrp_matches_zennit_on_round2_pooling_and_upsampling(tmp_path: Path) -> 
         theirs = relevance.detach().numpy()
         assert np.abs(theirs).max() > 1e-3
         np.testing.assert_allclose(ours.relevance["x"], theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_family_modules_share_no_top_level_name() -> None:
+    """`pbxc compile` pastes numpy_kernels and every family into one module: a name defined
+    twice would silently replace the other."""
+    import ast
+    import importlib
+    import inspect
+
+    from pbxc.codegen import numpy_kernels
+    from pbxc.codegen.kernels import FAMILIES
+
+    seen: dict[str, str] = {}
+    modules = [numpy_kernels] + [importlib.import_module(f"pbxc.codegen.kernels.{f}")
+                                 for f in FAMILIES]
+    for module in modules:
+        for node in ast.parse(inspect.getsource(module)).body:
+            names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                     [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)])
+            for name in names:
+                assert name not in seen, f"{name} in {module.__name__} and {seen[name]}"
+                seen[name] = module.__name__
+
+
+def test_dfd_matches_captum_on_linear_round2_ops(tmp_path: Path) -> None:
+    """Captum's DeepLift (rescale on ReLU; exact on linear maps) on a 1-d net with ceil_mode
+    average pooling, upsampling and adaptive pooling (no max pooling, where Captum's rule
+    breaks summation-to-delta)."""
+    try:
+        from captum.attr import DeepLift
+    except Exception as exc:
+        pytest.skip(f"captum does not import: {exc}")
+    nn = torch.nn
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv1d(1, 2, 3, padding=1), nn.ReLU(),
+                        nn.AvgPool1d(2, ceil_mode=True), nn.Upsample(scale_factor=2,
+                                                                      mode="linear"),
+                        nn.ReLU(), nn.AdaptiveAvgPool1d(5), nn.Flatten(),
+                        nn.Linear(10, 3)).double().eval()
+    weights = {f"l{i}.{k}": v.detach().numpy() for i, m in enumerate(net)
+               for k, v in m.state_dict().items()}
+    np.savez(tmp_path / "w.npz", **weights)
+    (tmp_path / "c.pbx").write_text(
+        'model c\nweights "w.npz"\ninput x: float64[1, 13]\n'
+        "a = relu(conv1d(x, @l0, padding=1))\nb = avgpool1d(a, 2, ceil_mode=true)\n"
+        'u = relu(upsample(b, mode="linear", scale=2))\n'
+        "output logits = linear(flatten(adaptive_avgpool1d(u, 5)), @l7)\n")
+    model = pbxc.load(tmp_path / "c.pbx")
+    x, x0 = RNG.normal(size=(3, 1, 13)), RNG.normal(size=(1, 1, 13)) * 0.2
+    ours = model.dfd(x, baseline=x0[0], target=2)
+    theirs = DeepLift(net).attribute(torch.from_numpy(x), torch.from_numpy(
+        np.repeat(x0, 3, axis=0)), target=2).detach().numpy()
+    np.testing.assert_allclose(ours.attributions["x"], theirs, rtol=1e-10, atol=1e-12)
+    assert ours.summation_error.max() < 1e-12
