@@ -48,10 +48,11 @@ def vector_cost(node: OpNode, graph: ModelGraph) -> int:
         return out * size(weight[1:])  # each output sums in/groups x kernel products
     if kind in MAXPOOL | AVGPOOL:
         return out * int(np.prod(node.attr("kernel")))
-    if kind in ADAPTIVE_AVGPOOL or kind is OpKind.UPSAMPLE:
-        # one small dense matrix per spatial axis, applied axis by axis
+    if kind in ADAPTIVE_AVGPOOL:   # one small 0/1 matrix per spatial axis, axis by axis
         shape = graph.shape_of(node.inputs[0])
         return sum(ins) * max(shape[1:]) + out * max((node.shape or (1, 1))[1:])
+    if kind is OpKind.UPSAMPLE:   # two taps per output and axis
+        return 2 * out * (len(node.shape or (1, 1)) - 1)
     if kind in (OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.PAD, OpKind.PRELU):
         return out + sum(ins)
     if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE):
