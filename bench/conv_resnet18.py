@@ -113,8 +113,9 @@ def first_call(folder: Path, batch: int, size: int, dtype: str) -> None:
     matrices of its small convolutions are built during the first calls)."""
     import pbxc
 
+    path = write_densenet_pbx(folder, size, dtype)
     start = time.perf_counter()
-    model = pbxc.load(write_densenet_pbx(folder, size, dtype), dtype=dtype)
+    model = pbxc.load(path, dtype=dtype)
     print(f"densenet121 {size}x{size} {dtype} batch {batch}: load {time.perf_counter() - start:.2f} s; "
           f"{len(model.dense_ops)} ops as dense matrices")
     x = np.random.default_rng(1).normal(size=(batch, 3, size, size)).astype(dtype)
