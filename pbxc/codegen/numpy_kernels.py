@@ -529,14 +529,15 @@ UNMODIFIED = ((1.0, ("same", None), ("same", None), ("same", None)),)
 
 
 def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=None,
-                  dense=None, **attrs):
+                  dense=None, fused=None, **attrs):
     """Relevance at the op's output -> (relevance per input, absorbed by bias, by stabiliser).
 
     ``z_out``, the op's forward output, stands in for z where a group leaves inputs, weights
     and bias unmodified (LRP-0, epsilon): that z *is* the forward pass, so the step costs one
     transposed product instead of two. ``dense``, the op's (out, in) matrix when it is
     cheaper than its kernel (a small convolution), takes the transposed products with the
-    unmodified weights."""
+    unmodified weights. ``fused``: the runtime's fused elementwise kernels
+    (``pbxc.codegen.fused_kernels``, bit for bit these lines), or None."""
     table = globals()
     w, b = table[f"{op}_lrp_params"](p, xs, **attrs)
     forward, transpose = table[f"{op}_lrp_forward"], table[f"{op}_lrp_transpose"]
@@ -565,8 +566,12 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
             z = z + sign * zt
             passes.append((sign, ins, wt))
         z = np.broadcast_to(z, relevance.shape)
-        zs = lrp_stabilise(z, epsilon, placement)
-        s = lrp_divide(relevance, zs, epsilon, placement)
+        fuse = fused is not None and placement != "slides" and z.dtype.type(epsilon) > 0
+        if fuse:   # stabilise and divide in one pass
+            s = fused.quotient(relevance, z, epsilon)
+        else:
+            zs = lrp_stabilise(z, epsilon, placement)
+            s = lrp_divide(relevance, zs, epsilon, placement)
         for sign, ins, wt in passes:
             if dense is not None and wt is w:   # c = W^T s depends on the weights alone
                 cs = [(s.reshape(len(s), -1) @ dense).reshape(xs[0].shape)]
@@ -582,7 +587,8 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
             if dead.any():
                 stab_abs += coef * _per_sample_sum(relevance * dead)
         else:   # per element: sum(R) - sum(s z) would cancel badly in float32
-            stab_abs += coef * _per_sample_sum(relevance - s * z)
+            share = fused.residual(relevance, s, z) if fuse else relevance - s * z
+            stab_abs += coef * _per_sample_sum(share)
     r_in = [np.zeros_like(x) if r is None else r for r, x in zip(r_in, xs)]
     return r_in, bias_abs, stab_abs
 
@@ -709,3 +715,98 @@ def normalize_lrp_forward(ins, w):
 
 def normalize_lrp_transpose(s, w, xs):
     return [s * w[None]]
+
+
+# =============================================================================== second order
+# The Hessian pass (specs/hessian.md, issue 15). Only the ops whose local map is nonlinear have
+# kernels here; every affine, shape and merge op (and max pooling, piecewise linear) reuses its
+# <op>_jvp / <op>_vjp, because its second derivative is zero. Two kernels per nonlinear op:
+#   <op>_jvp2(hs, ts, xs, y, local, curv, p, **attrs) -> h
+#       forward second order: hs[i] (B, M*M, *in) second tangents (None: zero), ts[i]
+#       (B, M, *in) tangents;
+#       h (B, M*M, *out) = sum_pq d2f(t_p, t_q) + J h  (the second-order Algorithm 1)
+#   <op>_hvp(v, vd, ts, xs, y, local, curv, p, **attrs) -> [vd_in, ...]
+#       forward over reverse: the tangent of the VJP v^T J along ts; v (B, 1, *out) is the
+#       cotangent, vd (B, M, *out) its tangent (None: zero); vd_in = vd^T J + v^T d2f(t, .)
+# ``curv`` is f''(z) for activations (None for the others).
+
+
+def _outer_pairs(ts):
+    """(B, M, *s) -> (B, M*M, *s): t_p * t_q for every ordered pair (p, q)."""
+    t = ts
+    outer = t[:, :, None] * t[:, None, :]
+    return outer.reshape(t.shape[0], t.shape[1] * t.shape[1], *t.shape[2:])
+
+
+def activation_jvp2(hs, ts, xs, y, local, curv, p):
+    """h = f''(z) t_p t_q + f'(z) h_pq, elementwise (Abe & Asai, Algorithm 1 to second order)."""
+    out = _outer_pairs(ts[0])
+    out *= curv[:, None]
+    if hs[0] is not None:   # None: zero (the first curved op after the input)
+        out += hs[0] * local[:, None]
+    return out
+
+
+def activation_hvp(v, vd, ts, xs, y, local, curv, p):
+    """d/de [v f'(z + e t)] plus the tangent of v: vd f'(z) + v f''(z) t."""
+    out = ts[0] * (v * curv[:, None])
+    if vd is not None:
+        out += vd * local[:, None]
+    return [out]
+
+
+def _softmax_centred(s, t, axis):
+    """u = t - <s, t> along ``axis``: softmax's tangent divided by s."""
+    return t - (s * t).sum(axis=axis, keepdims=True)
+
+
+def softmax_jvp2(hs, ts, xs, y, local, curv, p, axis):
+    """d2 s_i(t_p, t_q) = s_i (u_pi u_qi - <s, u_p u_q>) with u = t - <s, t>; plus J h."""
+    s = y[:, None]
+    u = _softmax_centred(s, ts[0], 2 + axis)
+    pairs = _outer_pairs(u)
+    pairs -= (s * pairs).sum(axis=2 + axis, keepdims=True)
+    pairs *= s
+    if hs[0] is not None:
+        pairs += softmax_tangent(s, hs[0], 2 + axis)
+    return pairs
+
+
+def log_softmax_jvp2(hs, ts, xs, y, local, curv, p, axis):
+    """d2 log s_i(t_p, t_q) = -<s, u_p u_q> (the same for every i); plus J h."""
+    s = np.exp(y)[:, None]
+    u = _softmax_centred(s, ts[0], 2 + axis)
+    out = -(s * _outer_pairs(u)).sum(axis=2 + axis, keepdims=True)
+    if hs[0] is None:
+        return np.broadcast_to(out, (*out.shape[:2], *s.shape[2:])).copy()
+    return out + log_softmax_tangent(s, hs[0], 2 + axis)
+
+
+def softmax_hvp(v, vd, ts, xs, y, local, curv, p, axis):
+    """The tangent of s (v - <s, v>) along ds = s (t - <s, t>)."""
+    s = y[:, None]
+    ax = 2 + axis
+    ds = softmax_tangent(s, ts[0], ax)
+    out = ds * (v - (s * v).sum(axis=ax, keepdims=True))
+    out -= s * (ds * v).sum(axis=ax, keepdims=True)
+    if vd is not None:
+        out += softmax_tangent(s, vd, ax)
+    return [out]
+
+
+def log_softmax_hvp(v, vd, ts, xs, y, local, curv, p, axis):
+    """The tangent of v - s sum(v) along ds = s (t - <s, t>)."""
+    s = np.exp(y)[:, None]
+    ax = 2 + axis
+    ds = softmax_tangent(s, ts[0], ax)
+    out = ds * -v.sum(axis=ax, keepdims=True)
+    if vd is not None:
+        out += log_softmax_cotangent(s, vd, ax)
+    return [out]
+# =============================================================================== op families
+# Round 2 (issue 11): one module per family under pbxc/codegen/kernels; ``pbxc compile``
+# copies their source after this module's (pbxc.codegen.kernels.FAMILIES).
+from pbxc.codegen.kernels.elementwise import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.pooling import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.resize import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.shape import *  # noqa: E402,F403  family

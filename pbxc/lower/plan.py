@@ -14,7 +14,7 @@ import numpy as np
 
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.ops import CONV_TRANSPOSED, CONVOLUTIONS, OpKind
+from pbxc.ops import ADAPTIVE_AVGPOOL, AVGPOOL, CONV_TRANSPOSED, CONVOLUTIONS, MAXPOOL, OpKind
 
 # A kernel call costs about as much as this many multiply-adds, whatever the batch size.
 CALL_OVERHEAD = 20_000
@@ -46,9 +46,16 @@ def vector_cost(node: OpNode, graph: ModelGraph) -> int:
     if kind in CONVOLUTIONS:
         weight = graph.param_shapes[node.param_key("weight") or ""]
         return out * size(weight[1:])  # each output sums in/groups x kernel products
-    if kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D):
-        kh, kw = node.attr("kernel")
-        return out * kh * kw
+    if kind in MAXPOOL | AVGPOOL:
+        return out * int(np.prod(node.attr("kernel")))
+    if kind in ADAPTIVE_AVGPOOL or kind is OpKind.UPSAMPLE:
+        # one small dense matrix per spatial axis, applied axis by axis
+        shape = graph.shape_of(node.inputs[0])
+        return sum(ins) * max(shape[1:]) + out * max((node.shape or (1, 1))[1:])
+    if kind in (OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.PAD, OpKind.PRELU):
+        return out + sum(ins)
+    if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE):
+        return 0
     if kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
         return 3 * out
     if kind in (OpKind.GLOBAL_AVGPOOL, OpKind.ADD, OpKind.CONCAT):
