@@ -603,6 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    restore = _interrupt_on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -620,6 +621,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pbxc: interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """SIGTERM ends a command as Ctrl-C does, so the outputs being written are removed
+    (pbxc.outputs' temporaries and staging folders); returns what puts the old handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+    return restore
 
 
 if __name__ == "__main__":
