@@ -142,6 +142,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
 
+    if args.show < 0:
+        raise InputError(f"--show must be 0 or more rows, got {args.show}")
     check_output(args.out, args.force)
     model = load(args.model, dtype=args.dtype)
     x = load_array_file(args.input, args.key, model.input_names)
