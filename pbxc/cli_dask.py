@@ -15,6 +15,9 @@ from typing import Any
 from pbxc.errors import InputError
 
 EXIT_OK = 0
+#: samples per batch of a data-set run when --batch-size is not given (the one-batch default
+#: of earlier versions)
+DATASET_BATCH = 256
 
 
 def add_dataset_options(p: argparse.ArgumentParser) -> None:
@@ -70,6 +73,10 @@ def explain_dataset(args: argparse.Namespace) -> int:
         raise _usage("--dfd-rule applies to --method dfd")
     if args.method != "lrp" and (args.rule or args.composite):
         raise _usage("--rule and --composite apply to --method lrp")
+    if args.batch_size is None:
+        # a fixed default, not the memory-derived one of a one-batch run: the batch is part of
+        # the run's options that a resumed run must match, whatever machine resumes it
+        args.batch_size = DATASET_BATCH
     if args.batch_size < 1:
         raise _usage(f"--batch-size must be at least 1, got {args.batch_size}")
 

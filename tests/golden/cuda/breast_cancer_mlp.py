@@ -360,6 +360,10 @@ def _prepare(x, dtype):
         _WEIGHTS[key] = {node: {role: C.asarray(a) for role, a in roles.items()}
                          for node, roles in load_weights(dtype=key).items()}
     name, shape = next(iter(INPUTS.items()))
+    kind = getattr(getattr(x, "dtype", None), "kind", None) or np.asarray(x).dtype.kind
+    if kind not in "fiub":
+        raise KernelArgumentError(f"input {name!r} has dtype kind {kind!r}; expected real "
+                                  "numbers")
     a = C.asarray(x)
     if a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != tuple(shape):
         raise KernelArgumentError(f"input {name!r} has shape {list(a.shape)}; expected "
