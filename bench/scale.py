@@ -17,19 +17,26 @@ Figures on a shared machine are noisy: compare ratios from one run.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread in this process too, as Dask gives its worker processes: "one process" then
+# uses one core like one worker, and the speed-ups measure the chunking, not BLAS threading
+# (set PBXC_SCALE_BLAS_THREADS to compare with a threaded BLAS). Before numpy is imported.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, os.environ.get("PBXC_SCALE_BLAS_THREADS", "1"))
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EXAMPLES, MLP_PBX, mlp_weights
+from common import EXAMPLES, MLP_PBX, mlp_weights  # noqa: E402
 
-import pbxc
-from pbxc import dask as pbxc_dask
+import pbxc  # noqa: E402
+from pbxc import dask as pbxc_dask  # noqa: E402
 
 
 def make_models(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -95,7 +102,8 @@ def main() -> None:
     try:
         models = make_models(folder)
         print(f"{args.samples} samples, chunks of {args.chunk}, batches of {args.batch_size}, "
-              "float32; figures from a shared machine are noisy")
+              f"float32, {os.environ['OPENBLAS_NUM_THREADS']} BLAS thread(s) per process; "
+              "figures from a shared machine are noisy")
         for name in args.models:
             model_path, shape = models[name]
             data = folder / f"{name}-inputs.zarr"

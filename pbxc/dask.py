@@ -55,6 +55,8 @@ METHODS = ("jacobian", "gradient", "input_x_gradient", "lrp", "dfd")
 STORE_FORMAT = 1
 #: a default chunk aims at about this many bytes of attributions
 CHUNK_BYTES = 32 * 2**20
+#: a chunk's inputs and results in memory at most (a larger --chunk is refused)
+MAX_CHUNK_BYTES = 4 * 2**30
 DEFAULT_BATCH = 256
 
 # ---------------------------------------------------------------- the model, by content
@@ -738,6 +740,13 @@ def plan(model: str | Path, data: Any, method: str, *, key: str | None = None,
     att_bytes = int(np.prod(layout["attributions"][0])) * np.dtype(local.dtype).itemsize
     chunk = chunk if chunk is not None else _default_chunk(att_bytes, opts.batch_size, len(rows))
     _check_chunk(chunk, opts.batch_size, len(rows))
+    per_sample = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in
+                     layout.values()) + int(np.prod(rows.shape[1:])) * rows.dtype.itemsize
+    if min(chunk, len(rows)) * per_sample > MAX_CHUNK_BYTES:
+        raise InputError(f"a chunk of {chunk} samples would hold "
+                         f"{min(chunk, len(rows)) * per_sample / 2**30:.1f} GiB of inputs and "
+                         f"results in memory (at most {MAX_CHUNK_BYTES / 2**30:.0f} GiB); "
+                         "choose a smaller chunk")
     return Plan(source, rows, opts, min(chunk, len(rows)), layout)
 
 

@@ -237,7 +237,8 @@ def test_nonfinite_samples_are_listed_and_skipped_or_stop_a_strict_run(
 
 
 def test_a_data_set_of_the_wrong_shape_is_an_error_line(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, data: dict[str, Path]) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, data: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, err = cli(capsys, "explain", DIGITS, "-m", "lrp", "-i", data["mlp"],
                          "--out", tmp_path / "o.zarr")
     assert code == 1 and out == ""
@@ -247,6 +248,10 @@ def test_a_data_set_of_the_wrong_shape_is_an_error_line(
     code, _, err = cli(capsys, "explain", DIGITS, "-m", "lrp", "-i", data["digits"],
                        "--out", tmp_path / "o.zarr", "--chunk", "100")
     assert code == 1 and "must be a multiple of batch_size (256)" in err
+    monkeypatch.setattr(pbxc_dask, "MAX_CHUNK_BYTES", 10_000)
+    code, _, err = cli(capsys, "explain", DIGITS, "-m", "lrp", "-i", data["digits"],
+                       "--out", tmp_path / "o.zarr", "--chunk", "128", "--batch-size", "64")
+    assert code == 1 and "choose a smaller chunk" in err and not (tmp_path / "o.zarr").exists()
 
 
 def test_a_full_disk_is_an_error_line_and_the_done_chunks_stay(
