@@ -15,7 +15,9 @@ Peers, per pass, each with the predicted class as the target:
   computes no weight gradients);
 * lrp: Zennit, Epsilon(1e-6) on convolutions and linear layers, Norm on average pooling,
   activations passed, with ``ResNetCanonizer`` (batch-norm fold and a rule-able residual sum)
-  or, for DenseNet, ``SequentialMergeBatchNorm``; pbxc runs its "epsilon" composite;
+  for the ResNets; DenseNet's batch norms follow concatenations, which Zennit's
+  ``SequentialMergeBatchNorm`` cannot fold, and stay unfolded; pbxc runs its "epsilon"
+  composite (on ONNX's graph, batch norms folded where a convolution precedes them);
 * dfd: Captum ``DeepLift`` against the zeros baseline (the ResNet blocks get one ReLU module
   per use, which Captum requires); the target needs a forward pass of its own, which is timed.
 
@@ -156,17 +158,17 @@ def _pass_fn(spec: dict[str, Any]) -> Any:
         return gradient
     if spec["pass"] == "lrp":
         from zennit.attribution import Gradient
-        from zennit.canonizers import SequentialMergeBatchNorm
         from zennit.composites import LayerMapComposite
         from zennit.rules import Epsilon, Norm, Pass
         from zennit.torchvision import ResNetCanonizer
         from zennit.types import Activation, AvgPool, Convolution, Linear
 
-        canonizer = ResNetCanonizer() if spec["model"].startswith("resnet") \
-            else SequentialMergeBatchNorm()
+        # DenseNet's batch norms follow concatenations, which SequentialMergeBatchNorm
+        # cannot fold (it fails on a shape mismatch): there they stay, without a rule
+        canonizers = [ResNetCanonizer()] if spec["model"].startswith("resnet") else []
         composite = LayerMapComposite(
             layer_map=[(Activation, Pass()), (Convolution, Epsilon(1e-6)),
-                       (Linear, Epsilon(1e-6)), (AvgPool, Norm())], canonizers=[canonizer])
+                       (Linear, Epsilon(1e-6)), (AvgPool, Norm())], canonizers=canonizers)
 
         def lrp() -> Any:
             with Gradient(model=net, composite=composite) as attributor:
