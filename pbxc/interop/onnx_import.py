@@ -305,6 +305,8 @@ class Converter:
         only if the user asked (``--dtype``), anything else is an error naming it."""
         w = self.const(node, name)
         want = np.dtype(self.dtype)
+        if w.dtype.kind == "f" and not np.all(np.isfinite(w)):
+            raise self.fail(node, f"constant '{name}' holds non-finite values")
         if w.dtype == want:
             return w
         if w.dtype.kind != "f" and w.dtype.kind not in "iub":
