@@ -1899,7 +1899,7 @@ def import_onnx(source: str | os.PathLike[str], pbx_path: str | os.PathLike[str]
     if wpath.parent != out.parent:
         raise InputError(f"the weights file name '{wname}' must not name a folder")
     if validate is None and check:
-        from pbxc.pipeline import check_file
+        from pbxc.graph.frontend import check_file
 
         def validate(staged: Path) -> object:
             return check_file(str(staged))
