@@ -15,6 +15,10 @@ class OpKind(enum.Enum):
     LINEAR = "linear"
     CONV1D = "conv1d"
     CONV2D = "conv2d"
+    CONV3D = "conv3d"
+    CONV_TRANSPOSE1D = "conv_transpose1d"
+    CONV_TRANSPOSE2D = "conv_transpose2d"
+    CONV_TRANSPOSE3D = "conv_transpose3d"
     MAXPOOL2D = "maxpool2d"
     AVGPOOL2D = "avgpool2d"
     GLOBAL_AVGPOOL = "global_avgpool"
@@ -46,6 +50,10 @@ class OpKind(enum.Enum):
 
 
 # Kind groups, used by passes to share rules.
+CONV_STANDARD = frozenset({OpKind.CONV1D, OpKind.CONV2D, OpKind.CONV3D})
+CONV_TRANSPOSED = frozenset({OpKind.CONV_TRANSPOSE1D, OpKind.CONV_TRANSPOSE2D,
+                             OpKind.CONV_TRANSPOSE3D})
+CONVOLUTIONS = CONV_STANDARD | CONV_TRANSPOSED
 MAXPOOL = frozenset({OpKind.MAXPOOL1D, OpKind.MAXPOOL2D, OpKind.MAXPOOL3D})
 AVGPOOL = frozenset({OpKind.AVGPOOL1D, OpKind.AVGPOOL2D, OpKind.AVGPOOL3D})
 ADAPTIVE_AVGPOOL = frozenset({OpKind.ADAPTIVE_AVGPOOL1D, OpKind.ADAPTIVE_AVGPOOL2D,
@@ -54,11 +62,10 @@ ADAPTIVE_AVGPOOL = frozenset({OpKind.ADAPTIVE_AVGPOOL1D, OpKind.ADAPTIVE_AVGPOOL
 UNWEIGHTED_LINEAR = AVGPOOL | ADAPTIVE_AVGPOOL | frozenset({OpKind.GLOBAL_AVGPOOL,
                                                            OpKind.UPSAMPLE, OpKind.PAD})
 ELEMENTWISE = frozenset({OpKind.ACTIVATION, OpKind.PRELU})
-AFFINE = UNWEIGHTED_LINEAR | frozenset({
-    OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D, OpKind.BATCHNORM, OpKind.NORMALIZE,
-    OpKind.SUB, OpKind.DIV,
+AFFINE = UNWEIGHTED_LINEAR | CONVOLUTIONS | frozenset({
+    OpKind.LINEAR, OpKind.BATCHNORM, OpKind.NORMALIZE, OpKind.SUB, OpKind.DIV,
 })
-WEIGHTED = frozenset({OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D})
+WEIGHTED = frozenset({OpKind.LINEAR}) | CONVOLUTIONS
 POOLING = MAXPOOL | AVGPOOL | ADAPTIVE_AVGPOOL | frozenset({OpKind.GLOBAL_AVGPOOL})
 SHAPE_ONLY = frozenset({OpKind.FLATTEN, OpKind.RESHAPE, OpKind.SQUEEZE, OpKind.UNSQUEEZE})
 MERGE = frozenset({OpKind.ADD, OpKind.CONCAT})
@@ -74,6 +81,7 @@ class AttrType(enum.Enum):
     FLOAT = "float"
     BOOL = "bool"
     INTS = "ints"      # an int, or a tuple of exactly `arity` ints (any number if arity 0)
+    PADS = "pads"      # an int, `arity` ints (both sides), or 2*`arity` ints (begin, end) per axis
     SHAPE = "shape"    # a list of ints, one of which may be -1
     FLOATS = "floats"  # a number, or a tuple of numbers (any number if arity 0)
     STRING = "string"  # a quoted string, one of `choices`
@@ -141,10 +149,14 @@ def _fmt_default(value: object) -> str:
 _WB = (ParamSpec("weight", "weight"), ParamSpec("bias", "bias", optional=True))
 
 
-def _conv_attrs(arity: int) -> tuple[AttrSpec, ...]:
+def _conv_attrs(arity: int, transposed: bool = False) -> tuple[AttrSpec, ...]:
+    """Convolution attributes; ``padding`` is stored per side, (begin_1, end_1, begin_2, ...)."""
+    extra = (AttrSpec("output_padding", AttrType.INTS, 0, arity=arity, minimum=0),
+             ) if transposed else ()
     return (
         AttrSpec("stride", AttrType.INTS, 1, arity=arity, minimum=1),
-        AttrSpec("padding", AttrType.INTS, 0, arity=arity, minimum=0),
+        AttrSpec("padding", AttrType.PADS, 0, arity=arity, minimum=0),
+        *extra,
         AttrSpec("dilation", AttrType.INTS, 1, arity=arity, minimum=1),
         AttrSpec("groups", AttrType.INT, 1, minimum=1),
     )
@@ -183,6 +195,17 @@ SIGNATURES: dict[str, OpSignature] = {
                     summary="1-d convolution; weight [out, in/groups, k]"),
         OpSignature(OpKind.CONV2D, "conv2d", params=_WB, attrs=_conv_attrs(2),
                     summary="2-d convolution; weight [out, in/groups, kh, kw]"),
+        OpSignature(OpKind.CONV3D, "conv3d", params=_WB, attrs=_conv_attrs(3),
+                    summary="3-d convolution; weight [out, in/groups, kd, kh, kw]"),
+        OpSignature(OpKind.CONV_TRANSPOSE1D, "conv_transpose1d", params=_WB,
+                    attrs=_conv_attrs(1, transposed=True),
+                    summary="1-d transposed convolution; weight [in, out/groups, k]"),
+        OpSignature(OpKind.CONV_TRANSPOSE2D, "conv_transpose2d", params=_WB,
+                    attrs=_conv_attrs(2, transposed=True),
+                    summary="2-d transposed convolution; weight [in, out/groups, kh, kw]"),
+        OpSignature(OpKind.CONV_TRANSPOSE3D, "conv_transpose3d", params=_WB,
+                    attrs=_conv_attrs(3, transposed=True),
+                    summary="3-d transposed convolution; weight [in, out/groups, kd, kh, kw]"),
         *(OpSignature(OpKind(f"maxpool{d}d"), f"maxpool{d}d", attrs=_maxpool_attrs(d),
                       summary=f"{d}-d max pooling of {_LAYOUT[d]}; stride defaults to the "
                               "kernel size") for d in (1, 2, 3)),

@@ -287,6 +287,8 @@ class _Builder:
                 value = spec.default
                 if spec.type is AttrType.INTS and value is not None:
                     value = (value,) * spec.arity
+                elif spec.type is AttrType.PADS and value is not None:
+                    value = (value,) * (2 * spec.arity)
             attrs.append((spec.name, value))
         if refs is None:
             return
@@ -353,6 +355,22 @@ class _Builder:
                 bad(f"greater than {spec.minimum:g}")
                 return None
             return numbers
+        if spec.type is AttrType.PADS:   # stored per side: (begin_1, end_1, begin_2, ...)
+            expected = (f"an integer, {spec.arity} integers (both sides of each axis) or "
+                        f"{2 * spec.arity} integers (begin, end of each axis) in parentheses")
+            if isinstance(value, ast.SeqLit):
+                items = [as_int(v) for v in value.items]
+                if len(items) not in (spec.arity, 2 * spec.arity) or any(i is None for i in items):
+                    bad(expected)
+                    return None
+                if len(items) == spec.arity:
+                    return tuple(p for i in items for p in (i, i))
+                return tuple(items)
+            iv = as_int(value)
+            if iv is None:
+                bad(expected)
+                return None
+            return (iv,) * (2 * spec.arity)
         if spec.type is AttrType.INTS:
             if isinstance(value, ast.SeqLit):
                 items = [as_int(v) for v in value.items]

@@ -6,14 +6,16 @@ the weight store in hand. Each rule states the shapes it expected and got.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos
+from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos, WeightError
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.ops import OpKind
+from pbxc.weights.limits import describe_bytes, max_sample_bytes
 from pbxc.weights.store import WeightStore
 
 Shape = tuple[int, ...]
@@ -65,33 +67,60 @@ class _Ctx:
         return x
 
 
-def _conv(ctx: _Ctx, spatial: int) -> Shape:
-    layout = "[C, L]" if spatial == 1 else "[C, H, W]"
-    x = ctx.rank(spatial + 1, layout)
+_LAYOUTS = {1: "[C, L]", 2: "[C, H, W]", 3: "[C, D, H, W]"}
+
+
+def _conv(ctx: _Ctx, spatial: int, transposed: bool = False) -> Shape:
+    """conv*d: weight [out, in/groups, *k]; conv_transpose*d: weight [in, out/groups, *k]."""
+    x = ctx.rank(spatial + 1, _LAYOUTS[spatial])
     w = ctx.weight("weight", spatial + 2)
     assert w is not None
     groups = ctx.node.attr("groups")
-    c_in, c_out = x[0], w[0]
-    if c_in % groups or c_out % groups:
-        raise ctx.fail(f"groups={groups} must divide both the {c_in} input and {c_out} "
-                       "output channels")
-    if w[1] * groups != c_in:
-        key = ctx.node.param_key("weight")
-        raise ShapeError(f"weight '{key}' has shape {fmt(w)}: expected {c_in // groups} input "
-                         f"channels per group (input has {c_in} channels, groups={groups}), "
-                         f"got {w[1]}", ctx.node.param_pos("weight"))
+    key = ctx.node.param_key("weight")
+    c_in = x[0]
+    if transposed:
+        c_out = w[1] * groups
+        if w[0] != c_in or c_in % groups:
+            raise ShapeError(f"weight '{key}' has shape {fmt(w)}: a transposed convolution's "
+                             f"weight is [in, out/groups, *kernel], and the input has {c_in} "
+                             f"channels (groups={groups}, which must divide them)",
+                             ctx.node.param_pos("weight"))
+    else:
+        c_out = w[0]
+        if c_in % groups or c_out % groups:
+            raise ctx.fail(f"groups={groups} must divide both the {c_in} input and {c_out} "
+                           "output channels")
+        if w[1] * groups != c_in:
+            raise ShapeError(f"weight '{key}' has shape {fmt(w)}: expected {c_in // groups} "
+                             f"input channels per group (input has {c_in} channels, "
+                             f"groups={groups}), got {w[1]}", ctx.node.param_pos("weight"))
     ctx.expect_weight("bias", (c_out,))
+    pads = ctx.node.attr("padding")
     out = [c_out]
     for i in range(spatial):
-        n = _window_out(ctx, x[1 + i], w[2 + i], ctx.node.attr("stride")[i],
-                        ctx.node.attr("padding")[i], ctx.node.attr("dilation")[i])
+        stride, dilation = ctx.node.attr("stride")[i], ctx.node.attr("dilation")[i]
+        begin, end = pads[2 * i], pads[2 * i + 1]
+        if transposed:
+            extra = ctx.node.attr("output_padding")[i]
+            if extra >= max(stride, dilation):
+                raise ctx.fail(f"output_padding {extra} must be smaller than the stride "
+                               f"({stride}) or the dilation ({dilation})")
+            n = (x[1 + i] - 1) * stride - begin - end + dilation * (w[2 + i] - 1) + extra + 1
+            if n < 1:
+                raise ctx.fail(f"padding ({begin}, {end}) leaves no output on axis {i + 1} "
+                               f"(input {x[1 + i]}, kernel {w[2 + i]}, stride {stride})")
+        else:
+            n = _window_out(ctx, x[1 + i], w[2 + i], stride, (begin, end), dilation)
         out.append(n)
     return tuple(out)
 
 
-def _window_out(ctx: _Ctx, size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+def _window_out(ctx: _Ctx, size: int, kernel: int, stride: int, pad: int | tuple[int, int],
+                dilation: int = 1) -> int:
+    """Windows along one axis; ``pad`` is both sides or (begin, end)."""
     span = dilation * (kernel - 1) + 1
-    n = (size + 2 * pad - span) // stride + 1
+    begin, end = (pad, pad) if isinstance(pad, int) else pad
+    n = (size + begin + end - span) // stride + 1
     if n < 1:
         raise ctx.fail(f"window of {span} (kernel {kernel}, dilation {dilation}) does not fit "
                        f"an axis of {size} with padding {pad}")
@@ -295,9 +324,9 @@ def _concat(ctx: _Ctx) -> Shape:
 
 def _reshape(ctx: _Ctx) -> Shape:
     x = ctx.inputs[0]
-    size = int(np.prod(x))
+    size = math.prod(x)
     target = list(ctx.node.attr("shape"))
-    known = int(np.prod([d for d in target if d != -1]))
+    known = math.prod([d for d in target if d != -1])
     if -1 in target:
         if size % known:
             raise ctx.fail(f"cannot reshape {fmt(x)} ({size} elements) to {fmt(tuple(target))}")
@@ -313,7 +342,7 @@ def _flatten(ctx: _Ctx) -> Shape:
     start = ctx.node.attr("start") or 0
     if start >= max(len(x), 1):
         raise ctx.fail(f"start {start} is out of range for per-sample shape {fmt(x)}")
-    return (*x[:start], int(np.prod(x[start:])))
+    return (*x[:start], math.prod(x[start:]))
 
 
 def _batchnorm(ctx: _Ctx) -> Shape:
@@ -364,6 +393,10 @@ SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
     OpKind.CONV1D: lambda c: _conv(c, 1),
     OpKind.CONV2D: lambda c: _conv(c, 2),
     OpKind.MAXPOOL1D: lambda c: _pool(c, 1),
+    OpKind.CONV3D: lambda c: _conv(c, 3),
+    OpKind.CONV_TRANSPOSE1D: lambda c: _conv(c, 1, transposed=True),
+    OpKind.CONV_TRANSPOSE2D: lambda c: _conv(c, 2, transposed=True),
+    OpKind.CONV_TRANSPOSE3D: lambda c: _conv(c, 3, transposed=True),
     OpKind.MAXPOOL2D: _pool,
     OpKind.MAXPOOL3D: lambda c: _pool(c, 3),
     OpKind.AVGPOOL1D: lambda c: _pool(c, 1),
@@ -407,7 +440,11 @@ def _check_weight(key: str, role: str, node: OpNode, store: WeightStore,
     if key in checked:
         return True
     checked.add(key)
-    array = store[key]
+    try:
+        array = store[key]  # read from its file now: only the keys a model binds are read
+    except WeightError as err:
+        bag.diagnostics.extend(err.diagnostics)
+        return False
     if not np.issubdtype(array.dtype, np.floating):
         bag.error(f"weight '{key}' has dtype {array.dtype}; expected a floating dtype "
                   "(float16, float32 or float64)", pos, [f"in '{store.file_of(key)}'"])
@@ -470,8 +507,30 @@ def infer_shapes(graph: ModelGraph, store: WeightStore) -> ModelGraph:
     for out in graph.outputs:
         out_shape = graph.node(out.name).shape
         if out.classes is not None and out_shape is not None and \
-                len(out.classes) != int(np.prod(out_shape)):
-            bag.error(f"output '{out.name}' has {int(np.prod(out_shape))} elements but "
+                len(out.classes) != math.prod(out_shape):
+            bag.error(f"output '{out.name}' has {math.prod(out_shape)} elements but "
                       f"{len(out.classes)} class names", out.pos)
     bag.raise_if_any(PbxValidationError)
+    _check_sample_memory(graph)
     return graph
+
+
+def _check_sample_memory(graph: ModelGraph) -> None:
+    """The values of one sample's forward pass, in float64, against ``PBXC_MAX_SAMPLE_BYTES``:
+    a declared ``float64[100000000000]`` or a ``padding=1000000000`` is refused here, naming
+    its node, before any pass allocates an array for it."""
+    limit = max_sample_bytes()
+    total = 0
+    largest: tuple[int, OpNode] | None = None
+    for node in graph.topological():
+        nbytes = math.prod(node.shape or ()) * 8
+        total += nbytes
+        if largest is None or nbytes > largest[0]:
+            largest = (nbytes, node)
+    if total > limit and largest is not None:
+        nbytes, node = largest
+        what = "input" if node.kind is OpKind.INPUT else node.kind.value
+        raise PbxValidationError(
+            f"one sample needs {describe_bytes(total)} of values in float64, over the limit of "
+            f"{describe_bytes(limit)} (PBXC_MAX_SAMPLE_BYTES); the largest is {what} "
+            f"'{node.name}' of shape {fmt(node.shape)} ({describe_bytes(nbytes)})", node.pos)

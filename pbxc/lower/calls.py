@@ -12,7 +12,16 @@ from typing import Any
 
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
-from pbxc.ops import ADAPTIVE_AVGPOOL, AFFINE, AVGPOOL, MAXPOOL, SHAPE_ONLY, OpKind
+from pbxc.ops import (
+    ADAPTIVE_AVGPOOL,
+    AFFINE,
+    AVGPOOL,
+    CONV_TRANSPOSED,
+    CONVOLUTIONS,
+    MAXPOOL,
+    SHAPE_ONLY,
+    OpKind,
+)
 
 #: Passes, by kernel suffix.
 PASSES = ("forward", "local", "jvp", "vjp", "dfd")
@@ -105,9 +114,8 @@ def _kernel_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
     round2 = _round2_attrs(node)
     if round2 is not None:
         return round2
-    if kind in (OpKind.CONV1D, OpKind.CONV2D):
-        names = ("stride", "padding", "dilation", "groups")
-        return tuple((n, node.attr(n)) for n in names)
+    if kind in CONVOLUTIONS:
+        return conv_kernel_attrs(node)
     if kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D):
         kernel = node.attr("kernel")
         attrs = [("kernel", kernel), ("stride", node.attr("stride") or kernel),
@@ -123,6 +131,21 @@ def _kernel_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
     if kind is OpKind.BATCHNORM:
         return (("eps", float(node.attr("eps"))),)
     return ()
+
+
+def conv_pad_pairs(node: OpNode) -> tuple[tuple[int, int], ...]:
+    """A convolution's padding as ((begin, end), ...) per spatial axis (stored flat, per side)."""
+    flat = tuple(node.attr("padding"))
+    return tuple((flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2))
+
+
+def conv_kernel_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
+    attrs: list[tuple[str, Any]] = [("stride", tuple(node.attr("stride"))),
+                                    ("padding", conv_pad_pairs(node))]
+    if node.kind in CONV_TRANSPOSED:
+        attrs.append(("output_padding", tuple(node.attr("output_padding"))))
+    attrs += [("dilation", tuple(node.attr("dilation"))), ("groups", int(node.attr("groups")))]
+    return tuple(attrs)
 
 
 def kernel_attrs(node: OpNode) -> dict[str, Any]:

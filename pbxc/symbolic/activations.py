@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import sympy
 from sympy import Abs, Piecewise, Rational, erfc, exp, sqrt, tanh
+from sympy.logic.boolalg import ITE
 
 from pbxc.errors import PbxValidationError, SourcePos
 from pbxc.ops import BUILTIN_ACTIVATIONS, MATH_CONSTANTS, MATH_FUNCTIONS
@@ -94,6 +95,29 @@ def builtin_expression(name: str, params: Mapping[str, float] | None = None,
     return _BUILTINS[name](z, *(number(values[p]) for p, _ in spec.params))
 
 
+def _power(base: sympy.Expr, exponent: sympy.Expr, pos: SourcePos) -> sympy.Expr:
+    """base ** exponent, refusing exponents that would make sympy expand or evaluate forever
+    (``z^1000000``, ``2^(10^9)``); a power of two numbers is evaluated in floating point."""
+    from pbxc.symbolic.budget import current_limits
+
+    if exponent.is_number and exponent.is_real:
+        limit = current_limits().max_exponent
+        if base.is_number and base.is_real:
+            try:
+                value = float(base) ** float(exponent)
+            except (OverflowError, ZeroDivisionError):
+                value = float("inf")
+            if isinstance(value, complex) or value != value or abs(value) == float("inf"):
+                raise PbxValidationError(f"the power ({base}) ^ ({exponent}) is not a finite real "
+                                         "number", pos)
+            return sympy.Float(value) if abs(float(exponent)) > limit else base ** exponent
+        if abs(float(exponent)) > limit:
+            raise PbxValidationError(f"exponent {exponent} is too large: at most {limit} in "
+                                     "magnitude (PBXC_DERIVE_MAX_EXPONENT, specs/activations.md)",
+                                     pos)
+    return base ** exponent
+
+
 @dataclass(frozen=True)
 class ActivationKey:
     """What identifies an activation expression: its name, parameter values and definition."""
@@ -144,7 +168,7 @@ class _UserExpr:
                 return left * right
             if node.op == "/":
                 return left / right
-            return left ** right
+            return _power(left, right, node.pos)
         if isinstance(node, ast.Compare):
             raise PbxValidationError("a comparison may appear only as the first argument of "
                                      "where()", node.pos)
@@ -187,7 +211,10 @@ def _cached_expression(key: ActivationKey,
     if key.definition is None:
         return builtin_expression(key.name, params)
     values = {p: number(params.get(p, default)) for p, default in key.definition.params}
-    return _UserExpr({d.name: d for d in definitions}).build(key.definition, Z, values)
+    built = _UserExpr({d.name: d for d in definitions}).build(key.definition, Z, values)
+    # a comparison of piecewise values (max(min(z, 1), max(z, -1))) folds into if-then-else
+    # conditions, which no evaluator or printer has; as and/or they mean the same
+    return built.replace(lambda e: isinstance(e, ITE), lambda e: e.to_nnf())
 
 
 def activation_expression(key: ActivationKey,

@@ -26,7 +26,7 @@ import sympy
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import kernel_attrs
-from pbxc.ops import ADAPTIVE_AVGPOOL, AVGPOOL, MAXPOOL, OpKind
+from pbxc.ops import ADAPTIVE_AVGPOOL, AVGPOOL, CONV_STANDARD, CONV_TRANSPOSED, MAXPOOL, OpKind
 from pbxc.symbolic.activations import Z, activation_expression
 from pbxc.symbolic.mpeval import mp_function
 
@@ -90,16 +90,18 @@ def parameter_count(model: Any) -> int:
 def _windows(x: Array, kernel: tuple[int, ...], stride: tuple[int, ...],
              padding: tuple[int, ...], dilation: tuple[int, ...], fill: Any
              ) -> tuple[Array, tuple[int, ...]]:
-    """(L, C, *spatial) -> (L, C, prod(kernel), *out_spatial) windows, padded with ``fill``."""
+    """(L, C, *spatial) -> (L, C, prod(kernel), *out_spatial) windows, padded with ``fill``;
+    ``padding`` per axis is an int (both sides) or (begin, end)."""
     lanes, channels, *spatial = x.shape
-    padded_shape = (lanes, channels, *(s + 2 * p for s, p in zip(spatial, padding)))
+    sides = [(p, p) if isinstance(p, (int, np.integer)) else tuple(p) for p in padding]
+    padded_shape = (lanes, channels, *(s + b + e for s, (b, e) in zip(spatial, sides)))
     padded = np.empty(padded_shape, dtype=x.dtype)
     padded[...] = fill
-    inner = tuple(slice(p, p + s) for p, s in zip(padding, spatial))
+    inner = tuple(slice(b, b + s) for (b, _), s in zip(sides, spatial))
     where = (slice(None), slice(None), *inner)
     padded[where] = x
-    out = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
-                for s, p, d, k, st in zip(spatial, padding, dilation, kernel, stride))
+    out = tuple((s + b + e - d * (k - 1) - 1) // st + 1
+                for s, (b, e), d, k, st in zip(spatial, sides, dilation, kernel, stride))
     pieces = []
     for offset in np.ndindex(*kernel):
         index = tuple(slice(o * d, o * d + (n - 1) * st + 1, st)
@@ -122,6 +124,37 @@ def _conv(x: Array, w: Array, attrs: Mapping[str, Any], dims: int) -> Array:
         wg = w[g * per_out:(g + 1) * per_out].reshape(per_out, -1)
         results.append(np.matmul(wg, cols))
     return np.concatenate(results, axis=1).reshape(lanes, w.shape[0], *out)
+
+
+def _conv_transpose(x: Array, w: Array, attrs: Mapping[str, Any], out: tuple[int, ...]
+                    ) -> Array:
+    """Transposed convolution by its definition, independent of the kernels' col2im: input
+    position i of channel c adds x[c, i] w[c, o, k] to output position i*stride + k*dilation
+    - pad_begin (positions outside the output are dropped)."""
+    stride, dilation = tuple(attrs["stride"]), tuple(attrs["dilation"])
+    begins = [p[0] for p in attrs["padding"]]
+    groups = int(attrs["groups"])
+    lanes, channels, *spatial = x.shape
+    per_in, per_out = channels // groups, w.shape[1]
+    kernel = w.shape[2:]
+    full = tuple((n - 1) * st + d * (k - 1) + 1 + b + o
+                 for n, st, d, k, b, o in zip(spatial, stride, dilation, kernel, begins, out))
+    zero = x.dtype.type(0) if x.dtype != object else 0
+    acc = np.empty((lanes, groups * per_out, *full), dtype=x.dtype)
+    acc[...] = zero
+    for g in range(groups):
+        xg = np.moveaxis(x[:, g * per_in:(g + 1) * per_in], 1, -1)       # (L, *in, Cg)
+        for offset in np.ndindex(*kernel):
+            which = (slice(g * per_in, (g + 1) * per_in), slice(None), *offset)
+            wk = w[which]   # (Cg, Og)
+            contrib = np.moveaxis(np.matmul(xg, wk), -1, 1)             # (L, Og, *in)
+            index = tuple(slice(k * d, k * d + (n - 1) * st + 1, st)
+                          for k, d, n, st in zip(offset, dilation, spatial, stride))
+            where = (slice(None), slice(g * per_out, (g + 1) * per_out), *index)
+            acc[where] = acc[where] + contrib
+    crop = tuple(slice(b, b + n) for b, n in zip(begins, out))
+    inner = (slice(None), slice(None), *crop)
+    return acc[inner]
 
 
 def _channel(v: Array, rank: int) -> Array:
@@ -151,8 +184,11 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
     if kind is OpKind.LINEAR:
         y = np.matmul(x, p["weight"].T)
         return _offset(y, p["bias"]) if "bias" in p else y
-    if kind in (OpKind.CONV1D, OpKind.CONV2D):
-        y = _conv(x, p["weight"], attrs, 1 if kind is OpKind.CONV1D else 2)
+    if kind in CONV_STANDARD:
+        y = _conv(x, p["weight"], attrs, x.ndim - 2)
+        return _offset(y, _channel(p["bias"], y.ndim - 1)[0]) if "bias" in p else y
+    if kind in CONV_TRANSPOSED:
+        y = _conv_transpose(x, p["weight"], attrs, tuple((node.shape or ())[1:]))
         return _offset(y, _channel(p["bias"], y.ndim - 1)[0]) if "bias" in p else y
     round2 = _round2(node, xs, p, kit, attrs)
     if round2 is not None:

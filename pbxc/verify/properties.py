@@ -470,9 +470,13 @@ def check_backend_parity(ctx: Context, inputs: dict[str, Array], cfg: CheckConfi
     if runners is None:
         runners, skipped = available_backends(model)
         ctx.cache["backends"], ctx.cache["backends_skipped"] = runners, skipped
+    skipped_text = "; ".join(f"{n}: {r}" for n, r in ctx.cache["backends_skipped"])
     if not runners:
-        raise Skip("no second backend is available: " + "; ".join(
-            f"{n}: {r}" for n, r in ctx.cache["backends_skipped"]))
+        raise Skip("no second backend is available: " + skipped_text)
+    # the report says which backends ran (and why the others did not)
+    ctx.cache.setdefault("notes", {})[cfg.name] = (
+        "ran " + ", ".join(r.name for r in runners)
+        + (f"; skipped {skipped_text}" if skipped_text else ""))
     default = baseline_of(ctx, inputs, cfg.settings["baseline"])
     x = inputs if len(inputs) > 1 else inputs[ctx.wrt]
     ref_out = model.outputs(inputs)

@@ -1,7 +1,7 @@
 """Hypothesis strategies for random well-formed models: .pbx text plus weights.
 
-``random_models()`` draws a DAG of the supported ops (linear, conv2d, max and average
-pooling (ceil_mode too), adaptive pooling, upsampling, padding, batch norm, normalize,
+``random_models()`` draws a DAG of the supported ops (linear, conv2d, conv_transpose2d, max and
+average pooling (ceil_mode too), adaptive pooling, upsampling, padding, batch norm, normalize,
 residual adds, products and gates, constants, prelu, concat, flatten, global pooling and
 activations, a user-defined one included) with random shapes and weights, ending in a
 ``logits`` vector. Used by the project's property tests on every backend.
@@ -63,8 +63,8 @@ def random_models(draw: st.DrawFn, max_ops: int = 5) -> RandomModel:
         choices = ["activation", "activation", "activation", "add", "batchnorm"]
         choices += ["prelu", "product", "constant"]
         if len(s) == 3:
-            choices += ["conv2d", "conv2d", "flatten", "global_avgpool", "concat", "upsample",
-                        "adaptive", "pad", "gate"]
+            choices += ["conv2d", "conv2d", "conv_transpose2d", "flatten", "global_avgpool",
+                        "concat", "upsample", "adaptive", "pad", "gate"]
             if s[1] >= 2 and s[2] >= 2:
                 choices += ["maxpool2d", "avgpool2d", "pool_ceil"]
         else:
@@ -108,8 +108,25 @@ def random_models(draw: st.DrawFn, max_ops: int = 5) -> RandomModel:
             pad = draw(st.integers(0, 1))
             weight(f"{name}.weight", (c_out, s[0], k, k), s[0] * k * k)
             weights[f"{name}.bias"] = rng.normal(size=c_out) * 0.1
-            lines.append(f"{name} = conv2d({src}, @{name}, padding={pad})")
-            out = (c_out, s[1] + 2 * pad - k + 1, s[2] + 2 * pad - k + 1)
+            if draw(st.booleans()):
+                lines.append(f"{name} = conv2d({src}, @{name}, padding={pad})")
+                out = (c_out, s[1] + 2 * pad - k + 1, s[2] + 2 * pad - k + 1)
+            else:   # per side: (top, bottom, left, right)
+                top, left = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+                lines.append(f"{name} = conv2d({src}, @{name}, padding=({top}, {pad}, {left}, "
+                             f"{pad}))")
+                out = (c_out, s[1] + top + pad - k + 1, s[2] + left + pad - k + 1)
+        elif op == "conv_transpose2d":
+            c_out = draw(st.integers(1, 3))
+            k = draw(st.integers(1, 3))
+            stride = draw(st.integers(1, 2))
+            pad = draw(st.integers(0, k - 1))
+            extra = draw(st.integers(0, stride - 1))
+            weight(f"{name}.weight", (s[0], c_out, k, k), s[0] * k * k)
+            weights[f"{name}.bias"] = rng.normal(size=c_out) * 0.1
+            lines.append(f"{name} = conv_transpose2d({src}, @{name}, stride={stride}, "
+                         f"padding={pad}, output_padding={extra})")
+            out = (c_out, *((n - 1) * stride - 2 * pad + k + extra for n in s[1:]))
         elif op in ("maxpool2d", "avgpool2d"):
             lines.append(f"{name} = {op}({src}, kernel=2)")
             out = (s[0], s[1] // 2, s[2] // 2)
