@@ -9,8 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from pbxc.cli import EXIT_OK, UsageError, atomic_write, load_array_file
+from pbxc.cli import (
+    EXIT_OK,
+    FORCE_HELP,
+    UsageError,
+    atomic_write,
+    check_output,
+    load_array_file,
+)
 from pbxc.errors import InputError
+from pbxc.outputs import check_directory_target
 
 DEFAULT_METHODS = "gradient,input_x_gradient,lrp-epsilon,dfd"
 
@@ -47,6 +55,9 @@ def cmd_score(args: argparse.Namespace) -> int:
                          f"and {args.batch_size}")
     if args.max_samples is not None and args.max_samples < 1:
         raise InputError(f"--max-samples must be a positive number, got {args.max_samples}")
+    check_output(args.out, args.force)
+    if args.png:
+        check_directory_target(args.png)
     model = load(args.model, dtype=args.dtype)
     if len(model.input_names) != 1:
         raise UsageError(f"score takes models with one input; this one has "
@@ -74,7 +85,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         def write(tmp: Path) -> None:
             tmp.write_text(text, encoding="utf-8")
-        atomic_write(Path(args.out), write)
+        atomic_write(Path(args.out), write, args.force)
         print(f"wrote {args.out}")
     if args.png:
         from pbxc.evaluate.plots import draw_attributions, draw_co_boxplots, draw_gax_history
@@ -112,6 +123,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", "-o", help="write the report as JSON")
     p.add_argument("--png", metavar="DIR", help="box plots, heatmaps and GAX curves as PNG")
     p.add_argument("--png-max", type=int, default=4, help="heatmap PNGs per method (4)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--max-samples", type=int, help="score only the first N samples")
     p.add_argument("--batch-size", type=int, default=256, help="samples per step")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")

@@ -125,6 +125,11 @@ class InputError(PbxError):
     """An input array given at run time does not fit the model."""
 
 
+class OutputError(PbxError):
+    """An output cannot be written safely: it would replace what pbxc did not write, or the
+    file system refuses it (read-only, too long, no space)."""
+
+
 class UnsupportedOp(PbxError):
     """A pass, printer or backend has no rule for an op or construct."""
 

@@ -54,6 +54,15 @@ _BUILTINS: dict[str, Callable[..., sympy.Expr]] = {
     # boundaries belong to the constant pieces, so the derivative there is 0 (as in PyTorch)
     "hardtanh": lambda z, lo, hi: Piecewise((lo, z <= lo), (hi, z >= hi), (z, True)),
     "hardsigmoid": lambda z: Piecewise((0, z <= -3), (1, z >= 3), (z / 6 + Rational(1, 2), True)),
+    # torch's ReLU6 is hardtanh(0, 6): the bounds belong to the constant pieces
+    "relu6": lambda z: Piecewise((0, z <= 0), (6, z >= 6), (z, True)),
+    # torch.clamp with number bounds (ONNX Clip): gradient 0 at the bounds, as hardtanh
+    "clip": lambda z, lo, hi: Piecewise((lo, z <= lo), (hi, z >= hi), (z, True)),
+    # torch's hardswish backward: 0 for z <= -3, 1 for z >= 3, z/3 + 1/2 between
+    "hardswish": lambda z: Piecewise((0, z <= -3), (z, z >= 3), (z * (z + 3) / 6, True)),
+    # Hendrycks & Gimpel 2016, section 2: z/2 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), torch's
+    # approximate="tanh"; written z sigmoid(2u) (1 + tanh u = 2 sigmoid 2u): no cancellation
+    "gelu_tanh": lambda z: z * Sigmoid(2 * sqrt(2 / sympy.pi) * (z + Rational(44715, 10**6) * z**3)),
     "abs": lambda z: Abs(z),
     "exp": lambda z: exp(z),
     "log_sigmoid": lambda z: -Softplus(-z),
