@@ -184,6 +184,20 @@ def is_npy(path: Path) -> bool:
         return fh.read(6) == b"\x93NUMPY"
 
 
+def read_array_file(path: Path, key: str | None = None, prefer: str | None = None
+                    ) -> np.ndarray:
+    """One array from an .npy file, or one member of an .npz (``key``; else ``prefer`` if it is
+    there; else the only member), with every check above; only that member is read."""
+    if is_npy(path):
+        return read_npy(path)
+    directory = npz_directory(path)
+    files = list(directory)
+    pick = key or (prefer if prefer in directory else files[0] if len(files) == 1 else None)
+    if pick is None or pick not in directory:
+        raise ArrayFileError(f"it has keys {files}; name one of them")
+    return directory[pick].read()
+
+
 # ---------------------------------------------------------------------------- .safetensors
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
                        "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8",
