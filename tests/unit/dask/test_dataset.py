@@ -319,6 +319,15 @@ def test_usage_errors_of_the_data_set_options(capsys: pytest.CaptureFixture[str]
     code, _, err = cli(capsys, "explain", MLP, "-m", "lrp", "-i", data["mlp"],
                        "--out", tmp_path / "o.zarr", "--workers", "0")
     assert code == 2 and "--workers must be at least 1" in err
+    code, _, err = cli(capsys, "explain", MLP, "-m", "hessian", "-i", data["mlp"],
+                       "--out", tmp_path / "o.zarr")
+    assert code == 2 and "runs in memory only" in err
+    (tmp_path / "elsewhere.zarr").mkdir()
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "elsewhere.zarr")
+    code, _, err = cli(capsys, "explain", MLP, "-m", "lrp", "-i", data["mlp"],
+                       "--out", tmp_path / "link.zarr")
+    assert code == 1 and "is a symbolic link" in err
+    assert not any((tmp_path / "elsewhere.zarr").iterdir())
 
 
 def test_an_in_memory_run_imports_neither_dask_nor_zarr(
