@@ -122,6 +122,9 @@ def explain_dataset(args: argparse.Namespace) -> int:
     note = summary.nonfinite_line()
     if note:
         print(f"  {note}")
+    if summary.kinks is not None:
+        print(f"  {summary.kinks} unit(s) sat exactly on a kink; there f' is the "
+              f"'{args.kinks}' convention (--kinks)")
     print(f"wrote {args.out}")
     return EXIT_OK
 

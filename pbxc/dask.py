@@ -957,6 +957,7 @@ class Summary:
     seconds: float
     worst: dict[str, float]
     nonfinite: list[int]
+    kinks: int | None = None     # gradient methods: units exactly on a kink, all samples
 
     @property
     def samples_per_second(self) -> float:
@@ -992,8 +993,9 @@ def _summarise(group: Any, job: Plan, out: Path, computed: int, computed_samples
             finite = values[np.isfinite(values)]
             worst[key] = float(finite.max()) if finite.size else 0.0
     nonfinite = np.flatnonzero(np.asarray(group["nonfinite"][:])).tolist()
+    kinks = int(np.asarray(group["kinks"][:]).sum()) if "kinks" in job.layout else None
     summary = Summary(str(out), job.n, job.n_chunks, computed, computed_samples, seconds,
-                      worst, nonfinite)
+                      worst, nonfinite, kinks)
     attrs = dict(group.attrs.asdict())
     attrs["pbxc_result"] = {"complete": True, **worst, "nonfinite_samples": len(nonfinite)}
     group.attrs.update(attrs)
