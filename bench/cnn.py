@@ -15,13 +15,17 @@ Peers, per pass, each with the predicted class as the target:
   computes no weight gradients);
 * lrp: Zennit, Epsilon(1e-6) on convolutions and linear layers, Norm on average pooling,
   activations passed, with ``ResNetCanonizer`` (batch-norm fold and a rule-able residual sum)
-  or, for DenseNet, ``SequentialMergeBatchNorm``; pbxc runs its "epsilon" composite;
+  for the ResNets; DenseNet's batch norms follow concatenations, which Zennit's
+  ``SequentialMergeBatchNorm`` cannot fold, and stay unfolded; pbxc runs its "epsilon"
+  composite (on ONNX's graph, batch norms folded where a convolution precedes them);
 * dfd: Captum ``DeepLift`` against the zeros baseline (the ResNet blocks get one ReLU module
   per use, which Captum requires); the target needs a forward pass of its own, which is timed.
 
 Each measurement runs in its own subprocess, one at a time: the model and input are built,
 then the peak resident set is reset (``/proc/self/clear_refs``) and the pass's first call is
-timed; then warm calls. Peak memory is the largest ``VmHWM - VmRSS before the call`` over
+timed; then warm calls (the median wall time, and the median CPU time of the process, all
+threads: on a shared machine the wall time of a multi-threaded peer suffers most). The time
+ratio is of wall times. Peak memory is the largest ``VmHWM - VmRSS before the call`` over
 the calls: the pass's own memory, measured the same way for pbxc and every peer (weights,
 caches built on an earlier call and the interpreter are not counted; pbxc's first call
 includes the dense convolution cache it builds). Each subprocess has an address-space limit
@@ -154,17 +158,17 @@ def _pass_fn(spec: dict[str, Any]) -> Any:
         return gradient
     if spec["pass"] == "lrp":
         from zennit.attribution import Gradient
-        from zennit.canonizers import SequentialMergeBatchNorm
         from zennit.composites import LayerMapComposite
         from zennit.rules import Epsilon, Norm, Pass
         from zennit.torchvision import ResNetCanonizer
         from zennit.types import Activation, AvgPool, Convolution, Linear
 
-        canonizer = ResNetCanonizer() if spec["model"].startswith("resnet") \
-            else SequentialMergeBatchNorm()
+        # DenseNet's batch norms follow concatenations, which SequentialMergeBatchNorm
+        # cannot fold (it fails on a shape mismatch): there they stay, without a rule
+        canonizers = [ResNetCanonizer()] if spec["model"].startswith("resnet") else []
         composite = LayerMapComposite(
             layer_map=[(Activation, Pass()), (Convolution, Epsilon(1e-6)),
-                       (Linear, Epsilon(1e-6)), (AvgPool, Norm())], canonizers=[canonizer])
+                       (Linear, Epsilon(1e-6)), (AvgPool, Norm())], canonizers=canonizers)
 
         def lrp() -> Any:
             with Gradient(model=net, composite=composite) as attributor:
@@ -190,18 +194,20 @@ def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
 
     warnings.simplefilter("ignore")
     fn = _pass_fn(spec)
-    times, peaks = [], []
+    times, cpus, peaks = [], [], []
     for _ in range(1 + spec["repeat"]):
         gc.collect()
         _reset_peak()
         base = _status("VmRSS")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         peaks.append(_status("VmHWM") - base)
         del result
     warm = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
-    return {"first_s": times[0], "warm_s": warm, "peak_bytes": max(peaks)}
+    cpu = sorted(cpus[1:])[len(cpus[1:]) // 2] if len(cpus) > 1 else cpus[0]
+    return {"first_s": times[0], "warm_s": warm, "cpu_s": cpu, "peak_bytes": max(peaks)}
 
 
 def measure(spec: dict[str, Any], max_gb: float, timeout: float) -> dict[str, Any]:
@@ -228,8 +234,8 @@ def run_models(models: list[str], size: int, batches: list[int], dtypes: list[st
     print(f"torchvision CNNs at 3x{size}x{size}; one subprocess per measurement, address "
           f"space <= {max_gb:g} GB; peak = VmHWM - VmRSS before the call")
     header = (f"{'model':<12} {'dtype':<8} {'batch':>5}  {'pass':<9} {'pbxc s':>8} "
-              f"{'first s':>8} {'pbxc MiB':>9}  {'peer':<16} {'peer s':>8} {'peer MiB':>9} "
-              f"{'t ratio':>7} {'m ratio':>7}")
+              f"{'cpu s':>8} {'first s':>8} {'pbxc MiB':>9}  {'peer':<16} {'peer s':>8} "
+              f"{'cpu s':>8} {'peer MiB':>9} {'t ratio':>7} {'m ratio':>7}")
     print(header)
     for name in models:
         pbx = exported(name, size)
@@ -249,8 +255,9 @@ def _row(name: str, dtype: str, batch: int, pass_name: str, ours: dict[str, Any]
 
     def cols(r: dict[str, Any], first: bool) -> str:
         if "error" in r:
-            return f"{'failed':>8} {'':>8} {'':>9}" if first else f"{'failed':>8} {'':>9}"
-        text = f"{r['warm_s']:>8.3f} "
+            return f"{'failed':>8} {'':>8} {'':>8} {'':>9}" if first else \
+                f"{'failed':>8} {'':>8} {'':>9}"
+        text = f"{r['warm_s']:>8.3f} {r['cpu_s']:>8.3f} "
         if first:
             text += f"{r['first_s']:>8.3f} "
         return text + f"{r['peak_bytes'] / mib:>9.1f}"

@@ -1,10 +1,12 @@
-"""ResNet-18 gradient at realistic sizes: pbxc beside torch, time and peak memory.
+"""ResNet-18 gradient at realistic sizes: pbxc beside torch, time and peak memory; and
+DenseNet-121's first call against its warm call (``--densenet-first-call``).
 
 Each measurement runs in its own process, so the peak resident memory (ru_maxrss) is that
 pass's alone. torchvision's resnet18 with weights=None (seeded), BatchNorm in eval with
 non-trivial running statistics; the .pbx is written from the module's structure.
 
     python bench/conv_resnet18.py --batch 16 --size 224 --dtype float64
+    python bench/conv_resnet18.py --densenet-first-call --batch 1 --size 64
 
 ``--workspace-mb`` sets pbxc's convolution workspace (PBXC_WORKSPACE_MB, default 256).
 """
@@ -65,8 +67,74 @@ def write_pbx(folder: Path, size: int, dtype: str) -> Path:
     return path
 
 
+def write_densenet_pbx(folder: Path, size: int, dtype: str) -> Path:
+    """torchvision's densenet121 (weights=None, seeded) as .pbx, for the first-call figure."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.densenet121(weights=None).eval()
+    np.savez(folder / "densenet121.npz",
+             **{k: v.detach().numpy() for k, v in net.state_dict().items()
+                if not k.endswith("num_batches_tracked")})
+    f = "features"
+    lines = ["model densenet121", 'weights "densenet121.npz"',
+             f"input x: {dtype}[3, {size}, {size}]",
+             f'stem = relu(batchnorm(conv2d(x, @"{f}.conv0", stride=2, padding=3, bias=false), '
+             f'@"{f}.norm0"))',
+             "t0 = maxpool2d(stem, kernel=3, stride=2, padding=1)"]
+    src = "t0"
+    for block, layers in enumerate((6, 12, 24, 16), start=1):
+        feats = [src]
+        for j in range(1, layers + 1):
+            p, n = f"{f}.denseblock{block}.denselayer{j}", f"b{block}l{j}"
+            inp = feats[0] if len(feats) == 1 else f"{n}cat"
+            if len(feats) > 1:
+                lines.append(f"{n}cat = concat({', '.join(feats)})")
+            lines += [f'{n}a = relu(batchnorm(conv2d(relu(batchnorm({inp}, @"{p}.norm1")), '
+                      f'@"{p}.conv1", bias=false), @"{p}.norm2"))',
+                      f'{n} = conv2d({n}a, @"{p}.conv2", padding=1, bias=false)']
+            feats.append(n)
+        lines.append(f"b{block}out = concat({', '.join(feats)})")
+        if block < 4:
+            p = f"{f}.transition{block}"
+            lines.append(f't{block} = avgpool2d(conv2d(relu(batchnorm(b{block}out, '
+                         f'@"{p}.norm")), @"{p}.conv", bias=false), kernel=2)')
+            src = f"t{block}"
+    lines.append(f'output y = linear(global_avgpool(relu(batchnorm(b4out, @"{f}.norm5"))), '
+                 '@classifier)')
+    path = folder / "densenet121.pbx"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def first_call(folder: Path, batch: int, size: int, dtype: str) -> None:
+    """DenseNet-121: the first and the warm gradient, LRP and DFD in one process (the dense
+    matrices of its small convolutions are built during the first calls)."""
+    import pbxc
+
+    path = write_densenet_pbx(folder, size, dtype)
+    start = time.perf_counter()
+    model = pbxc.load(path, dtype=dtype)
+    print(f"densenet121 {size}x{size} {dtype} batch {batch}: load {time.perf_counter() - start:.2f} s; "
+          f"{len(model.dense_ops)} ops as dense matrices")
+    x = np.random.default_rng(1).normal(size=(batch, 3, size, size)).astype(dtype)
+    for name, fn in (("gradient", model.gradient), ("lrp", model.lrp), ("dfd", model.dfd)):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - start)
+        print(f"  {name:<9} first {times[0]:6.2f} s   warm {times[1]:6.2f} s")
+    cached = sum(a.nbytes for a in model.dense_cache.values())
+    print(f"  dense cache {cached / 2**20:.1f} MiB; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
 def measure(which: str, folder: Path, batch: int, size: int, dtype: str) -> dict[str, float]:
     x = np.random.default_rng(1).normal(size=(batch, 3, size, size)).astype(dtype)
+    # fixed classes: in float32 an argmax may differ between two correct implementations
+    target = np.arange(batch) * 37 % 1000
     if which == "torch":
         import torch
         import torchvision
@@ -79,7 +147,7 @@ def measure(which: str, folder: Path, batch: int, size: int, dtype: str) -> dict
         def run() -> np.ndarray:
             xt = torch.tensor(x, requires_grad=True)
             y = net(xt)
-            y[torch.arange(batch), y.argmax(1)].sum().backward()
+            y[torch.arange(batch), torch.from_numpy(target)].sum().backward()
             return xt.grad.numpy()
     else:
         import pbxc
@@ -87,7 +155,7 @@ def measure(which: str, folder: Path, batch: int, size: int, dtype: str) -> dict
         model = pbxc.load(folder / "resnet18.pbx", dtype=dtype)
 
         def run() -> np.ndarray:
-            return model.gradient(x)
+            return model.gradient(x, target=target)
     start = time.perf_counter()
     grad = run()
     first = time.perf_counter() - start
@@ -105,9 +173,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--workspace-mb", type=float, default=None)
+    ap.add_argument("--densenet-first-call", action="store_true",
+                    help="instead: DenseNet-121's first and warm calls (pbxc only)")
     ap.add_argument("--only", choices=["torch", "pbxc"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.densenet_first_call:
+        with tempfile.TemporaryDirectory() as tmp:
+            first_call(Path(tmp), args.batch, args.size, args.dtype)
+        return
     if args.only:
         print(json.dumps(measure(args.only, Path(args.folder), args.batch, args.size,
                                  args.dtype)))

@@ -265,7 +265,8 @@ def torch_hessian(net, x: np.ndarray, target: int,  # type: ignore[no-untyped-de
     return lambda: torch.cat([fn(xt[s:s + chunk]) for s in range(0, len(xt), chunk)])
 
 
-def run_hessian(batches: list[int], dtypes: list[str], quick: bool) -> None:
+def run_hessian(batches: list[int], dtypes: list[str], quick: bool,
+                models: tuple[str, ...] = ("small", "large")) -> None:
     """pbxc's model.hessian (one target) beside torch.func.vmap(torch.func.hessian)."""
     from pbxc.runtime.hessian import CURVED_KINDS
 
@@ -278,7 +279,8 @@ def run_hessian(batches: list[int], dtypes: list[str], quick: bool) -> None:
         rate = gemm_rate(dtype)
         print(f"\nGEMM rate ({dtype}, 512^3): {2 * rate / 1e9:.1f} GFLOP/s")
         print(header)
-        for name in ("30-64-32-2", "784-512x3-10"):
+        for name in [n for n, key in (("30-64-32-2", "small"), ("784-512x3-10", "large"))
+                     if key in models]:
             small = name.startswith("30")
             model = load_small_mlp(dtype) if small else load_mlp(dtype)
             widths = SMALL_WIDTHS if small else MLP_WIDTHS
@@ -321,6 +323,9 @@ def main() -> None:
                         help="address-space limit of each --models measurement (GB)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds per --models measurement")
+    parser.add_argument("--hessian-models", nargs="+", default=["small", "large"],
+                        choices=["small", "large"],
+                        help="hessian section: the 30-64-32-2 and/or the 784-512x3-10 MLP")
     args = parser.parse_args()
     if args.models:
         unknown = sorted(set(args.models.split(",")) - set(MODELS))
@@ -333,7 +338,7 @@ def main() -> None:
     if "passes" in args.sections:
         run(args.batches, args.dtypes, args.quick)
     if "hessian" in args.sections:
-        run_hessian(args.batches, args.dtypes, args.quick)
+        run_hessian(args.batches, args.dtypes, args.quick, tuple(args.hessian_models))
 
 
 if __name__ == "__main__":

@@ -142,6 +142,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
 
+    if args.show < 0:
+        raise InputError(f"--show must be 0 or more rows, got {args.show}")
     check_output(args.out, args.force)
     model = load(args.model, dtype=args.dtype)
     x = load_array_file(args.input, args.key, model.input_names)
@@ -480,7 +482,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from pbxc.lower.memory import PASSES, predict
 
         for pass_name in PASSES:
-            print(predict(model.graph, pass_name, args.batch, model.dtype).explain())
+            print(predict(model.graph, pass_name, args.batch or 256, model.dtype).explain())
     if args.output:
         files = compile_model(model, args.output, target=args.target, force=args.force)
         print(f"wrote {', '.join(str(f) for f in files)}")
@@ -603,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    restore = _interrupt_on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -620,6 +623,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pbxc: interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """SIGTERM ends a command as Ctrl-C does, so the outputs being written are removed
+    (pbxc.outputs' temporaries and staging folders); returns what puts the old handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+    return restore
 
 
 if __name__ == "__main__":

@@ -40,9 +40,10 @@ import numpy as np
 
 from pbxc.errors import InputError, PbxError
 from pbxc.graph.build import build_graph
+from pbxc.graph.frontend import frontend, weight_paths
 from pbxc.parse.ast import Program
 from pbxc.parse.parser import parse_file, parse_text
-from pbxc.pipeline import BACKENDS, _on_backend, frontend, weight_paths
+from pbxc.pipeline import BACKENDS, _on_backend
 from pbxc.runtime.dfd import resolve_baseline
 from pbxc.runtime.model import Model, resolve_dtype
 from pbxc.symbolic.calculus import DEFAULT_CONVENTION

@@ -244,7 +244,9 @@ SIGNATURES: dict[str, OpSignature] = {
         ), summary="constant padding of the trailing axes; pads as torch.nn.functional.pad"),
         OpSignature(OpKind.GLOBAL_AVGPOOL, "global_avgpool",
                     summary="mean over every axis after the channel axis: [C, ...] -> [C]"),
-        OpSignature(OpKind.FLATTEN, "flatten", summary="[d1, d2, ...] -> [d1*d2*...]"),
+        OpSignature(OpKind.FLATTEN, "flatten", attrs=(
+            AttrSpec("start", AttrType.INT, 0, minimum=0),),
+            summary="[d1, d2, ...] -> [d1*d2*...]; from per-sample axis start (default 0)"),
         OpSignature(OpKind.RESHAPE, "reshape", attrs=(
             AttrSpec("shape", AttrType.SHAPE, required=True),
         ), summary="reshape the per-sample shape; one dimension may be -1"),

@@ -46,7 +46,7 @@ from pbxc.codegen.numpy_module import (
 )
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs
+from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, kernel_base
 from pbxc.ops import OpKind
 
 #: ops the CUDA target compiles
@@ -84,6 +84,9 @@ def unsupported(graph: ModelGraph) -> str | None:
                 b != e for b, e in kernel_attrs(node)["padding"]):
             return (f"the cuda target takes symmetric convolution padding only; "
                     f"'{node.name}' pads {kernel_attrs(node)['padding']} (begin, end) per axis")
+        refused = _refused_form(node)
+        if refused:
+            return refused
         if node.kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
             rank = len(node.shape or ())
             if int(kernel_attrs(node)["axis"]) != rank - 1:
@@ -92,6 +95,19 @@ def unsupported(graph: ModelGraph) -> str | None:
             kh, kw = kernel_attrs(node)["kernel"]
             if kh * kw > MAX_WINDOW:
                 return f"the cuda target takes pooling windows of at most {MAX_WINDOW} elements"
+    return None
+
+
+def _refused_form(node: OpNode) -> str | None:
+    """Forms of supported ops that the cuda kernels do not implement (the NumPy backend and
+    ``pbxc compile`` do): ceil_mode or dilated 2-d pooling, add with broadcasting or a
+    constant."""
+    base = kernel_base(node)
+    if node.kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D) and base != node.kind.value:
+        return (f"the cuda target has no kernels for {node.kind.value} with ceil_mode or "
+                "dilation")
+    if node.kind is OpKind.ADD and base != "add":
+        return "the cuda target adds values of one shape only (no broadcasting or constants)"
     return None
 
 
@@ -195,6 +211,9 @@ class CudaModuleRenderer:
                 raise UnsupportedOp(f"the cuda target has no kernels for op '{node.kind.value}'"
                                     + _CUDA_HINTS.get(node.kind, ""),
                                     node.pos)
+            refused = _refused_form(node)
+            if refused:
+                raise UnsupportedOp(refused, node.pos)
         outputs = set(graph.output_names)
         # producer -> the activation fused into its epilogue
         self.fused: dict[str, str] = {}

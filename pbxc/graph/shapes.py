@@ -337,6 +337,14 @@ def _reshape(ctx: _Ctx) -> Shape:
     return tuple(target)
 
 
+def _flatten(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    start = ctx.node.attr("start") or 0
+    if start >= max(len(x), 1):
+        raise ctx.fail(f"start {start} is out of range for per-sample shape {fmt(x)}")
+    return (*x[:start], math.prod(x[start:]))
+
+
 def _batchnorm(ctx: _Ctx) -> Shape:
     x = ctx.inputs[0]
     for role in ("weight", "bias", "running_mean", "running_var"):
@@ -406,7 +414,7 @@ SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
     OpKind.UNSQUEEZE: _unsqueeze,
     OpKind.PAD: _pad,
     OpKind.GLOBAL_AVGPOOL: _global_avgpool,
-    OpKind.FLATTEN: lambda c: (math.prod(c.inputs[0]),),
+    OpKind.FLATTEN: _flatten,
     OpKind.RESHAPE: _reshape,
     OpKind.ADD: _elementwise,
     OpKind.CONCAT: _concat,

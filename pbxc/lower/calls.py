@@ -51,7 +51,8 @@ def kernel_base(node: OpNode) -> str:
         return "avgpool2d" if _pool_fast_2d(node) else "avgpool"
     if kind in ADAPTIVE_AVGPOOL:
         return "adaptive_avgpool"
-    if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE):
+    if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE) or (kind is OpKind.FLATTEN
+                                                       and node.attr("start")):
         return "reshape"
     if kind in (OpKind.ADD, OpKind.SUB):
         if is_linear_form(node):
@@ -92,7 +93,7 @@ def _round2_attrs(node: OpNode) -> tuple[tuple[str, Any], ...] | None:
             scale = tuple(scale) * spatial
         return (("mode", node.attr("mode")), ("out", out), ("scale", scale),
                 ("align_corners", bool(node.attr("align_corners"))))
-    if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE):
+    if base == "reshape":   # squeeze, unsqueeze, flatten from an inner axis
         return (("shape", tuple(node.shape or ())),)
     if base == "signed_sum":
         return (("signs", (1,) + ((-1,) if kind is OpKind.SUB else (1,)) * (len(node.inputs) - 1)),)

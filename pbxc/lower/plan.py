@@ -23,9 +23,9 @@ CALL_OVERHEAD = 20_000
 # dense matrix is small may therefore be cheaper applied as that matrix.
 GEMM_ADVANTAGE = 8
 DENSE_LIMIT = 1 << 22  # entries of a dense op matrix worth caching
-# entries of all of one model's cached dense matrices together (128 MiB in float32, 256 MiB in
+# entries of all of one model's cached dense matrices together (64 MiB in float32, 128 MiB in
 # float64): the ops that gain most per entry are chosen first, the rest run their kernels
-DENSE_TOTAL_LIMIT = 1 << 25
+DENSE_TOTAL_LIMIT = 1 << 24
 DENSABLE = frozenset({OpKind.AVGPOOL2D}) | CONVOLUTIONS
 
 
@@ -48,10 +48,11 @@ def vector_cost(node: OpNode, graph: ModelGraph) -> int:
         return out * size(weight[1:])  # each output sums in/groups x kernel products
     if kind in MAXPOOL | AVGPOOL:
         return out * int(np.prod(node.attr("kernel")))
-    if kind in ADAPTIVE_AVGPOOL or kind is OpKind.UPSAMPLE:
-        # one small dense matrix per spatial axis, applied axis by axis
+    if kind in ADAPTIVE_AVGPOOL:   # one small 0/1 matrix per spatial axis, axis by axis
         shape = graph.shape_of(node.inputs[0])
         return sum(ins) * max(shape[1:]) + out * max((node.shape or (1, 1))[1:])
+    if kind is OpKind.UPSAMPLE:   # two taps per output and axis
+        return 2 * out * (len(node.shape or (1, 1)) - 1)
     if kind in (OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.PAD, OpKind.PRELU):
         return out + sum(ins)
     if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE):
@@ -74,7 +75,16 @@ def dense_cost(node: OpNode, graph: ModelGraph) -> int | None:
     entries = size(node.shape) * size(graph.shape_of(node.inputs[0]))
     if entries > DENSE_LIMIT:
         return None
+    if node.kind in CONVOLUTIONS and _pointwise(node, graph):
+        return entries   # its kernel is already one plain GEMM: no im2col to save
     return max(1, entries // GEMM_ADVANTAGE)
+
+
+def _pointwise(node: OpNode, graph: ModelGraph) -> bool:
+    """A 1x1 convolution with stride 1 and no padding: a plain GEMM over the channels."""
+    weight = graph.param_shapes[node.param_key("weight") or ""]
+    return (all(k == 1 for k in weight[2:]) and all(s == 1 for s in node.attr("stride"))
+            and not any(node.attr("padding")))
 
 
 def cheaper_dense(nodes: list[OpNode], graph: ModelGraph) -> frozenset[str]:

@@ -375,9 +375,8 @@ def _softmax_of(y_flat: Array) -> Array:
     return K.softmax(y_flat, 1)
 
 
-def _target_rows(model: Any, values: Array, target: Any) -> Array | None:
-    if isinstance(target, str) and target == "all":
-        return None
+def _target_rows(model: Any, values: Array, target: Any) -> Array:
+    """Per-sample target indices into the flattened output (the Jacobian's conventions)."""
     return np.asarray(model.targets(values, target))
 
 
@@ -417,26 +416,30 @@ def hessian(model: Any, inputs: Mapping[str, Array], output: str, wrt: str, targ
             ) -> HessianResult:
     """Exact per-sample Hessians (see :class:`HessianResult`)."""
     _check_on(on)
-    values = model.evaluate(inputs)
-    y = values[output].reshape(len(values[output]), -1)
-    out_values = _softmax_of(y) if on == "probabilities" else y
-    rows = _target_rows(model, out_values, target)
     x = inputs[wrt]
     batch, in_shape = x.shape[0], x.shape[1:]
     n = size(in_shape)
-    n_out = y.shape[1]
-    k = n_out if rows is None else 1
+    out_shape = tuple(model.graph.shape_of(output) or ())
+    n_out = size(out_shape)
+    every = isinstance(target, str) and target == "all"
+    k = n_out if every else 1
     plan, nodes = _plan_for(model, wrt, output, batch, k, None, mode, intermediates, x.dtype)
     result = np.empty((batch, k, n, n), dtype=x.dtype)
-    inter: dict[str, Array] | None = {} if intermediates else None
+    values = np.empty((batch, n_out), dtype=x.dtype)
+    rows = None if every else np.empty(batch, dtype=np.int64)
     inter_parts: dict[str, list[Array]] = {}
     at_x: list[dict[str, int]] = []
     for part in _chunks(batch, plan.chunk):
-        sub = _slice_inputs(inputs, part)
-        lin = linearize(model, sub)
+        # one forward pass per chunk serves the targets, the kink report and the sweeps
+        lin = linearize(model, _slice_inputs(inputs, part))
         maps = OpMaps(model, lin, plan.dense_ops)
         at_x += kinks_per_sample(model, lin, nodes)
-        sub_rows = None if rows is None else rows[part]
+        y = _flat_output(lin, output)
+        values[part] = _softmax_of(y) if on == "probabilities" else y
+        sub_rows = None
+        if rows is not None:
+            sub_rows = rows[part] = _target_rows(model, values[part],
+                                                 _target_part(target, part, batch))
         if plan.mode == "forward":
             h_all, kept = _forward_hessians(model, lin, wrt, output, nodes, maps, on,
                                             intermediates)
@@ -450,19 +453,26 @@ def hessian(model: Any, inputs: Mapping[str, Array], output: str, wrt: str, targ
         else:
             result[part] = _reverse_hessians(model, lin, wrt, output, nodes, maps, on,
                                              sub_rows, n_out)
-    if inter is not None:
+    inter: dict[str, Array] | None = None
+    if intermediates:
+        inter = {}
         for name, parts in inter_parts.items():
-            shape = values[name].shape[1:]
-            h = np.concatenate(parts)
-            inter[name] = h.reshape(batch, *shape, *in_shape, *in_shape)
-    out_shape = values[output].shape[1:]
+            shape = tuple(model.graph.shape_of(name) or ())
+            inter[name] = np.concatenate(parts).reshape(batch, *shape, *in_shape, *in_shape)
     if rows is None:
         hess = result.reshape(batch, *out_shape, *in_shape, *in_shape)
     else:
         hess = result.reshape(batch, *in_shape, *in_shape)
-    shaped_values = out_values.reshape(batch, *out_shape)
     return HessianResult(hess, output, wrt, on, rows, plan, KinkReport(at_x),
-                         shaped_values, inter)
+                         values.reshape(batch, *out_shape), inter)
+
+
+def _target_part(target: Any, part: slice, batch: int) -> Any:
+    """The chunk's share of a per-sample target array (a scalar or "predicted" as is)."""
+    if isinstance(target, str) or target is None or np.ndim(target) == 0:
+        return target
+    arr = np.asarray(target)
+    return arr[part] if arr.shape == (batch,) else arr
 
 
 def _forward_hessians(model: Any, lin: Linearization, wrt: str, output: str,
@@ -572,10 +582,7 @@ def hvp(model: Any, inputs: Mapping[str, Array], vectors: Array, output: str, wr
     v = np.ascontiguousarray(v[:, None] if squeeze else v, dtype=x.dtype)
     if not np.isfinite(v).all():
         raise InputError("hvp vectors have non-finite values")
-    values = model.evaluate(inputs)
-    y = values[output].reshape(batch, -1)
-    out_values = _softmax_of(y) if on == "probabilities" else y
-    rows = np.asarray(model.targets(out_values, target))
+    rows = np.empty(batch, dtype=np.int64)
     m = v.shape[1]
     plan, nodes = _plan_for(model, wrt, output, batch, 1, m, mode, False, x.dtype)
     result = np.empty_like(v)
@@ -585,6 +592,9 @@ def hvp(model: Any, inputs: Mapping[str, Array], vectors: Array, output: str, wr
         lin = linearize(model, _slice_inputs(inputs, part))
         maps = OpMaps(model, lin, plan.dense_ops)
         at_x += kinks_per_sample(model, lin, nodes)
+        y = _flat_output(lin, output)
+        rows[part] = _target_rows(model, _softmax_of(y) if on == "probabilities" else y,
+                                  _target_part(target, part, batch))
         if plan.mode == "forward":
             h_all, _ = _forward_hessians(model, lin, wrt, output, nodes, maps, on, False)
             h = h_all[np.arange(part.stop - part.start), rows[part]]     # (b, n, n)

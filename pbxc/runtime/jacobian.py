@@ -359,5 +359,9 @@ def kinks_hit(model: object, values: Mapping[str, Array], nodes: Sequence[OpNode
     library's gradient should know how many entries that concerns.
     """
     table = model.activations  # type: ignore[attr-defined]
-    return {n.name: table.kinks_hit(n.name, values[n.inputs[0]])
+    hits = {n.name: table.kinks_hit(n.name, values[n.inputs[0]])
             for n in nodes if n.kind is OpKind.ACTIVATION}
+    for n in nodes:   # prelu's kink is at 0, where f' is the slope (PyTorch's choice)
+        if n.kind is OpKind.PRELU:
+            hits[n.name] = int(np.count_nonzero(values[n.inputs[0]] == 0))
+    return hits

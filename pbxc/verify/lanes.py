@@ -256,6 +256,13 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
                         f"'{kind.value}'", node.pos)
 
 
+def _index(whole: int, rest: list[Any]) -> tuple[Any, ...]:
+    """``whole`` full slices, then ``rest``: an index for the trailing axes."""
+    parts: list[Any] = [slice(None)] * whole
+    parts.extend(rest)
+    return tuple(parts)
+
+
 def _zero(x: Array) -> Any:
     return x.dtype.type(0) if x.dtype != object else 0
 
@@ -272,7 +279,7 @@ def _ceil_extra(x: Array, node: OpNode, attrs: Mapping[str, Any], fill: Any) -> 
         return x
     grown = np.empty((*x.shape[:2], *(n + e for n, e in zip(x.shape[2:], extra))), dtype=x.dtype)
     grown[...] = fill
-    grown[(slice(None), slice(None), *(slice(0, n) for n in x.shape[2:]))] = x
+    grown[_index(2, [slice(0, n) for n in x.shape[2:]])] = x
     return grown
 
 
@@ -286,7 +293,7 @@ def _pool_lanes(node: OpNode, x: Array, kit: Kit) -> Array:
         dilation = tuple(node.attr("dilation") or (1,) * len(kernel))
         grown = _ceil_extra(x, node, {}, kit.neg_inf)
         win, _ = _windows(grown, kernel, stride, padding, dilation, kit.neg_inf)
-        win = win[(slice(None), slice(None), slice(None), *(slice(0, o) for o in out))]
+        win = win[_index(3, [slice(0, o) for o in out])]
         values = win[0]
         first = np.argmax(values == _max_along(values), axis=1)
         idx = np.broadcast_to(first[None, :, None], (x.shape[0], first.shape[0], 1,
@@ -294,7 +301,7 @@ def _pool_lanes(node: OpNode, x: Array, kit: Kit) -> Array:
         return np.take_along_axis(win, idx, axis=2)[:, :, 0]
     grown = _ceil_extra(x, node, {}, _zero(x))
     win, _ = _windows(grown, kernel, stride, padding, (1,) * len(kernel), _zero(x))
-    total = win[(slice(None), slice(None), slice(None), *(slice(0, o) for o in out))].sum(axis=2)
+    total = win[_index(3, [slice(0, o) for o in out])].sum(axis=2)
     counts = np.ones(out, dtype=np.int64)
     for index in np.ndindex(*out):
         count = 1
@@ -313,9 +320,9 @@ def _adaptive_lanes(node: OpNode, x: Array) -> Array:
     for index in np.ndindex(*out):
         box = tuple(slice(i * n // m, -(-(i + 1) * n // m))
                     for i, n, m in zip(index, x.shape[2:], out))
-        part = x[(slice(None), slice(None), *box)]
+        part = x[_index(2, list(box))]
         size = int(np.prod(part.shape[2:]))
-        y[(slice(None), slice(None), *index)] = part.reshape(*x.shape[:2], -1).sum(axis=2) / size
+        y[_index(2, list(index))] = part.reshape(*x.shape[:2], -1).sum(axis=2) / size
     return y
 
 
@@ -375,7 +382,7 @@ def _round2(node: OpNode, xs: list[Array], p: Mapping[str, Array], kit: Kit,
         y = np.empty((x.shape[0], *(node.shape or ())), dtype=x.dtype)
         y[...] = _zero(x)
         y[0] = kit.const(np.float64(attrs["value"]))
-        y[(slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pairs, x.shape[1:])))] = x
+        y[_index(1, [slice(lo, lo + n) for (lo, _), n in zip(pairs, x.shape[1:])])] = x
         return y
     if kind is OpKind.PRELU:
         z = x[0]
@@ -398,17 +405,17 @@ def _round2(node: OpNode, xs: list[Array], p: Mapping[str, Array], kit: Kit,
         y = np.broadcast_to(lifted, shape).copy()
         y[0] = y[0] + (c[0] if np.ndim(c) else c) * (1 if kind is OpKind.ADD else -1)
         return y
-    lifted = [_lift(v, rank) for v in xs]
+    factors = [_lift(v, rank) for v in xs]
     shape = (x.shape[0], *(node.shape or ()))
     if kind is OpKind.MUL:   # value a b; tangents by the product rule
-        a, b = lifted
+        a, b = factors
         value = (a[0] * b[0])[None]
         return np.broadcast_to(np.concatenate([np.broadcast_to(value, (1, *shape[1:])),
                                                np.broadcast_to(a[1:] * b[0] + a[0] * b[1:],
                                                                (shape[0] - 1, *shape[1:]))]),
                                shape).copy()
-    total = np.broadcast_to(lifted[0], shape)
-    for v in lifted[1:]:
+    total = np.broadcast_to(factors[0], shape)
+    for v in factors[1:]:
         total = total + v if kind is OpKind.ADD else total - v
     return np.ascontiguousarray(total)
 

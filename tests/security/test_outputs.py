@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -221,7 +222,7 @@ def test_a_directory_appearing_mid_compile_is_never_deleted(work: Path,
     no_debris(work)
 
 
-def test_an_interrupted_compile_leaves_no_staging_folder(work: Path,
+def test_an_interrupted_or_terminated_write_leaves_nothing(work: Path,
                                                          monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
     assert main(["compile", "small.pbx", "-o", "out"]) == 0
@@ -233,6 +234,16 @@ def test_an_interrupted_compile_leaves_no_staging_folder(work: Path,
     monkeypatch.setattr(np, "savez", interrupted)
     assert main(["compile", "small.pbx", "-o", "out"]) == 130
     assert main(["compile", "small.pbx", "-o", "new"]) == 130
+
+    def terminated(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)     # as `kill PID` would, mid-write
+
+    monkeypatch.setattr(np, "savez", terminated)
+    before_handler = signal.getsignal(signal.SIGTERM)
+    assert main(["compile", "small.pbx", "-o", "out"]) == 130
+    assert main(["run", "small.pbx", "-i", "x.npy", "-o", "o.npz"]) == 130
+    assert signal.getsignal(signal.SIGTERM) == before_handler
+    assert not (work / "o.npz").exists()
     assert {p.name: p.read_bytes() for p in (work / "out").iterdir()} == before
     assert not (work / "new").exists()
     no_debris(work)

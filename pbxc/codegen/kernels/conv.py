@@ -239,8 +239,8 @@ def conv_transpose_nd(x, weight, bias, stride, padding, output_padding, dilation
 def conv_dense_matrix(weight, in_spatial, stride, padding, dilation, groups, out_spatial=None):
     """The (out, in) matrix of conv_nd without bias, scattered directly from the weights:
     entry ((o, r), (c, i)) is w[o, c mod cpg, k] where i = r*stride + k*dilation - pad_begin.
-    Costs one zero-filled allocation and one write per weight use; no im2col. ``out_spatial``
-    crops the output as in conv_nd."""
+    Costs one zero-filled allocation and, per kernel offset, one strided broadcast write of
+    the offset's weights; no im2col. ``out_spatial`` crops the output as in conv_nd."""
     pads = conv_pads(padding)
     o, cpg = weight.shape[:2]
     kernel = tuple(weight.shape[2:])
@@ -250,21 +250,30 @@ def conv_dense_matrix(weight, in_spatial, stride, padding, dilation, groups, out
         zip(in_spatial, kernel, stride, pads, dilation))
     n_out, n_in = int(np.prod(out)), int(np.prod(in_spatial))
     dense = np.zeros((o, n_out, c, n_in), dtype=weight.dtype)
-    out_index = np.arange(n_out).reshape(out)
-    in_index = np.arange(n_in).reshape(in_spatial)
+    flat = dense.reshape(-1)
+    item = dense.itemsize
+    # element strides of dense seen as (O, *out, C, *in)
+    out_strides = [int(np.prod(out[ax + 1:])) * c * n_in for ax in range(len(out))]
+    in_strides = [int(np.prod(in_spatial[ax + 1:])) for ax in range(len(in_spatial))]
     for offset in np.ndindex(*kernel):
         found = _conv_slices(offset, in_spatial, out, stride, pads, dilation, (0, out[0]))
         if found is None:
             continue
         src, dst = found
-        rows = out_index[dst].reshape(1, -1, 1)
-        cols = in_index[src].reshape(1, -1, 1)
+        # for this offset, entry (o, c, r) sits at a fixed linear address in (o, c, r): one
+        # strided view of dense takes the whole offset's weights in one broadcast write
+        base = sum(d.start * so + sl.start * si
+                   for d, sl, so, si in zip(dst, src, out_strides, in_strides))
+        shape = (o, c, *(d.stop - d.start for d in dst))
+        strides = (n_out * c * n_in, n_in,
+                   *(so + st * si for so, st, si in zip(out_strides, stride, in_strides)))
+        view = np.lib.stride_tricks.as_strided(flat[base:], shape,
+                                               tuple(x * item for x in strides), writeable=True)
+        which = (_ALL, _ALL, *offset)
+        values = weight[which].reshape(o, cpg, *(1,) * len(out))
         for grp in range(groups):
-            chans_out = np.arange(grp * opg, (grp + 1) * opg).reshape(-1, 1, 1)
-            chans_in = np.arange(grp * cpg, (grp + 1) * cpg).reshape(1, 1, -1)
-            which = (slice(grp * opg, (grp + 1) * opg), _ALL, *offset)
-            values = weight[which]
-            dense[chans_out, rows, chans_in, cols] = values[:, None, :]
+            view[grp * opg:(grp + 1) * opg, grp * cpg:(grp + 1) * cpg] = \
+                values[grp * opg:(grp + 1) * opg]
     return dense.reshape(o * n_out, c * n_in)
 
 

@@ -206,8 +206,9 @@ def product_vjp(v, xs, y, local, p, lrp):
 def product_dfd(m, xs, xs0, y, y0, local, p, lrp):
     """DFD's exact two-player rule for a product (the Shapley value of a and b):
     ab - a0 b0 = ((b + b0) / 2) (a - a0) + ((a + a0) / 2) (b - b0), so m_a = m (b + b0) / 2
-    and m_b = m (a + a0) / 2 sum to delta exactly (seed 004, eq. 1 and 4; Shrikumar et al.
-    2017 leave products open, Ancona et al. 2018 sec. 3 give this pairing)."""
+    and m_b = m (a + a0) / 2 sum to delta exactly (seed 004, eq. 1 and 4). It is the Shapley
+    value of the two factors (Shapley 1953: each factor's change averaged over both orders);
+    the preprint and DeepLIFT leave products open."""
     rank = y.ndim - 1
     a, b = (_ew_align(x[:, None], 2, rank) for x in xs)
     a0, b0 = (_ew_align(x[:, None], 2, rank) for x in xs0)
@@ -221,8 +222,8 @@ def product_relevance(relevance, xs, lrp):
     takes no relevance (Zennit and LXT treat a gate as part of the weight; Arras et al.
     2017, sec. 3.3, LRP for LSTM gates: "the gate ... gets no relevance"); if both have the
     output's shape, the first argument is the signal. ``"uniform"``: half to each factor,
-    summed over what it was broadcast along (AttnLRP's uniform rule, Achtibat et al. 2024,
-    eq. 11). Both conserve relevance exactly."""
+    summed over what it was broadcast along (the uniform rule for products of AttnLRP,
+    Achtibat et al. 2024, as LXT's ``mul2``). Both conserve relevance exactly."""
     out_shape = relevance.shape[1:]
     if lrp == "uniform":
         half = relevance / 2

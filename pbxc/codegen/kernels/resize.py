@@ -15,6 +15,9 @@ are built from PyTorch's index arithmetic:
 * linear: source x = scale (dst + 1/2) - 1/2 clamped at 0 (align_corners=False) or
   dst (n - 1) / (m - 1) (align_corners=True), interpolating x[floor(x)] and its right
   neighbour (``area_pixel_compute_source_index``, ``compute_indices_weights_linear``).
+
+Upsampling runs as two taps per output (gathers) and their adjoint as segment sums, never as
+matrices: O(output) work per axis at any size.
 """
 
 import numpy as np
@@ -107,41 +110,70 @@ def nearest_matrix(n, m, scale):
     return mat
 
 
-def linear_matrix(n, m, scale, align_corners):
-    """(m, n) interpolation weights of torch's linear resize along one axis (float64)."""
+def upsample_taps(n, m, mode, scale, align_corners):
+    """Per output index its two source indices and weights (nearest: one tap, weight 1)."""
+    if mode == "nearest":
+        src = nearest_matrix(n, m, scale).argmax(axis=1)
+        return src, src, np.ones(m), np.zeros(m)
     dst = np.arange(m, dtype=np.float64)
     if align_corners:
-        step = (n - 1) / (m - 1) if m > 1 else 0.0
-        src = step * dst
+        src = ((n - 1) / (m - 1) if m > 1 else 0.0) * dst
     else:
         step = 1.0 / scale if scale is not None and scale > 0 else n / m
         src = np.maximum(step * (dst + 0.5) - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
-    lam1 = np.clip(src - i0, 0.0, 1.0)
     i1 = i0 + (i0 < n - 1)
-    mat = np.zeros((m, n))
-    rows = np.arange(m)
-    np.add.at(mat, (rows, i0), 1.0 - lam1)
-    np.add.at(mat, (rows, i1), lam1)
-    return mat
-
-
-def upsample_matrices(in_size, out, mode, scale, align_corners):
-    mats = []
-    for a, (n, m) in enumerate(zip(in_size, out)):
-        s = None if scale is None else scale[a]
-        mats.append(nearest_matrix(n, m, s) if mode == "nearest"
-                    else linear_matrix(n, m, s, align_corners))
-    return mats
+    lam1 = np.clip(src - i0, 0.0, 1.0)
+    return i0, i1, 1.0 - lam1, lam1
 
 
 def upsample_apply(x, mode, out, scale, align_corners):
-    return _resize_apply(x, upsample_matrices(x.shape[-len(out):], out, mode, scale,
-                                              align_corners))
+    """Two taps per output along each axis, the last spatial axis first (the order of
+    PyTorch's separable kernels, so that float64 values agree to the last bit)."""
+    nd = len(out)
+    for a in reversed(range(nd)):
+        axis = x.ndim - nd + a
+        s = None if scale is None else scale[a]
+        i0, i1, w0, w1 = upsample_taps(x.shape[axis], out[a], mode, s, align_corners)
+        view = (1,) * (x.ndim - nd + a) + (-1,) + (1,) * (nd - a - 1)
+        left = np.take(x, i0, axis=axis)
+        if mode == "nearest":
+            x = left
+            continue
+        x = w0.astype(x.dtype).reshape(view) * left + \
+            w1.astype(x.dtype).reshape(view) * np.take(x, i1, axis=axis)
+    return np.ascontiguousarray(x)
+
+
+def _upsample_tap_transpose(g, index, weight, n, axis):
+    """The adjoint of one tap along ``axis``: out[j] = sum of weight * g over the outputs
+    whose (nondecreasing) source index is j, by segment sums."""
+    view = [1] * g.ndim
+    view[axis] = -1
+    part = g * weight.astype(g.dtype).reshape(view)
+    sources, starts = np.unique(index, return_index=True)
+    sums = np.add.reduceat(part, starts, axis=axis)
+    shape = list(g.shape)
+    shape[axis] = n
+    out = np.zeros(shape, dtype=g.dtype)
+    where = [slice(None)] * g.ndim
+    where[axis] = sources
+    out[tuple(where)] = sums
+    return out
 
 
 def upsample_transpose(g, in_size, mode, out, scale, align_corners):
-    return _resize_transpose(g, upsample_matrices(in_size, out, mode, scale, align_corners))
+    """The adjoint of ``upsample_apply``: each axis's taps summed back, O(output) work."""
+    nd = len(out)
+    for a in range(nd):
+        axis = g.ndim - nd + a
+        s = None if scale is None else scale[a]
+        i0, i1, w0, w1 = upsample_taps(in_size[a], out[a], mode, s, align_corners)
+        back = _upsample_tap_transpose(g, i0, w0, in_size[a], axis)
+        if mode != "nearest":
+            back += _upsample_tap_transpose(g, i1, w1, in_size[a], axis)
+        g = back
+    return np.ascontiguousarray(g)
 
 
 def upsample_forward(xs, p, mode, out, scale, align_corners):

@@ -612,6 +612,21 @@ def jacobian(x, dtype=None):
     return g.reshape(*y.shape, *xs[0].shape[1:])
 
 
+SECOND_ORDER_LEFT_OUT = ("hessian and hvp have no CUDA kernels yet (no second-order "
+                         "kernels are generated for the CUDA target); use the NumPy module "
+                         "(pbxc compile --target numpy) or pbxc.load(...).hessian")
+
+
+def hessian(x, target=None, dtype=None):
+    """Not generated for CUDA: raises NotImplementedError (see SECOND_ORDER_LEFT_OUT)."""
+    raise NotImplementedError(SECOND_ORDER_LEFT_OUT)
+
+
+def hvp(x, v, target=None, dtype=None):
+    """Not generated for CUDA: raises NotImplementedError (see SECOND_ORDER_LEFT_OUT)."""
+    raise NotImplementedError(SECOND_ORDER_LEFT_OUT)
+
+
 def dfd(x, baseline=0.0, target=None, dtype=None):
     """DFD / DeepLIFT contributions C = m * (x - x0) to the target output, and delta."""
     C, P, xs = _prepare(x, dtype)

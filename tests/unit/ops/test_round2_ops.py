@@ -346,3 +346,151 @@ def test_fast_2d_pools_keep_their_kernels() -> None:
     names = {n.name: kernel_name(n, "forward") for n in model.nodes if n.name != "x"}
     assert names["a"] == "maxpool2d_forward" and names["b"] == "avgpool2d_forward"
     assert names["c"] == "maxpool_forward"
+
+
+def test_flatten_from_an_axis_and_global_pooling_of_any_rank() -> None:
+    model = pbxc.loads("model f\ninput x: float64[2, 3, 4]\na = flatten(x, start=1)\n"
+                       "b = global_avgpool(x)\nc = global_avgpool(reshape(x, [2, 3, 2, 2]))\n"
+                       "d = global_avgpool(reshape(x, [2, 12]))\noutput y = add(b, c, d)")
+    x = RNG.normal(size=(2, 2, 3, 4))
+    values = model.evaluate({"x": x})
+    assert values["a"].shape == (2, 2, 12)
+    for name in "bcd":
+        np.testing.assert_allclose(values[name], x.reshape(2, 2, -1).mean(axis=2), rtol=1e-15)
+
+
+def test_cuda_target_refuses_what_it_has_no_kernels_for() -> None:
+    from pbxc.codegen.cuda_module import unsupported
+    for body in ("maxpool3d(reshape(x, [2, 2, 2, 4]), 2)", "maxpool2d(reshape(x, [2, 4, 4]), 3, ceil_mode=true)",
+                 "upsample(reshape(x, [2, 4, 4]), scale=2)", "mul(x, 2)", "add(x, 1)",
+                 "sub(x, 1)"):
+        model = pbxc.loads(f"model c\ninput x: float64[2, 16]\noutput y = {body}")
+        reason = unsupported(model.graph)
+        assert reason is not None and "cuda target" in reason, body
+
+
+def test_prelu_kinks_are_reported(tmp_path: Path) -> None:
+    np.savez(tmp_path / "w.npz", **{"p.weight": np.array([0.25, -0.5])})
+    (tmp_path / "m.pbx").write_text('model k\nweights "w.npz"\ninput x: float64[2, 2]\n'
+                                    "output y = flatten(prelu(x, @p))\n")
+    model = pbxc.load(tmp_path / "m.pbx")
+    x = np.array([[[0.0, 1.0], [0.0, -2.0]]])
+    res = model.jacobian(x)
+    assert res.kinks == {"y/prelu": 2}
+    np.testing.assert_array_equal(np.diag(res.jacobian[0].reshape(4, 4)),
+                                  [0.25, 1.0, -0.5, -0.5])   # the slope at 0, as PyTorch
+
+
+def test_lrp_matches_zennit_on_round2_pooling_and_upsampling(tmp_path: Path) -> None:
+    """Epsilon on conv/linear, Norm on every average pooling (ceil_mode, count_include_pad
+    false, adaptive) and on the upsampling (Zennit's Norm hooked on nn.Upsample: a linear
+    layer with unit-free weights), winner-take-all max pooling (ceil_mode), 1-d and 2-d."""
+    try:
+        from zennit import composites, rules, types
+        from zennit.attribution import Gradient
+    except Exception as exc:   # zennit imports torchvision
+        pytest.skip(f"zennit does not import: {exc}")
+    nn = torch.nn
+    torch.manual_seed(0)
+    net2d = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+        nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False, padding=1),
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.AdaptiveAvgPool2d((3, 2)), nn.Flatten(), nn.Linear(18, 4)).double().eval()
+    net1d = nn.Sequential(
+        nn.Conv1d(1, 2, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2, ceil_mode=True),
+        nn.AvgPool1d(3, 2, padding=1), nn.Upsample(size=9, mode="nearest"),
+        nn.Flatten(), nn.Linear(18, 3)).double().eval()
+    cases = [
+        (net2d, (2, 9, 9), ["conv2d(x, @l0, padding=1)", "relu", "maxpool2d(_, 3, stride=2, "
+         "ceil_mode=true)", "avgpool2d(_, 2, padding=1, ceil_mode=true, count_include_pad="
+         "false)", 'upsample(_, mode="linear", scale=2)', "adaptive_avgpool2d(_, (3, 2))",
+         "flatten", "linear(_, @l7)"]),
+        (net1d, (1, 17), ["conv1d(x, @l0, padding=2)", "relu", "maxpool1d(_, 2, ceil_mode=true)",
+         "avgpool1d(_, 3, stride=2, padding=1)", "upsample(_, size=9)", "flatten",
+         "linear(_, @l6)"]),
+    ]
+    for net, shape, layers in cases:
+        weights = {f"l{i}.{k}": v.detach().numpy() for i, m in enumerate(net)
+                   for k, v in m.state_dict().items()}
+        np.savez(tmp_path / "w.npz", **weights)
+        lines, prev = [], "x"
+        for i, layer in enumerate(layers):
+            expr = layer if "(" in layer else f"{layer}(_)"
+            lines.append(f"h{i} = {expr.replace('(_', '(' + prev).replace('(x', '(x')}")
+            prev = f"h{i}"
+        text = (f'model z\nweights "w.npz"\ninput x: float64[{", ".join(map(str, shape))}]\n'
+                + "\n".join(lines) + f"\noutput logits = {prev}\n")
+        (tmp_path / "z.pbx").write_text(text)
+        model = pbxc.load(tmp_path / "z.pbx")
+        x = RNG.normal(size=(4, *shape))
+        ours = model.lrp(x, composite="epsilon")
+        data = torch.from_numpy(x).requires_grad_(True)
+        with torch.no_grad():
+            logits = net(data)
+        np.testing.assert_allclose(logits.numpy(), ours.outputs["logits"], rtol=1e-12)
+        seed = torch.zeros_like(logits)
+        rows, targets = torch.arange(len(x)), torch.from_numpy(ours.targets)
+        seed[rows, targets] = logits[rows, targets]
+        composite = composites.LayerMapComposite(layer_map=[
+            *composites.layer_map_base(), (types.Convolution, rules.Epsilon()),
+            (torch.nn.Linear, rules.Epsilon()), (torch.nn.Upsample, rules.Norm())])
+        with Gradient(model=net, composite=composite) as attributor:
+            _, relevance = attributor(data, seed)
+        theirs = relevance.detach().numpy()
+        assert np.abs(theirs).max() > 1e-3
+        np.testing.assert_allclose(ours.relevance["x"], theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_family_modules_share_no_top_level_name() -> None:
+    """`pbxc compile` pastes numpy_kernels and every family into one module: a name defined
+    twice would silently replace the other."""
+    import ast
+    import importlib
+    import inspect
+
+    from pbxc.codegen import numpy_kernels
+    from pbxc.codegen.kernels import FAMILIES
+
+    seen: dict[str, str] = {}
+    modules = [numpy_kernels] + [importlib.import_module(f"pbxc.codegen.kernels.{f}")
+                                 for f in FAMILIES]
+    for module in modules:
+        for node in ast.parse(inspect.getsource(module)).body:
+            names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                     [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)])
+            for name in names:
+                assert name not in seen, f"{name} in {module.__name__} and {seen[name]}"
+                seen[name] = module.__name__
+
+
+def test_dfd_matches_captum_on_linear_round2_ops(tmp_path: Path) -> None:
+    """Captum's DeepLift (rescale on ReLU; exact on linear maps) on a 1-d net with ceil_mode
+    average pooling, upsampling and adaptive pooling (no max pooling, where Captum's rule
+    breaks summation-to-delta)."""
+    try:
+        from captum.attr import DeepLift
+    except Exception as exc:
+        pytest.skip(f"captum does not import: {exc}")
+    nn = torch.nn
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv1d(1, 2, 3, padding=1), nn.ReLU(),
+                        nn.AvgPool1d(2, ceil_mode=True), nn.Upsample(scale_factor=2,
+                                                                      mode="linear"),
+                        nn.ReLU(), nn.AdaptiveAvgPool1d(5), nn.Flatten(),
+                        nn.Linear(10, 3)).double().eval()
+    weights = {f"l{i}.{k}": v.detach().numpy() for i, m in enumerate(net)
+               for k, v in m.state_dict().items()}
+    np.savez(tmp_path / "w.npz", **weights)
+    (tmp_path / "c.pbx").write_text(
+        'model c\nweights "w.npz"\ninput x: float64[1, 13]\n'
+        "a = relu(conv1d(x, @l0, padding=1))\nb = avgpool1d(a, 2, ceil_mode=true)\n"
+        'u = relu(upsample(b, mode="linear", scale=2))\n'
+        "output logits = linear(flatten(adaptive_avgpool1d(u, 5)), @l7)\n")
+    model = pbxc.load(tmp_path / "c.pbx")
+    x, x0 = RNG.normal(size=(3, 1, 13)), RNG.normal(size=(1, 1, 13)) * 0.2
+    ours = model.dfd(x, baseline=x0[0], target=2)
+    theirs = DeepLift(net).attribute(torch.from_numpy(x), torch.from_numpy(
+        np.repeat(x0, 3, axis=0)), target=2).detach().numpy()
+    np.testing.assert_allclose(ours.attributions["x"], theirs, rtol=1e-10, atol=1e-12)
+    assert ours.summation_error.max() < 1e-12

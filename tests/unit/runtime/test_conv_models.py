@@ -236,7 +236,7 @@ def test_volume_and_signal_models(write_model: Any, text: str, net: Any,
     yt[torch.arange(3), yt.argmax(1)].sum().backward()
     np.testing.assert_allclose(model.gradient(x), xt.grad.numpy(), rtol=1e-11, atol=1e-13)
     ref, _ = reference_jacobian(model, {"x": x[0]}, "y", "x", float_kit(model))
-    for mode in ("forward", "reverse"):
+    for mode in ("forward", "reverse", "chain"):
         np.testing.assert_allclose(model.jacobian(x[:1], mode=mode).jacobian[0], ref,
                                    rtol=1e-11, atol=1e-13)
     result = model.dfd(x)

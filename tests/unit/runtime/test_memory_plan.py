@@ -87,8 +87,8 @@ def test_deep_net_peak_stays_within_the_plan(tmp_path: Path, pass_name: str) -> 
            "dfd": lambda: model.dfd(x)}[pass_name]
     plan = predict(model.graph, pass_name, batch, np.float64)
     measured = _traced_peak(run)
-    # the plan frees: it predicts well under what keeping every value would take ...
-    assert plan.peak < 0.6 * plan.kept_all
+    # the plan frees: it keeps well under every value and local ...
+    assert plan.kept < 0.6 * plan.kept_all
     # ... and the pass keeps to it (the slack covers NumPy's small temporaries)
     assert measured <= 1.5 * plan.peak + (64 << 10), (measured, plan.explain())
     if pass_name == "gradient":   # bool ReLU masks only: far below the forward values
