@@ -363,3 +363,32 @@ def test_cli_explain_hessian_and_interactions(capsys: pytest.CaptureFixture[str]
     code = main(["explain", pbx, "--method", "gradient", "--input", str(data),
                  "--on", "probabilities"])
     assert code == 2 and "--on and --step apply to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_resnet"])
+def test_convolutions_pooling_batchnorm_residuals_match_torch(name: str) -> None:
+    """The rules by construction (conv, avg/global pooling, batchnorm, residual add, flatten)
+    and max pooling's piecewise-linear rule, through the softmax's curvature."""
+    m = model(name)
+    x = inputs(name, 2)
+    ref = torch_hessians_of(name, 3, x.shape)
+    for mode in ("forward", "reverse"):
+        res = m.hessian(x, target=3, on="probabilities", mode=mode)
+        assert res.hessian.shape == (2, 1, 8, 8, 1, 8, 8)
+        assert _rel(res.hessian, ref) < 1e-10
+
+
+def torch_hessians_of(name: str, target: int, shape: tuple[int, ...]) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import models
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    net = models.load_model(name, EXAMPLES).requires_grad_(False)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(net(v[None])[0], -1)[target]
+
+    x = torch.from_numpy(inputs(name, shape[0]))
+    return torch.func.vmap(torch.func.hessian(f))(x).detach().numpy()
