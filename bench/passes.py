@@ -2,6 +2,8 @@
 
     python bench/passes.py [--batches 1 32 256] [--dtypes float64 float32] [--quick]
                            [--sections passes hessian]
+    python bench/passes.py --models resnet18,resnet50,densenet121 [--size 224]
+        [--batches 1 32] [--passes gradient,lrp,dfd] [--max-gb 10]   (see bench/cnn.py)
 
 Models: the 784-512-512-512-10 tanh MLP (seeded weights) and the shipped digits CNN. Peers
 that are not installed are reported as such (torch, jax, captum, zennit). The FLOP-bound
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cnn import MODELS, run_models
+from cnn import PASSES as CNN_PASSES
 from common import (
     EXAMPLES,
     MLP_WIDTHS,
@@ -311,10 +315,26 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["passes", "hessian"],
                         choices=["passes", "hessian"],
                         help="which sections to run (default: both)")
+    parser.add_argument("--models", help="torchvision CNNs instead of the MLP and digits "
+                        "sections, comma-separated: " + ",".join(MODELS))
+    parser.add_argument("--size", type=int, default=224, help="image side for --models")
+    parser.add_argument("--passes", default=",".join(CNN_PASSES), help="passes for --models")
+    parser.add_argument("--max-gb", type=float, default=10.0,
+                        help="address-space limit of each --models measurement (GB)")
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds per --models measurement")
     parser.add_argument("--hessian-models", nargs="+", default=["small", "large"],
                         choices=["small", "large"],
                         help="hessian section: the 30-64-32-2 and/or the 784-512x3-10 MLP")
     args = parser.parse_args()
+    if args.models:
+        unknown = sorted(set(args.models.split(",")) - set(MODELS))
+        if unknown:
+            parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+        batches = args.batches if args.batches != [1, 32, 256] else [1, 32]
+        run_models(args.models.split(","), args.size, batches, args.dtypes,
+                   args.passes.split(","), args.max_gb, 1 if args.quick else 3, args.timeout)
+        return
     if "passes" in args.sections:
         run(args.batches, args.dtypes, args.quick)
     if "hessian" in args.sections:

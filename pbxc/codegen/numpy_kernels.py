@@ -11,6 +11,7 @@ Batched layout: arrays are (N, *per_sample_shape). For linear maps N may be batc
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from pbxc.codegen.kernels.conv import *  # noqa: F403  the conv family, copied before this module
 from pbxc.symbolic.numeric import _diag_minus_outer_vjp, _softmax_dfd_factors  # prelude
 
 
@@ -22,79 +23,6 @@ def windows2d(x, kernel, stride, padding, dilation=(1, 1), pad_value=0.0):
     span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
     win = sliding_window_view(x, span, axis=(2, 3))
     return win[:, :, ::sh, ::sw, ::dh, ::dw]
-
-
-def im2col(x, kernel, stride, padding, dilation):
-    """(N, C, H, W) -> columns (C, kh, kw, N, OH, OW): one strided copy per kernel offset,
-    laid out so that a convolution is a single GEMM."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    if ph or pw:
-        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    n, c, h, w = x.shape
-    oh = (h - dh * (kh - 1) - 1) // sh + 1
-    ow = (w - dw * (kw - 1) - 1) // sw + 1
-    cols = np.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
-    xt = x.transpose(1, 0, 2, 3)
-    for p in range(kh):
-        for q in range(kw):
-            cols[:, p, q] = xt[:, :, p * dh:p * dh + sh * (oh - 1) + 1:sh,
-                               q * dw:q * dw + sw * (ow - 1) + 1:sw]
-    return cols
-
-
-def conv2d(x, weight, bias, stride, padding, dilation, groups):
-    """PyTorch's conv2d (cross-correlation); weight [out, in/groups, kh, kw]."""
-    n = x.shape[0]
-    out_ch, in_per_group, kh, kw = weight.shape
-    cols = im2col(x, (kh, kw), stride, padding, dilation)
-    oh, ow = cols.shape[4:]
-    opg = out_ch // groups
-    y = np.empty((out_ch, n * oh * ow), dtype=np.result_type(x, weight))
-    for g in range(groups):
-        block = cols[g * in_per_group:(g + 1) * in_per_group].reshape(in_per_group * kh * kw, -1)
-        y[g * opg:(g + 1) * opg] = weight[g * opg:(g + 1) * opg].reshape(opg, -1) @ block
-    y = y.reshape(out_ch, n, oh, ow).transpose(1, 0, 2, 3)
-    if bias is not None:
-        y = y + bias[None, :, None, None]
-    return np.ascontiguousarray(y)
-
-
-def conv2d_transpose(g, weight, in_hw, stride, padding, dilation, groups):
-    """The adjoint of conv2d without bias: cotangent (N, O, OH, OW) -> (N, C, H, W).
-
-    Computed as a stride-1 correlation of the zero-stuffed cotangent with the flipped,
-    transposed kernel, then cropped to the unpadded input.
-    """
-    n, out_ch, oh, ow = g.shape
-    _, in_per_group, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    h, w = in_hw
-    hp, wp = h + 2 * ph, w + 2 * pw
-    stuffed = np.zeros((n, out_ch, (oh - 1) * sh + 1, (ow - 1) * sw + 1), dtype=g.dtype)
-    stuffed[:, :, ::sh, ::sw] = g
-    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    # rows of the padded input that no window reached get zero gradient
-    extra_h = hp - (stuffed.shape[2] + span_h - 1)
-    extra_w = wp - (stuffed.shape[3] + span_w - 1)
-    full = np.pad(stuffed, ((0, 0), (0, 0), (span_h - 1, span_h - 1 + extra_h),
-                            (span_w - 1, span_w - 1 + extra_w)))
-    opg = out_ch // groups
-    flipped = weight[:, :, ::-1, ::-1].reshape(groups, opg, in_per_group, kh, kw)
-    w_t = flipped.transpose(0, 2, 1, 3, 4).reshape(groups * in_per_group, opg, kh, kw)
-    grad_padded = conv2d(full, w_t, None, (1, 1), (0, 0), dilation, groups)
-    return np.ascontiguousarray(grad_padded[:, :, ph:ph + h, pw:pw + w])
-
-
-def conv1d(x, weight, bias, stride, padding, dilation, groups):
-    y = conv2d(x[:, :, None, :], weight[:, :, None, :], bias, (1, stride[0]), (0, padding[0]),
-               (1, dilation[0]), groups)
-    return y[:, :, 0, :]
-
-
-def conv1d_transpose(g, weight, in_len, stride, padding, dilation, groups):
-    out = conv2d_transpose(g[:, :, None, :], weight[:, :, None, :], (1, in_len),
-                           (1, stride[0]), (0, padding[0]), (1, dilation[0]), groups)
-    return out[:, :, 0, :]
 
 
 def maxpool2d_gather(t, index, kernel, stride, padding):
@@ -305,35 +233,7 @@ def linear_vjp(v, xs, y, local, p):
     return [matmul_last(v, p["weight"])]
 
 
-# ---- convolutions
-def conv2d_forward(xs, p, stride, padding, dilation, groups):
-    return conv2d(xs[0], p["weight"], p.get("bias"), stride, padding, dilation, groups)
-
-
-def conv2d_jvp(ts, xs, y, local, p, stride, padding, dilation, groups):
-    t = ts[0]
-    return unflat_bk(conv2d(flat_bk(t), p["weight"], None, stride, padding, dilation, groups), t)
-
-
-def conv2d_vjp(v, xs, y, local, p, stride, padding, dilation, groups):
-    g = conv2d_transpose(flat_bk(v), p["weight"], xs[0].shape[2:], stride, padding, dilation,
-                         groups)
-    return [unflat_bk(g, v)]
-
-
-def conv1d_forward(xs, p, stride, padding, dilation, groups):
-    return conv1d(xs[0], p["weight"], p.get("bias"), stride, padding, dilation, groups)
-
-
-def conv1d_jvp(ts, xs, y, local, p, stride, padding, dilation, groups):
-    t = ts[0]
-    return unflat_bk(conv1d(flat_bk(t), p["weight"], None, stride, padding, dilation, groups), t)
-
-
-def conv1d_vjp(v, xs, y, local, p, stride, padding, dilation, groups):
-    g = conv1d_transpose(flat_bk(v), p["weight"], xs[0].shape[2], stride, padding, dilation,
-                         groups)
-    return [unflat_bk(g, v)]
+# ---- convolutions: pbxc.codegen.kernels.conv (imported above, copied before this module)
 
 
 # ---- pooling
@@ -629,14 +529,15 @@ UNMODIFIED = ((1.0, ("same", None), ("same", None), ("same", None)),)
 
 
 def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=None,
-                  dense=None, **attrs):
+                  dense=None, fused=None, **attrs):
     """Relevance at the op's output -> (relevance per input, absorbed by bias, by stabiliser).
 
     ``z_out``, the op's forward output, stands in for z where a group leaves inputs, weights
     and bias unmodified (LRP-0, epsilon): that z *is* the forward pass, so the step costs one
     transposed product instead of two. ``dense``, the op's (out, in) matrix when it is
     cheaper than its kernel (a small convolution), takes the transposed products with the
-    unmodified weights."""
+    unmodified weights. ``fused``: the runtime's fused elementwise kernels
+    (``pbxc.codegen.fused_kernels``, bit for bit these lines), or None."""
     table = globals()
     w, b = table[f"{op}_lrp_params"](p, xs, **attrs)
     forward, transpose = table[f"{op}_lrp_forward"], table[f"{op}_lrp_transpose"]
@@ -665,8 +566,12 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
             z = z + sign * zt
             passes.append((sign, ins, wt))
         z = np.broadcast_to(z, relevance.shape)
-        zs = lrp_stabilise(z, epsilon, placement)
-        s = lrp_divide(relevance, zs, epsilon, placement)
+        fuse = fused is not None and placement != "slides" and z.dtype.type(epsilon) > 0
+        if fuse:   # stabilise and divide in one pass
+            s = fused.quotient(relevance, z, epsilon)
+        else:
+            zs = lrp_stabilise(z, epsilon, placement)
+            s = lrp_divide(relevance, zs, epsilon, placement)
         for sign, ins, wt in passes:
             if dense is not None and wt is w:   # c = W^T s depends on the weights alone
                 cs = [(s.reshape(len(s), -1) @ dense).reshape(xs[0].shape)]
@@ -682,7 +587,8 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
             if dead.any():
                 stab_abs += coef * _per_sample_sum(relevance * dead)
         else:   # per element: sum(R) - sum(s z) would cancel badly in float32
-            stab_abs += coef * _per_sample_sum(relevance - s * z)
+            share = fused.residual(relevance, s, z) if fuse else relevance - s * z
+            stab_abs += coef * _per_sample_sum(share)
     r_in = [np.zeros_like(x) if r is None else r for r, x in zip(r_in, xs)]
     return r_in, bias_abs, stab_abs
 
@@ -736,30 +642,6 @@ def linear_lrp_forward(ins, w):
 
 def linear_lrp_transpose(s, w, xs):
     return [matmul_last(s, w)]
-
-
-conv2d_lrp_params = _weight_bias
-conv2d_lrp_bias = _bias_per_channel
-
-
-def conv2d_lrp_forward(ins, w, stride, padding, dilation, groups):
-    return conv2d(ins[0], w, None, stride, padding, dilation, groups)
-
-
-def conv2d_lrp_transpose(s, w, xs, stride, padding, dilation, groups):
-    return [conv2d_transpose(s, w, xs[0].shape[2:], stride, padding, dilation, groups)]
-
-
-conv1d_lrp_params = _weight_bias
-conv1d_lrp_bias = _bias_per_channel
-
-
-def conv1d_lrp_forward(ins, w, stride, padding, dilation, groups):
-    return conv1d(ins[0], w, None, stride, padding, dilation, groups)
-
-
-def conv1d_lrp_transpose(s, w, xs, stride, padding, dilation, groups):
-    return [conv1d_transpose(s, w, xs[0].shape[2], stride, padding, dilation, groups)]
 
 
 avgpool2d_lrp_params = _unit_weight
@@ -921,3 +803,10 @@ def log_softmax_hvp(v, vd, ts, xs, y, local, curv, p, axis):
     if vd is not None:
         out += log_softmax_cotangent(s, vd, ax)
     return [out]
+# =============================================================================== op families
+# Round 2 (issue 11): one module per family under pbxc/codegen/kernels; ``pbxc compile``
+# copies their source after this module's (pbxc.codegen.kernels.FAMILIES).
+from pbxc.codegen.kernels.elementwise import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.pooling import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.resize import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.shape import *  # noqa: E402,F403  family

@@ -19,6 +19,7 @@ m_xt = sum_y m_xy m_yt (eq. 4). Rules, keyed by op kind:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +27,10 @@ import numpy as np
 from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import InputError
 from pbxc.graph.ir import OpNode
-from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, require_kernel
+from pbxc.lower.calls import dfd_by_vjp, kernel_attrs, require_kernel
 from pbxc.ops import WEIGHTED, OpKind
-from pbxc.runtime.jacobian import Linearization, OpMaps, linearize
+from pbxc.runtime.jacobian import Linearization, OpMaps, linearize, release
+from pbxc.runtime.released import Released
 
 Array = np.ndarray
 
@@ -44,13 +46,16 @@ def dfd_step(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
     params = ctx.model.params[node.name]  # type: ignore[attr-defined]
     xs = [ctx.at.values[i] for i in node.inputs]
     y = ctx.at.values[node.name]
-    if node.kind in DFD_BY_VJP:  # eq. 7: an affine op's multipliers are its weights
+    if dfd_by_vjp(node):  # eq. 7: an affine op's multipliers are its weights
         if node.name in getattr(ctx.model, "dense_ops", ()):   # a small conv: one GEMM
             return OpMaps(ctx.model, ctx.at).vjp(node, m)
         vjp = require_kernel(K, node, "vjp", "dfd")
         return vjp(m, xs, y, ctx.at.local.get(node.name), params, **kernel_attrs(node))
     kernel = require_kernel(K, node, "dfd", "dfd")
-    if node.kind is OpKind.ACTIVATION:
+    local: Array | None
+    if node.kind is OpKind.ACTIVATION and node.name in ctx.at.local:
+        local = ctx.at.local[node.name]   # the multiplier, computed in the forward pass
+    elif node.kind is OpKind.ACTIVATION:
         table = ctx.model.activations  # type: ignore[attr-defined]
         z0 = ctx.default.values[node.inputs[0]]
         z = ctx.at.values[node.inputs[0]]
@@ -179,25 +184,45 @@ def reveal_cancel_pairs(model: object) -> dict[str, OpNode]:
     return pairs
 
 
-def linearize_both(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
-                   ) -> tuple[Linearization, Linearization]:
+def linearize_both(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array],
+                   keep: AbstractSet[str] | None = None) -> tuple[Linearization, Linearization]:
     """The forward passes at the inputs and at the defaults, as one batch, so that each weight
     is read once (at batch 1 that is a fifth of DFD's time). A default shared by the whole
-    batch (zeros, a constant, the mean) adds one row, broadcast back to the batch."""
+    batch (zeros, a constant, the mean) adds one row, broadcast back to the batch.
+
+    With ``keep`` (the memory plan: the values the caller reads afterwards), the other values
+    are released in the forward pass, and each activation's multiplier (seed 004 eq. 16-17)
+    is computed there, as its ``local`` at the input point, while z and f(z) still exist.
+    """
     batch = len(next(iter(inputs.values())))
     shared = batch > 1 and all(bool((d == d[:1]).all()) for d in default.values())
     rows = 1 if shared else batch
+    table = model.activations  # type: ignore[attr-defined]
+
+    def split(v: Array, start: int, stop: int, spread: bool) -> Array:
+        if isinstance(v, Released):
+            return v.rows(start, stop, batch if spread else None)  # type: ignore[return-value]
+        return np.broadcast_to(v[start:stop], (batch, *v.shape[1:])) if spread else v[start:stop]
+
+    def multiplier(node: OpNode, z: Array, y: Array) -> Array:
+        return table.multiplier(node.name, split(z, batch, batch + rows, shared),
+                                z[:batch], split(y, batch, batch + rows, shared), y[:batch])
+
     joint = linearize(model, {k: np.concatenate([x, default[k][:rows].astype(x.dtype)])
-                              for k, x in inputs.items()}, derivatives=False)
+                              for k, x in inputs.items()}, derivatives=False, keep=keep,
+                      local_of=multiplier if keep is not None else None)
 
     def part(arrays: Mapping[str, Array], start: int, stop: int, spread: bool
              ) -> dict[str, Array]:
-        return {k: np.broadcast_to(v[start:stop], (batch, *v.shape[1:])) if spread
-                else v[start:stop] for k, v in arrays.items()}
+        return {k: split(v, start, stop, spread) for k, v in arrays.items()}
 
-    at = Linearization(part(joint.values, 0, batch, False), part(joint.local, 0, batch, False))
+    computed = {n for n in joint.local if n in table.keys} if keep is not None else set()
+    at_local = part({k: v for k, v in joint.local.items() if k not in computed}, 0, batch, False)
+    at_local.update({k: joint.local[k] for k in computed})   # already (B, ...) at the input
+    base_local = {k: v for k, v in joint.local.items() if k not in computed}
+    at = Linearization(part(joint.values, 0, batch, False), at_local)
     base = Linearization(part(joint.values, batch, batch + rows, shared),
-                         part(joint.local, batch, batch + rows, shared))
+                         part(base_local, batch, batch + rows, shared))
     return at, base
 
 
@@ -213,12 +238,21 @@ def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
     if rule not in NONLINEAR_RULES:
         raise InputError(f"DFD rule must be one of {NONLINEAR_RULES}, got {rule!r}")
     # multipliers need values at both points (and max-pool windows), never f'
-    at, base = points or linearize_both(model, inputs, default)
+    plan = model.pass_plan("dfd", output)  # type: ignore[attr-defined]
+    at, base = points or linearize_both(model, inputs, default,
+                                        plan.keep if rule == "rescale" else None)
     ctx = DfdContext(model, at, base)
     graph = model.graph  # type: ignore[attr-defined]
     import networkx as nx
 
     pairs = reveal_cancel_pairs(model) if rule == "revealcancel" else {}
+    nodes = model.nodes  # type: ignore[attr-defined]
+    # release as the plan says only where the forward pass computed the multipliers (else the
+    # activations read z and f(z) at both points here)
+    planned = not pairs and all(n.name in at.local for n in nodes
+                                if n.kind is OpKind.ACTIVATION)
+    schedule = plan.schedule if planned else {}
+    keep = frozenset({output, *graph.output_names})
     needed = nx.ancestors(graph.digraph, output) | {output}
     mult: dict[str, Array] = {output: seed[:, None]}
     for node in reversed(model.nodes):  # type: ignore[attr-defined]
@@ -234,6 +268,9 @@ def dfd(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array]
             continue
         for i, g in zip(node.inputs, dfd_step(ctx, node, m)):
             mult[i] = mult[i] + g if i in mult else g
+        del m
+        release(at, schedule, node.name, keep)
+        release(base, schedule, node.name, keep)
     result = {}
     for name, x in inputs.items():
         m = mult.get(name)

@@ -8,16 +8,21 @@ tables in ``linearize``; elementwise Jacobians are diagonal scalings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
 
+from pbxc.codegen import numpy_kernels as K
 from pbxc.graph.ir import OpNode
+from pbxc.lower.calls import kernel_attrs
+from pbxc.lower.memory import forward_uses
 from pbxc.lower.plan import JacobianPlan, path_nodes, plan_jacobian, size
-from pbxc.ops import OpKind
+from pbxc.ops import CONV_TRANSPOSED, CONVOLUTIONS, OpKind
 from pbxc.runtime.linearize import Point, jvp_rule, vjp_rule
 from pbxc.runtime.numpy_forward import forward_rule, local_data
+from pbxc.runtime.released import Released
 
 Array = np.ndarray
 
@@ -37,12 +42,18 @@ class Linearization:
 
 def dense_matrix(model: object, node: OpNode, dtype: np.dtype) -> Array:
     """The (out, in) matrix of a constant linear op (conv, average pooling) without its bias,
-    built once per model and dtype by pushing the identity through the op's JVP."""
+    built once per model and dtype, on first use: a convolution's is scattered from its
+    weights (``conv_dense_matrix``, one write per weight use); other ops push the identity
+    through their JVP."""
     cache: dict[tuple[str, str], Array] = model.dense_cache  # type: ignore[attr-defined]
     key = (node.name, np.dtype(dtype).name)
     if key not in cache:
         graph = model.graph  # type: ignore[attr-defined]
         in_shape, out_shape = graph.shape_of(node.inputs[0]) or (), node.shape or ()
+        if node.kind in CONVOLUTIONS:
+            cache[key] = _conv_dense(node, model.params[node.name]["weight"].astype(  # type: ignore[attr-defined]
+                dtype, copy=False), in_shape, out_shape)
+            return cache[key]
         pt = Point(node, [np.zeros((1, *in_shape), dtype)], np.zeros((1, *out_shape), dtype),
                    model.params[node.name])  # type: ignore[attr-defined]
         t = jvp_rule(node)(pt, [identity_tangents(1, in_shape, dtype)])
@@ -50,20 +61,47 @@ def dense_matrix(model: object, node: OpNode, dtype: np.dtype) -> Array:
     return cache[key]
 
 
-def linearize(model: object, inputs: Mapping[str, Array],
-              derivatives: bool = True) -> Linearization:
+def _conv_dense(node: OpNode, weight: Array, in_shape: tuple[int, ...],
+                out_shape: tuple[int, ...]) -> Array:
+    attrs = kernel_attrs(node)
+    args = (attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+    if node.kind in CONV_TRANSPOSED:   # the transpose of the convolution it is the adjoint of
+        return np.ascontiguousarray(
+            K.conv_dense_matrix(weight, out_shape[1:], *args, out_spatial=in_shape[1:]).T)
+    return K.conv_dense_matrix(weight, in_shape[1:], *args)
+
+
+def linearize(model: object, inputs: Mapping[str, Array], derivatives: bool = True,
+              keep: AbstractSet[str] | None = None,
+              local_of: Callable[[OpNode, Array, Array], Array] | None = None
+              ) -> Linearization:
     """Evaluate every node, keeping the local data of nonlinear ops: argmax indices of max
-    pooling, and (with ``derivatives``) f'(z) of activations."""
+    pooling, and (with ``derivatives``) f'(z) of activations.
+
+    ``keep``: the values the caller reads afterwards (None: all of them); every other value
+    is released (``pbxc.runtime.released``) after its last forward consumer, which is the
+    forward liveness of ``pbxc.lower.memory``. ``local_of(node, z, y)``: an activation's
+    local data instead of f'(z) (a ReLU mask, a DFD multiplier).
+    """
     values: dict[str, Array] = dict(inputs)
     local: dict[str, Array] = {}
-    for node in model.nodes:  # type: ignore[attr-defined]
+    nodes: list[OpNode] = model.nodes  # type: ignore[attr-defined]
+    uses = forward_uses(nodes) if keep is not None else {}
+
+    def consumed(name: str) -> None:
+        if keep is not None and uses.get(name, 0) == 0 and name not in keep:
+            values[name] = Released.of(name, values[name])  # type: ignore[assignment]
+
+    for node in nodes:
         if node.kind is OpKind.INPUT:
             continue
         xs = [values[i] for i in node.inputs]
         if node.kind is OpKind.ACTIVATION:
             table = model.activations  # type: ignore[attr-defined]
             values[node.name] = table(node.name, xs[0])
-            if derivatives:
+            if local_of is not None:
+                local[node.name] = local_of(node, xs[0], values[node.name])
+            elif derivatives:
                 local[node.name] = table.derivative(node.name, xs[0])
         else:   # the ops' own kernels even where a dense matrix is cheaper: the forward
             # values stay those of Model.forward, bit for bit (LRP's 1/z amplifies any change)
@@ -72,7 +110,24 @@ def linearize(model: object, inputs: Mapping[str, Array],
             extra = local_data(node, xs, params)
             if extra is not None:
                 local[node.name] = extra
+        del xs
+        for i in node.inputs:
+            if i in uses:
+                uses[i] -= 1
+            consumed(i)
+        consumed(node.name)
     return Linearization(values, local)
+
+
+def release(lin: Linearization, schedule: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+            node: str, keep: AbstractSet[str] = frozenset()) -> None:
+    """Release what the backward walk reads for the last time at ``node``."""
+    names, locals_ = schedule.get(node, ((), ()))
+    for name in names:
+        if name not in keep and name in lin.values:
+            lin.values[name] = Released.of(name, lin.values[name])  # type: ignore[assignment]
+    for name in locals_:
+        lin.local.pop(name, None)
 
 
 class OpMaps:
@@ -149,10 +204,13 @@ def forward_sweep(model: object, lin: Linearization, wrt: str, nodes: list[OpNod
 
 def reverse_sweep(model: object, lin: Linearization, wrt: str, output: str,
                   nodes: list[OpNode], seed: Array | None = None,
-                  maps: OpMaps | None = None) -> Array:
+                  maps: OpMaps | None = None,
+                  schedule: Mapping[str, tuple[Sequence[str], Sequence[str]]] | None = None
+                  ) -> Array:
     """Pull cotangents from ``output`` back to ``wrt``: (B, K, *in_shape).
 
-    ``seed`` is (B, K, *out_shape); by default the identity (K = output size).
+    ``seed`` is (B, K, *out_shape); by default the identity (K = output size). ``schedule``:
+    what to release after each node (``pbxc.lower.memory.release_schedule``).
     """
     maps = maps or OpMaps(model, lin)
     y = lin.values[output]
@@ -164,10 +222,14 @@ def reverse_sweep(model: object, lin: Linearization, wrt: str, output: str,
         if v is None:
             continue
         grads = maps.vjp(node, v)
+        del v
         for i, g in zip(node.inputs, grads):
             if i not in on_path:
                 continue
-            cot[i] = cot[i] + g if i in cot else g
+            cot[i] = cot[i] + g if i in cot else g   # never in place: add's VJP shares v
+        del grads
+        if schedule is not None:
+            release(lin, schedule, node.name, {output, wrt})
     x = lin.values[wrt]
     if wrt not in cot:
         k = cot_seed_rows(seed, y)
@@ -297,5 +359,9 @@ def kinks_hit(model: object, values: Mapping[str, Array], nodes: Sequence[OpNode
     library's gradient should know how many entries that concerns.
     """
     table = model.activations  # type: ignore[attr-defined]
-    return {n.name: table.kinks_hit(n.name, values[n.inputs[0]])
+    hits = {n.name: table.kinks_hit(n.name, values[n.inputs[0]])
             for n in nodes if n.kind is OpKind.ACTIVATION}
+    for n in nodes:   # prelu's kink is at 0, where f' is the slope (PyTorch's choice)
+        if n.kind is OpKind.PRELU:
+            hits[n.name] = int(np.count_nonzero(values[n.inputs[0]] == 0))
+    return hits

@@ -26,9 +26,9 @@ import numpy as np
 from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
-from pbxc.lower.calls import kernel_attrs
-from pbxc.ops import LRP_COMPOSITES, OpKind
-from pbxc.runtime.jacobian import dense_matrix, linearize
+from pbxc.lower.calls import is_linear_form, kernel_attrs, kernel_base
+from pbxc.ops import LRP_COMPOSITES, MAXPOOL, SHAPE_ONLY, OpKind
+from pbxc.runtime.jacobian import dense_matrix, linearize, release
 from pbxc.runtime.lrp_rules import (
     COMPOSITES,
     LRP0,
@@ -184,10 +184,12 @@ def _pool_geometry(node: OpNode) -> dict[str, Any]:
 
 
 def _route(node: OpNode, xs: list[Array], out: Array, relevance: Array) -> list[Array]:
-    if node.kind in (OpKind.FLATTEN, OpKind.RESHAPE):
+    if node.kind in SHAPE_ONLY:
         return [relevance.reshape(xs[0].shape)]
-    if node.kind is OpKind.ACTIVATION:
+    if node.kind in (OpKind.ACTIVATION, OpKind.PRELU):
         return [relevance]
+    if node.kind is OpKind.MUL:   # a product of two values: K.product_relevance's rule
+        return K.product_relevance(relevance, xs, kernel_attrs(node)["lrp"])
     if node.kind is OpKind.CONCAT:
         axis = 1 + int(kernel_attrs(node)["axis"])
         cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
@@ -200,8 +202,13 @@ def unsupported(node: OpNode, why: str = "") -> UnsupportedOp:
                          f"(value '{node.name}'){why}", node.pos)
 
 
-ROUTED = frozenset({OpKind.FLATTEN, OpKind.RESHAPE, OpKind.ACTIVATION, OpKind.CONCAT,
-                    OpKind.MAXPOOL2D})
+ROUTED = SHAPE_ONLY | MAXPOOL | frozenset({OpKind.ACTIVATION, OpKind.PRELU, OpKind.CONCAT,
+                                         OpKind.MUL})
+
+
+def takes_rule(node: OpNode) -> bool:
+    """Whether the engine runs a rule on the node (a product of two values routes)."""
+    return node.kind in RULE_KINDS and (node.kind is not OpKind.MUL or is_linear_form(node))
 OUTPUT_ONLY = frozenset({OpKind.SOFTMAX, OpKind.LOG_SOFTMAX})
 
 
@@ -240,7 +247,7 @@ def resolve_rules(model: Any, values: Mapping[str, Array], composite: Composite 
         raise LrpConfigError(f"composite must be a name or a Composite, got {composite!r}")
     rules: dict[str, Rule] = {}
     for node in model.nodes:
-        if node.kind in RULE_KINDS:
+        if takes_rule(node):
             rules[node.name] = rule if rule is not None else composite.rule_for(
                 node.kind, node.name == first)
     for name, r in (overrides or {}).items():
@@ -297,10 +304,22 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     output = output or model.output_names[0]
     if output not in model.graph.digraph:
         raise LrpConfigError(f"model '{model.name}' has no value '{output}'")
-    lin = linearize(model, prepared, derivatives=False)  # LRP needs values and argmax only
-    values = lin.values
     out_node = model.graph.node(output)
     start = out_node.inputs[0] if out_node.kind in OUTPUT_ONLY else output
+    # the memory plan: values the rules read (a, z) and argmax; the rest is released in the
+    # forward pass, and each kept value after the last rule that reads it
+    nodes = list(model.nodes)
+    plan = model.pass_plan(PASS, start)
+    keep, remat, schedule = frozenset(model.output_names) | {start}, plan.recompute, plan.schedule
+    lin = linearize(model, prepared, derivatives=False, keep=plan.keep)
+    values = lin.values
+
+    def value(name: str) -> Array:
+        if name in remat:
+            node = model.graph.node(name)
+            return model.activations(name, values[node.inputs[0]])
+        return values[name]
+
     logits = values[start]
     batch = logits.shape[0]
     targets = model.targets(logits, target)
@@ -309,10 +328,15 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     rows = np.arange(batch)
     seed[rows, targets] = flat[rows, targets]
     relevance: dict[str, Array] = {start: seed.reshape(logits.shape)}
-    rules = resolve_rules(model, values, composite, rule, overrides, composite_args)
+    first = _first_weighted(model)
+    data = {} if first is None else {   # the box bounds of epsilon-gamma-box read this input
+        i: value(i) for i in model.graph.node(first).inputs}
+    rules = resolve_rules(model, data, composite, rule, overrides, composite_args)
+    del data
     layers: dict[str, LayerLedger] = {}
     ties: dict[str, int] = {}
-    known: dict[int, tuple[Array, Array, Array]] = {}
+    # per-sample sums of relevance arrays handed on unchanged (routed ops), by destination
+    known: dict[str, tuple[Array, Array, Array]] = {}
     dense_ops: frozenset[str] = getattr(model, "dense_ops", frozenset())
 
     def dense_for(node: OpNode) -> Array | None:
@@ -320,33 +344,39 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
             return None
         return dense_matrix(model, node, values[node.name].dtype)
 
-    def sums(r: Array) -> tuple[Array, Array]:
+    def sums(r: Array, name: str | None = None) -> tuple[Array, Array]:
         """Per-sample sum and absolute sum, once per array (routed ops pass theirs on)."""
-        hit = known.get(id(r))
+        hit = known.pop(name, None) if name is not None else None
         if hit is None or hit[0] is not r:
-            hit = known[id(r)] = (r, _per_sample(r), _per_sample(np.abs(r)))
+            hit = (r, _per_sample(r), _per_sample(np.abs(r)))
         return hit[1], hit[2]
 
-    for node in reversed(model.nodes):
+    for node in reversed(nodes):
         r_out = relevance.pop(node.name, None) if node.kind is not OpKind.INPUT else None
         if r_out is None:
             continue
-        xs = [values[i] for i in node.inputs]
+        xs = [value(i) for i in node.inputs] if node.kind in RULE_KINDS or \
+            node.kind in MAXPOOL else [values[i] for i in node.inputs]
         zero = np.zeros(batch, dtype=r_out.dtype)
         bias, stab = zero, zero
         label = "route"
         if node.name in rules:
             node_rule = rules[node.name]
             label = node_rule.describe()
-            r_in, bias, stab = K.lrp_rule_step(node.kind.value, r_out, xs,
+            r_in, bias, stab = K.lrp_rule_step(kernel_base(node), r_out, xs,
                                                model.params[node.name],
                                                node_rule.groups_data(), node_rule.epsilon,
                                                node_rule.placement, values[node.name],
-                                               dense_for(node), **kernel_attrs(node))
-        elif node.kind is OpKind.MAXPOOL2D:
+                                               dense_for(node), getattr(model, "fused", None),
+                                               **kernel_attrs(node))
+        elif node.kind in MAXPOOL and kernel_base(node) == "maxpool2d":
             assert node.name in lin.local
             r0, ties[node.name] = K.lrp_maxpool(r_out, xs[0], lin.local[node.name],
                                                 **_pool_geometry(node))
+            r_in, label = [r0], "winner-take-all"
+        elif node.kind in MAXPOOL:   # 1-d, 3-d, ceil_mode, dilation
+            r0, ties[node.name] = K.maxpool_relevance(r_out, xs[0], lin.local[node.name],
+                                                      **kernel_attrs(node))
             r_in, label = [r0], "winner-take-all"
         elif node.kind in ROUTED:
             r_in = _route(node, xs, values[node.name], r_out)
@@ -355,13 +385,20 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
                                     "explained output, where relevance starts at the logits")
         else:
             raise unsupported(node)
-        out_sum, out_abs = sums(r_out)
-        in_sums = [sums(r) for r in r_in]
+        out_sum, out_abs = sums(r_out, node.name)
+        in_sums = [(out_sum, out_abs) if r is r_out else sums(r) for r in r_in]
         layers[node.name] = LayerLedger(node.name, node.kind.value, label, out_sum,
                                         sum((t for t, _ in in_sums), zero), bias, stab,
                                         out_abs + sum((a for _, a in in_sums), zero))
-        for name, r_i in zip(node.inputs, r_in):
-            relevance[name] = relevance[name] + r_i if name in relevance else r_i
+        for name, r_i, (t, a) in zip(node.inputs, r_in, in_sums):
+            if name in relevance:
+                known.pop(name, None)
+                relevance[name] = relevance[name] + r_i
+            else:
+                relevance[name] = r_i
+                known[name] = (r_i, t, a)
+        del r_out, r_in, xs
+        release(lin, schedule, node.name, keep)
     result = {name: relevance.get(name, np.zeros_like(x)) for name, x in prepared.items()}
     reached = sum((_per_sample(r) for r in result.values()), np.zeros(batch, logits.dtype))
     ledger = Ledger(layers, _per_sample(seed), reached)

@@ -9,9 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from pbxc.codegen import fused_kernels
+from pbxc.codegen.fused_kernels import NumexprKernels
 from pbxc.codegen.numpy_printer import render_activation_functions
 from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
+from pbxc.lower.memory import PassPlan, pass_plan
 from pbxc.lower.plan import cheaper_dense, path_nodes
 from pbxc.ops import OpKind
 from pbxc.runtime.allocator import tune_allocator
@@ -64,6 +67,8 @@ class ActivationTable:
     kink_points: dict[ActivationKey, tuple[float, ...]]
     convention: str
     source: str
+    binary_slopes: frozenset[ActivationKey] = frozenset()   # f' takes only 0 and 1
+    fused: NumexprKernels | None = None   # fused secant kernels (the ``fast`` extra)
 
     def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
         return self._apply(self.routines[self.keys[node_name]]["f"], z)
@@ -89,11 +94,18 @@ class ActivationTable:
         fn = self.routines[self.keys[node_name]]["m"]
         shape = np.broadcast_shapes(np.shape(z0), np.shape(z))
         if (f0 is None or f1 is None or not shape or np.shape(z0) != shape
-                or np.shape(z) != shape):
+                or np.shape(z) != shape
+                or (getattr(fn, "widen_single", False) and z.dtype == np.float32)):
             with np.errstate(all="ignore"):
                 out = fn(z0, z)
             return np.broadcast_to(np.asarray(out, dtype=z.dtype), shape)
         floor = np.finfo(z.dtype).tiny / np.finfo(z.dtype).eps
+        if self.fused is not None:   # the same tests in two fused passes (bit for bit)
+            with np.errstate(all="ignore"):
+                out, rest = self.fused.secant(z0, z, f0, f1)
+                if rest.any():
+                    out[rest] = fn(z0[rest], z[rest])
+            return out
         with np.errstate(all="ignore"):
             d, df = z - z0, f1 - f0
             out = np.asarray(df / d, dtype=z.dtype)   # the secant
@@ -109,6 +121,18 @@ class ActivationTable:
             if rest.any():
                 out[rest] = fn(z0[rest], z[rest])
         return out
+
+    def slope(self, node_name: str, z: np.ndarray) -> np.ndarray:
+        """f'(z) in the least memory that holds it exactly: a bool mask where f' is 0 or 1
+        everywhere (ReLU under a 0/1 kink convention; 1/8 of a float64 array), else f'(z).
+        ``v * mask`` equals ``v * f'(z)`` bit for bit."""
+        df = self.derivative(node_name, z)
+        if self.keys[node_name] not in self.binary_slopes:
+            return df
+        mask = df == 1
+        if not (mask | (df == 0)).all():   # NaN or inf in z: keep f' as it is
+            return df
+        return mask
 
     def kinks_hit(self, node_name: str, z: np.ndarray) -> int:
         """How many entries of ``z`` sit exactly on a kink, where f' is a convention."""
@@ -149,8 +173,23 @@ def compile_activations(graph: ModelGraph, convention: str = DEFAULT_CONVENTION,
         kink_points = {key: tuple(float(k.point) for k in
                                   derive(key, graph.user_activations, convention).kinks)
                        for key in distinct}
+    binary = frozenset(key for key in distinct if key.definition is None
+                       and key.name in BINARY_SLOPE_BUILTINS
+                       and _slopes_binary(routines[key]["df"], kink_points[key]))
     return ActivationTable(keys, routines, dict(rendered.names), kink_points, convention,
-                           rendered.source)
+                           rendered.source, binary, fused_kernels.available())
+
+
+# built-ins whose derivative is 0 or 1 away from their kinks
+BINARY_SLOPE_BUILTINS = frozenset({"relu"})
+
+
+def _slopes_binary(df: Callable[[np.ndarray], np.ndarray], kinks: tuple[float, ...]) -> bool:
+    """The kink convention keeps f' in {0, 1} at the kinks too (not the 'mean' convention)."""
+    at = np.asarray([*kinks, -1.0, 1.0], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        values = np.broadcast_to(np.asarray(df(at), dtype=np.float64), at.shape)
+    return bool(np.isin(values, (0.0, 1.0)).all())
 
 
 def _first_bad_index(array: np.ndarray) -> tuple[int, ...]:
@@ -188,7 +227,19 @@ class Model:
         # pooling), by (node, dtype); weights never change after loading, so they stay valid
         self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
         self.plan_cache: dict[tuple[str, str, int, str], Any] = {}   # Jacobian plans
+        self.memory_plans: dict[tuple[str, ...], PassPlan] = {}      # liveness, per pass
         self.dense_ops = cheaper_dense(self.nodes, graph)   # applied as cached matrices
+        # numexpr's fused elementwise kernels for LRP and DFD, when installed (``fast``)
+        self.fused = fused_kernels.available()
+
+    def pass_plan(self, pass_name: str, output: str, wrt: str | None = None) -> PassPlan:
+        """The liveness plan of a pass (``pbxc.lower.memory``), once per pass and values."""
+        key = (pass_name, output, wrt or "")
+        if key not in self.memory_plans:
+            nodes = path_nodes(self.graph, wrt, output) if wrt else self.nodes
+            keep = {output, wrt} if wrt else {output}
+            self.memory_plans[key] = pass_plan(self.graph, pass_name, nodes, keep)
+        return self.memory_plans[key]
 
     # ------------------------------------------------------------------ description
     @property
@@ -256,6 +307,10 @@ class Model:
                 problems.append(Diagnostic(
                     f"{where} has shape {list(arr.shape)}; expected [batch, "
                     f"{', '.join(map(str, info.shape))}]{hint}"))
+                continue
+            if arr.shape[0] == 0:  # one rule for every pass (specs/security_inputs.md)
+                problems.append(Diagnostic(f"{where} is an empty batch (shape "
+                                           f"{list(arr.shape)}); give at least one sample"))
                 continue
             if batch is not None and arr.shape[0] != batch:
                 problems.append(Diagnostic(f"{where} has batch size {arr.shape[0]}, but other "
@@ -402,14 +457,17 @@ class Model:
                   ) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
         output, wrt = self._io(output, wrt)
         inputs = self.prepare_inputs(x)
-        lin = linearize(self, inputs)
+        nodes = path_nodes(self.graph, wrt, output)
+        # the memory plan: keep only what the VJPs read (masks, argmax, softmax outputs)
+        plan = self.pass_plan("gradient", output, wrt)
+        lin = linearize(self, inputs, keep=plan.keep,
+                        local_of=lambda node, z, _: self.activations.slope(node.name, z))
         y = lin.values[output]
         c = self.targets(y, target)
         seed = np.zeros((y.shape[0], 1, y[0].size), dtype=y.dtype)
         seed[np.arange(y.shape[0]), 0, c] = 1
         seed = seed.reshape(y.shape[0], 1, *y.shape[1:])
-        nodes = path_nodes(self.graph, wrt, output)
-        grad = reverse_sweep(self, lin, wrt, output, nodes, seed)[:, 0]
+        grad = reverse_sweep(self, lin, wrt, output, nodes, seed, schedule=plan.schedule)[:, 0]
         return grad, inputs, wrt
 
     def dfd(self, x: np.ndarray | Mapping[str, np.ndarray], *, baseline: Any = "zeros",
@@ -426,7 +484,8 @@ class Model:
         output, _ = self._io(output, None)
         inputs = self.prepare_inputs(x)
         default = resolve_baseline(self, inputs, baseline, data)
-        at, base = linearize_both(self, inputs, default)
+        at, base = linearize_both(self, inputs, default, self.pass_plan("dfd", output).keep
+                                  if rule == "rescale" else None)
         y = at.values[output]
         c = self.targets(y, target)
         flat = y.reshape(y.shape[0], -1)
