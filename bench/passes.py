@@ -1,6 +1,7 @@
 """pbxc's passes beside their peers, in one run: times, ratios and FLOP-bound limits.
 
     python bench/passes.py [--batches 1 32 256] [--dtypes float64 float32] [--quick]
+                           [--sections passes hessian]
     python bench/passes.py --models resnet18,resnet50,densenet121 [--size 224]
         [--batches 1 32] [--passes gradient,lrp,dfd] [--max-gb 10]   (see bench/cnn.py)
 
@@ -8,6 +9,9 @@ Models: the 784-512-512-512-10 tanh MLP (seeded weights) and the shipped digits 
 that are not installed are reported as such (torch, jax, captum, zennit). The FLOP-bound
 limit of a pass is its multiply-adds divided by the GEMM rate measured in this run; for the
 Jacobian they are the chosen plan's, for LRP and DFD two and three forward passes' worth.
+The hessian section times model.hessian (one target logit) beside
+torch.func.vmap(torch.func.hessian) on a 30-64-32-2 and the 784-512-512-512-10 tanh MLP; its
+limit is the Hessian plan's multiply-adds over the same GEMM rate.
 """
 
 from __future__ import annotations
@@ -195,12 +199,122 @@ def run(batches: list[int], dtypes: list[str], quick: bool) -> None:
                           f"{limit * 1e3:>9.2f} {t / limit:>6.2f}")
 
 
+# ---------------------------------------------------------------- hessian (issue 15)
+SMALL_WIDTHS = (30, 64, 32, 2)
+SMALL_PBX = """model small_mlp
+weights "small_mlp.npz"
+input x: float64[30]
+h0 = tanh(linear(x, @fc0))
+h1 = tanh(linear(h0, @fc1))
+output logits = linear(h1, @fc2)
+"""
+
+
+def small_mlp_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """The 30-64-32-2 tanh MLP's weights, from a seeded generator (PyTorch's init bounds)."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for i, (a, b) in enumerate(itertools.pairwise(SMALL_WIDTHS)):
+        bound = 1 / np.sqrt(a)
+        weights[f"fc{i}.weight"] = rng.uniform(-bound, bound, size=(b, a))
+        weights[f"fc{i}.bias"] = rng.uniform(-bound, bound, size=b)
+    return weights
+
+
+def load_small_mlp(dtype: str):  # type: ignore[no-untyped-def]
+    import tempfile
+
+    import pbxc
+
+    folder = Path(tempfile.mkdtemp(prefix="pbxc-bench-small-"))
+    np.savez(folder / "small_mlp.npz", **small_mlp_weights())
+    (folder / "small_mlp.pbx").write_text(SMALL_PBX)
+    return pbxc.load(folder / "small_mlp.pbx", dtype=dtype)
+
+
+def torch_tanh_mlp(widths: tuple[int, ...], weights: dict[str, np.ndarray], dtype: str
+                   ):  # type: ignore[no-untyped-def]
+    import torch
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        lin = nn.Linear(a, b)
+        lin.weight.data = torch.from_numpy(weights[f"fc{i}.weight"])
+        lin.bias.data = torch.from_numpy(weights[f"fc{i}.bias"])
+        layers.append(lin)
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).to(getattr(torch, dtype)).eval().requires_grad_(False)
+
+
+def torch_hessian(net, x: np.ndarray, target: int,  # type: ignore[no-untyped-def]
+                  chunk: int | None = None) -> Callable[[], object]:
+    """torch.func.vmap(torch.func.hessian(f_target)) over the batch (in chunks of ``chunk``
+    samples when given, to bound memory)."""
+    import torch
+
+    xt = torch.from_numpy(x)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return net(v[None])[0, target]
+
+    fn = torch.func.vmap(torch.func.hessian(f))
+    if chunk is None or chunk >= len(x):
+        return lambda: fn(xt)
+    return lambda: torch.cat([fn(xt[s:s + chunk]) for s in range(0, len(xt), chunk)])
+
+
+def run_hessian(batches: list[int], dtypes: list[str], quick: bool,
+                models: tuple[str, ...] = ("small", "large")) -> None:
+    """pbxc's model.hessian (one target) beside torch.func.vmap(torch.func.hessian)."""
+    from pbxc.runtime.hessian import CURVED_KINDS
+
+    print("\nHessian of one target logit: pbxc model.hessian beside "
+          "torch.func.vmap(torch.func.hessian)")
+    header = (f"{'model':<13} {'dtype':<8} {'batch':>5}  {'plan':<8} {'pbxc ms':>9} "
+              f"{'torch ms':>9} {'ratio':>6}  {'limit ms':>9} {'/limit':>6}")
+    target = 0
+    for dtype in dtypes:
+        rate = gemm_rate(dtype)
+        print(f"\nGEMM rate ({dtype}, 512^3): {2 * rate / 1e9:.1f} GFLOP/s")
+        print(header)
+        for name in [n for n, key in (("30-64-32-2", "small"), ("784-512x3-10", "large"))
+                     if key in models]:
+            small = name.startswith("30")
+            model = load_small_mlp(dtype) if small else load_mlp(dtype)
+            widths = SMALL_WIDTHS if small else MLP_WIDTHS
+            weights = small_mlp_weights() if small else mlp_weights()
+            net = torch_tanh_mlp(widths, weights, dtype) if have("torch") else None
+            for batch in batches:
+                x = np.random.default_rng(0).normal(size=(batch, widths[0])).astype(dtype)
+                res = model.hessian(x, target=target)
+                plan = res.plan
+                assert {n.kind for n in model.nodes} & CURVED_KINDS
+                t = median_time(lambda m=model, v=x: m.hessian(v, target=target),
+                                repeat=3 if quick else 7)
+                limit = plan.flops_per_sample * batch / rate
+                peer = float("nan")
+                if net is not None:
+                    # the large MLP above batch 32 in chunks of 32: one vmap over 256 samples
+                    # x 784 tangents would hold several GB of tangent blocks at once
+                    chunk = None if small or batch <= 32 else 32
+                    peer = median_time(torch_hessian(net, x, target, chunk),
+                                       repeat=3 if quick else 7)
+                print(f"{name:<13} {dtype:<8} {batch:>5}  {plan.mode:<8} {t * 1e3:>9.2f} "
+                      f"{peer * 1e3:>9.2f} {t / peer:>6.2f}  {limit * 1e3:>9.2f} "
+                      f"{t / limit:>6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--sections", nargs="+", default=["passes", "hessian"],
+                        choices=["passes", "hessian"],
+                        help="which sections to run (default: both)")
     parser.add_argument("--models", help="torchvision CNNs instead of the MLP and digits "
                         "sections, comma-separated: " + ",".join(MODELS))
     parser.add_argument("--size", type=int, default=224, help="image side for --models")
@@ -209,6 +323,9 @@ def main() -> None:
                         help="address-space limit of each --models measurement (GB)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds per --models measurement")
+    parser.add_argument("--hessian-models", nargs="+", default=["small", "large"],
+                        choices=["small", "large"],
+                        help="hessian section: the 30-64-32-2 and/or the 784-512x3-10 MLP")
     args = parser.parse_args()
     if args.models:
         unknown = sorted(set(args.models.split(",")) - set(MODELS))
@@ -218,7 +335,10 @@ def main() -> None:
         run_models(args.models.split(","), args.size, batches, args.dtypes,
                    args.passes.split(","), args.max_gb, 1 if args.quick else 3, args.timeout)
         return
-    run(args.batches, args.dtypes, args.quick)
+    if "passes" in args.sections:
+        run(args.batches, args.dtypes, args.quick)
+    if "hessian" in args.sections:
+        run_hessian(args.batches, args.dtypes, args.quick, tuple(args.hessian_models))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,23 @@ class BreastCancerMLP(nn.Module):
         return self.out(h)
 
 
+class BreastCancerSmoothMLP(nn.Module):
+    """The smooth twin of BreastCancerMLP: 30 raw features -> standardise -> 64 tanh ->
+    32 softplus -> 2 logits (nonzero logit Hessians, for specs/hessian.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scaler = Standardize(30)
+        self.fc1 = nn.Linear(30, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.out = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(self.scaler(x)))
+        h = nn.functional.softplus(self.fc2(h))
+        return self.out(h)
+
+
 class DigitsCNN(nn.Module):
     """[1, 8, 8] -> conv 8 -> relu -> maxpool 2 -> conv 16 -> relu -> avgpool 2 -> 64 -> 10."""
 
@@ -125,6 +142,7 @@ class WineSwishMLP(nn.Module):
 #: example name -> (model class, weights file name beside the .pbx)
 EXAMPLES: dict[str, tuple[type[nn.Module], str]] = {
     "breast_cancer_mlp": (BreastCancerMLP, "breast_cancer_mlp.npz"),
+    "breast_cancer_smooth_mlp": (BreastCancerSmoothMLP, "breast_cancer_smooth_mlp.npz"),
     "digits_cnn": (DigitsCNN, "digits_cnn.npz"),
     "digits_resnet": (DigitsResNet, "digits_resnet.safetensors"),
     "wine_swish_mlp": (WineSwishMLP, "wine_swish_mlp.npz"),

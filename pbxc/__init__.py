@@ -1,5 +1,6 @@
 """pbxc: a symbolic graph compiler and verifier for neural-network attribution."""
 
+from pbxc.codegen.kernels.conv import conv_workspace, set_conv_workspace
 from pbxc.errors import (
     InputError,
     PbxError,
@@ -27,6 +28,8 @@ __all__ = [
     "WeightError",
     "__version__",
     "check_file",
+    "conv_workspace",
     "load",
     "loads",
+    "set_conv_workspace",
 ]

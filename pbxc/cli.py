@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +15,9 @@ import numpy as np
 from pbxc.errors import InputError, PbxError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+#: what --force allows, on every command that writes (specs/security.md)
+FORCE_HELP = ("replace an output that is a symbolic link or special file, or a compiled "
+              "directory whose files were edited (never a directory pbxc did not write)")
 
 #: Modules with a ``register(subparsers)`` function adding more subcommands.
 EXTENSION_COMMANDS: tuple[str, ...] = ("pbxc.cli_interop", "pbxc.cli_evaluate", "pbxc.cli_verify",
@@ -30,57 +31,74 @@ class UsageError(Exception):
 # ---------------------------------------------------------------- file helpers
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def atomic_write(path: Path, write: Callable[[Path], None], force: bool = False) -> None:
+    """Write through a temporary file in the same folder, then rename: never half-written,
+    and never over anything but a regular file (pbxc.outputs)."""
+    from pbxc.outputs import write_with
+
+    write_with(path, write, force=force)
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
-    atomic_write(path, write)
+def save_npz(path: Path, arrays: dict[str, np.ndarray], force: bool = False) -> None:
+    from pbxc.outputs import write_npz
+
+    write_npz(path, arrays, force=force)
 
 
-def load_array_file(path: str, key: str | None, names: Sequence[str]) -> Any:
-    """An input batch from .npy or .npz; for .npz, ``key`` or the model's input names."""
+def check_compile_output(path: str | None, force: bool = False) -> None:
+    """Refuse ``compile -o DIR`` before compiling if DIR may not be replaced."""
+    if path:
+        from pbxc.outputs import check_directory_output
+
+        check_directory_output(path, force)
+
+
+def check_output(path: str | None, force: bool = False) -> None:
+    """Refuse an unusable output path before any work is done (pbxc.outputs)."""
+    if path:
+        from pbxc.outputs import check_file_target
+
+        check_file_target(path, force)
+
+
+def load_array_file(path: str, key: str | None, names: Sequence[str],
+                    option: str = "--key") -> Any:
+    """An input batch from .npy or .npz; for .npz, ``key`` or the model's input names. Only
+    the members picked are read, each after its declared size is checked
+    (``pbxc.weights.arrays``); ``option`` is the flag that chooses a key, for messages."""
+    from pbxc.weights.arrays import ArrayFileError, is_npy, npz_directory, read_npy
+    from pbxc.weights.limits import LimitSettingError
+
     p = Path(path)
     if not p.is_file():
         raise InputError(f"input file not found: '{p}'")
     try:
-        data = np.load(p, allow_pickle=False)
-    except ValueError as err:
-        raise InputError(f"cannot read '{p}': {err} (pickled objects are refused)") from None
-    except OSError as err:
-        raise InputError(f"cannot read '{p}': {err}") from None
-    if isinstance(data, np.ndarray):
-        if key is not None:
-            raise UsageError(f"--key applies to .npz files; '{p}' is a single array")
-        return data
-    with data:
-        files = list(data.files)
-        try:
+        if is_npy(p):
             if key is not None:
-                if key not in files:
-                    raise InputError(f"'{p}' has no key '{key}'; it has {files}")
-                return data[key]
-            if all(n in files for n in names):
-                picked = {n: data[n] for n in names}
-                return picked if len(names) > 1 else picked[names[0]]
-            if len(files) == 1:
-                return data[files[0]]
-        except ValueError as err:
-            raise InputError(f"cannot read '{p}': {err} (pickled objects are refused)") from None
-    raise InputError(f"'{p}' has keys {files}; choose one with --key (the model's inputs are "
-                     f"{list(names)})")
+                raise InputError(f"{option} applies to .npz files; '{p}' is a single array")
+            return read_npy(p)
+        try:
+            directory = npz_directory(p)
+        except ArrayFileError as err:
+            raise InputError(f"cannot read '{p}': {err} (expected .npy or .npz)") from None
+        files = list(directory)
+        if key is not None:
+            if key not in directory:
+                raise InputError(f"'{p}' has no key '{key}' ({option}); it has {files}")
+            return directory[key].read()
+        if names and all(n in directory for n in names):
+            picked = {n: directory[n].read() for n in names}
+            return picked if len(names) > 1 else picked[names[0]]
+        if len(files) == 1:
+            return directory[files[0]].read()
+    except ArrayFileError as err:
+        raise InputError(f"cannot read '{p}': {err}") from None
+    except (OSError, LimitSettingError) as err:
+        raise InputError(f"cannot read '{p}': {err}") from None
+    if not files:
+        raise InputError(f"'{p}' holds no arrays")
+    raise InputError(f"'{p}' has keys {files}; choose one with {option} (the model's inputs "
+                     f"are {list(names)})")
 
 
 # ---------------------------------------------------------------- commands
@@ -91,12 +109,13 @@ def _fmt_shape(shape: Sequence[int]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pbxc.pipeline import check_file
+    from pbxc.pipeline import check_file, derive_activations
 
     failed: list[PbxError] = []
     for path in args.model:
         try:
             graph, store = check_file(path)
+            derive_activations(graph)
         except PbxError as err:
             if len(args.model) == 1:
                 raise
@@ -123,11 +142,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
 
+    if args.show < 0:
+        raise InputError(f"--show must be 0 or more rows, got {args.show}")
+    check_output(args.out, args.force)
     model = load(args.model, dtype=args.dtype)
     x = load_array_file(args.input, args.key, model.input_names)
     outputs = model.outputs(x)
     if args.out:
-        save_npz(Path(args.out), outputs)
+        save_npz(Path(args.out), outputs, args.force)
         print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in outputs.items())} "
               f"to {args.out}")
         return EXIT_OK
@@ -202,6 +224,7 @@ def graph_text(graph: Any) -> str:
 def cmd_graph(args: argparse.Namespace) -> int:
     from pbxc.pipeline import check_file
 
+    check_output(args.output, args.force)
     graph, _ = check_file(args.model)
     if args.format == "json":
         text = json.dumps(graph_json(graph), indent=2) + "\n"
@@ -212,13 +235,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if args.output:
         def write(tmp: Path) -> None:
             tmp.write_text(text, encoding="utf-8")
-        atomic_write(Path(args.output), write)
+        atomic_write(Path(args.output), write, args.force)
     else:
         sys.stdout.write(text)
     return EXIT_OK
 
 
-METHODS = ("jacobian", "gradient", "input_x_gradient", "lrp", "dfd")
+METHODS = ("jacobian", "gradient", "input_x_gradient", "lrp", "dfd", "hessian", "interactions")
 
 
 def _parse_target(text: str) -> Any:
@@ -230,14 +253,40 @@ def _parse_target(text: str) -> Any:
         raise UsageError(f"--target must be 'predicted' or a class index, got '{text}'") from None
 
 
-def _parse_baseline(text: str) -> Any:
+def _parse_baseline(text: str, model: Any, n: int) -> Any:
+    """zeros, mean, a number, or a file holding one sample or one per input sample."""
     if text in ("zeros", "mean"):
         return text
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
-    return load_array_file(text, None, ())
+    else:
+        if not np.isfinite(value):
+            raise InputError(f"--baseline {text} is not a finite number")
+        return value
+    if not Path(text).is_file():
+        raise InputError(f"--baseline '{text}' is not zeros, mean, a number or a file")
+    name = model.input_names[0]
+    baseline = np.asarray(load_array_file(text, None, (name,), option="--baseline's key"))
+    shape = tuple(model.input_shapes[name])
+    if baseline.shape not in (shape, (1, *shape), (n, *shape)):
+        raise InputError(f"--baseline '{text}' has shape {_fmt_shape(baseline.shape)}; expected "
+                         f"one sample {_fmt_shape(shape)} or one per input sample "
+                         f"{_fmt_shape((n, *shape))}")
+    return baseline
+
+
+def _check_explain_arguments(args: argparse.Namespace, model: Any) -> None:
+    """Every value explain is given, before anything runs (exit 1 with an error line)."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be a positive number of samples, got "
+                         f"{args.batch_size}")
+    if args.png_max < 0:
+        raise InputError(f"--png-max must be 0 or more, got {args.png_max}")
+    if args.output_name is not None and args.output_name not in model.output_names:
+        raise InputError(f"model '{model.name}' has no output '{args.output_name}'; its outputs "
+                         f"are {list(model.output_names)}")
 
 
 def _batches(n: int, size: int, label: str) -> Any:
@@ -251,6 +300,10 @@ def _batches(n: int, size: int, label: str) -> Any:
 
 MEMORY_PASS = {"gradient": "gradient", "input_x_gradient": "gradient", "lrp": "lrp",
                "dfd": "dfd", "jacobian": "jacobian"}
+
+
+#: samples per step of the Hessian methods when --batch-size is not given
+SECOND_ORDER_BATCH = 64
 
 
 def _batch_size(args: argparse.Namespace, model: Any, n: int) -> int:
@@ -283,14 +336,17 @@ def _memory_text(args: argparse.Namespace, model: Any, batch: int) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from pbxc.cli_dask import explain_dataset, wants_dataset_run
+
+    if wants_dataset_run(args):   # a Zarr store, chunk by chunk, here or on Dask workers
+        return explain_dataset(args)
     from pbxc.pipeline import load
 
-    model = load(args.model, dtype=args.dtype, convention=args.kinks)
-    x = load_array_file(args.input, args.key, model.input_names)
-    if isinstance(x, dict):
-        raise UsageError("explain takes models with one input; this model has "
-                         f"{list(model.input_names)}")
-    x = np.asarray(x)
+    check_output(args.out, args.force)
+    if args.png:
+        from pbxc.outputs import check_directory_target
+
+        check_directory_target(args.png)
     target = _parse_target(args.target)
     if args.method != "dfd" and args.baseline is not None:
         raise UsageError("--baseline applies to --method dfd")
@@ -298,8 +354,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise UsageError("--dfd-rule applies to --method dfd")
     if args.method != "lrp" and (args.rule or args.composite):
         raise UsageError("--rule and --composite apply to --method lrp")
-    data = load_array_file(args.data, args.data_key, model.input_names) if args.data else None
-    baseline = _parse_baseline(args.baseline) if args.baseline is not None else "zeros"
+    if args.method not in ("hessian", "interactions") and (args.on != "logits"
+                                                          or args.step != "0.1"):
+        raise UsageError("--on and --step apply to --method hessian and interactions")
+    model = load(args.model, dtype=args.dtype, convention=args.kinks)
+    _check_explain_arguments(args, model)
+    x = load_array_file(args.input, args.key, model.input_names)
+    if isinstance(x, dict):
+        raise UsageError("explain takes models with one input; this model has "
+                         f"{list(model.input_names)}")
+    x = np.asarray(x)
+    model.prepare_inputs(x)  # shape, dtype, finiteness and an empty batch: before any chunk
+    if args.method in ("hessian", "interactions"):
+        from pbxc.cli_hessian import explain_second_order
+
+        # (B, *in, *in) per output row: a fixed default batch, not the first-order memory plan
+        args.batch_size = args.batch_size or SECOND_ORDER_BATCH
+
+        return explain_second_order(model, x.reshape(-1, *model.input_shapes[
+            model.input_names[0]]), args, target, args.output_name or model.output_names[0])
+    data = (load_array_file(args.data, args.data_key, model.input_names, option="--data-key")
+            if args.data else None)
+    baseline = (_parse_baseline(args.baseline, model, len(x)) if args.baseline is not None
+                else "zeros")
     if isinstance(baseline, np.ndarray) and baseline.ndim == x.ndim and len(baseline) == len(x):
         per_sample_baseline = baseline
     else:
@@ -311,7 +388,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         parts.setdefault(key, []).append(value)
 
     n = len(x) if x.ndim > len(model.input_shapes[model.input_names[0]]) else 1
-    plan_text = None
+    plans: dict[str, list[int]] = {}   # each distinct plan, with the chunks that ran it
+    kinks_hit = 0
     args.batch_size = _batch_size(args, model, n)
     for start in _batches(n, args.batch_size, f"{args.method}"):
         xb = x[start:start + args.batch_size]
@@ -319,7 +397,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if args.method == "jacobian":
             res = model.jacobian(xb, output=output, mode=args.mode)
             add("attributions", res.jacobian)
-            plan_text = res.plan.explain()
+            plans.setdefault(res.plan.explain(), []).append(start)
             targets = model.targets(outputs, target)
         elif args.method in ("gradient", "input_x_gradient"):
             fn = model.gradient if args.method == "gradient" else model.input_x_gradient
@@ -344,14 +422,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
         add("outputs", outputs)
         add("targets", targets)
         if args.method in ("jacobian", "gradient", "input_x_gradient"):
-            add("kinks", np.array([sum(model.kinks_hit(xb).values())]))
+            kinks_hit += sum(model.kinks_hit(xb).values())
     arrays = {k: np.concatenate(v) if v[0].ndim else np.stack(v) for k, v in parts.items()}
+    if args.method in ("jacobian", "gradient", "input_x_gradient"):
+        # one count for the whole batch, whatever --batch-size cut it into
+        arrays["kinks"] = np.array([kinks_hit])
     if args.explain_plan:
-        if plan_text:
-            print(plan_text)
+        for text, starts in plans.items():
+            if len(plans) > 1:
+                print(f"samples {', '.join(f'{s}-{min(s + args.batch_size, n) - 1}' for s in starts)}:")
+            print(text)
         print(_memory_text(args, model, min(n, args.batch_size)))
     if args.out:
-        save_npz(Path(args.out), arrays)
+        save_npz(Path(args.out), arrays, args.force)
         print(f"wrote {', '.join(f'{k}{_fmt_shape(v.shape)}' for k, v in arrays.items())} "
               f"to {args.out}")
     else:
@@ -372,7 +455,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         from pbxc.evaluate.plots import draw_explanation
 
         pngs = draw_explanation(model, x, arrays, args.method, args.png,
-                                max_files=args.png_max, output=output)
+                                max_files=args.png_max, output=output, force=args.force)
         print(f"wrote {len(pngs)} PNG file(s) to {args.png}")
     return EXIT_OK
 
@@ -382,19 +465,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
     from pbxc.runtime.compile import compile_model
 
+    if args.batch is not None and (not args.explain_plan or args.batch < 1):
+        raise UsageError("--batch N (N >= 1) sizes the cost estimate of --explain-plan; the "
+                         "compiled module takes batches of any size")
+    check_compile_output(args.output, args.force)
     model = load(args.model, dtype=args.dtype)
     if args.explain_plan:
         for out in model.output_names:
             for wrt in model.input_names:
-                plan = plan_jacobian(model.graph, wrt, out, args.batch)
-                print(f"d {out} / d {wrt}:")
+                # the compiled module's jacobian() accumulates in reverse: show that plan,
+                # with the other orders' costs beside it
+                plan = plan_jacobian(model.graph, wrt, out, args.batch or 256, mode="reverse")
+                print(f"d {out} / d {wrt} (the compiled module accumulates in reverse; "
+                      "pbxc explain --mode picks per call):")
                 print(plan.explain())
         from pbxc.lower.memory import PASSES, predict
 
         for pass_name in PASSES:
-            print(predict(model.graph, pass_name, args.batch, model.dtype).explain())
+            print(predict(model.graph, pass_name, args.batch or 256, model.dtype).explain())
     if args.output:
-        files = compile_model(model, args.output, target=args.target)
+        files = compile_model(model, args.output, target=args.target, force=args.force)
         print(f"wrote {', '.join(str(f) for f in files)}")
     elif not args.explain_plan:
         raise UsageError("give -o DIR to write the compiled module, or --explain-plan")
@@ -405,6 +495,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pbxc.cli_dask import add_dataset_options
+
     parser = argparse.ArgumentParser(
         prog="pbxc", description="Compile and verify neural-network attribution passes.")
     parser.add_argument("--version", action="version", version=_version())
@@ -423,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="compute dtype (default: the inputs' declared dtype)")
     p.add_argument("--show", type=int, default=10, help="rows to print without --out")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("explain", help="attributions for a batch: jacobian, gradient, "
@@ -456,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--png", metavar="DIR", help="draw one PNG per sample into DIR")
     p.add_argument("--png-max", type=int, default=16, help="at most this many PNGs (16)")
+    add_dataset_options(p)
+    from pbxc.cli_hessian import add_arguments as add_second_order_arguments
+
+    add_second_order_arguments(p)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("compile", help="write standalone NumPy or CUDA code for every pass")
@@ -466,14 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "CuPy launcher)")
     p.add_argument("--explain-plan", action="store_true",
                    help="print the Jacobian accumulation plan and its cost estimate")
-    p.add_argument("--batch", type=int, default=256, help="batch size the plan is made for")
+    p.add_argument("--batch", type=int, help="with --explain-plan: the batch size its cost "
+                   "estimate is for (default 256); the module takes any batch")
     p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("graph", help="print the computation graph")
     p.add_argument("model", help="the .pbx file")
     p.add_argument("--format", "-f", choices=["text", "dot", "json"], default="text")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_graph)
 
     # commands that live in their own top-level modules (pbxc/cli_<name>.py)
@@ -504,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    restore = _interrupt_on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -521,6 +623,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pbxc: interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """SIGTERM ends a command as Ctrl-C does, so the outputs being written are removed
+    (pbxc.outputs' temporaries and staging folders); returns what puts the old handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+    return restore
 
 
 if __name__ == "__main__":

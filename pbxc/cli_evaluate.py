@@ -9,8 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from pbxc.cli import EXIT_OK, UsageError, atomic_write, load_array_file
+from pbxc.cli import (
+    EXIT_OK,
+    FORCE_HELP,
+    UsageError,
+    atomic_write,
+    check_output,
+    load_array_file,
+)
 from pbxc.errors import InputError
+from pbxc.outputs import check_directory_target
 
 DEFAULT_METHODS = "gradient,input_x_gradient,lrp-epsilon,dfd"
 
@@ -19,9 +27,9 @@ def _labels(args: argparse.Namespace) -> np.ndarray:
     if args.labels and args.labels_key and not args.labels.endswith(".npz"):
         raise UsageError("--labels-key applies to .npz label files")
     if args.labels:
-        y = load_array_file(args.labels, args.labels_key, ("labels",))
+        y = load_array_file(args.labels, args.labels_key, ("labels",), option="--labels-key")
     elif args.labels_key:
-        y = load_array_file(args.data, args.labels_key, ())
+        y = load_array_file(args.data, args.labels_key, (), option="--labels-key")
     else:
         raise UsageError("give --labels FILE or --labels-key KEY (a key of --data)")
     y = np.asarray(y)
@@ -43,7 +51,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     if any(m not in ("sum", "product") for m in modes) or not modes:
         raise UsageError(f"--ax takes sum and/or product, got '{args.ax}'")
     if args.png_max < 0 or args.batch_size < 1:
-        raise UsageError("--png-max must be >= 0 and --batch-size >= 1")
+        raise InputError(f"--png-max must be >= 0 and --batch-size >= 1, got {args.png_max} "
+                         f"and {args.batch_size}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise InputError(f"--max-samples must be a positive number, got {args.max_samples}")
+    check_output(args.out, args.force)
+    if args.png:
+        check_directory_target(args.png)
     model = load(args.model, dtype=args.dtype)
     if len(model.input_names) != 1:
         raise UsageError(f"score takes models with one input; this one has "
@@ -52,6 +66,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     y = _labels(args)
     if args.max_samples:
         x, y = x[:args.max_samples], y[:args.max_samples]
+    model.prepare_inputs(x)  # shape, dtype, finiteness and an empty batch, before scoring
+    if len(y) != len(x):
+        raise InputError(f"{len(x)} samples but {len(y)} labels")
+    n_classes = int(np.prod(model.output_shapes[model.output_names[0]]))
+    if len(y) and (y.min() < 0 or y.max() >= n_classes):
+        raise InputError(f"labels must be class indices in [0, {n_classes - 1}], got "
+                         f"{int(y.min())} to {int(y.max())}")
     gax_options: dict[str, Any] = {"target_score": args.gax_target, "max_steps": args.gax_steps,
                                    "lr": args.gax_lr, "bias": args.gax_bias,
                                    "similarity": args.gax_similarity}
@@ -64,7 +85,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         def write(tmp: Path) -> None:
             tmp.write_text(text, encoding="utf-8")
-        atomic_write(Path(args.out), write)
+        atomic_write(Path(args.out), write, args.force)
         print(f"wrote {args.out}")
     if args.png:
         from pbxc.evaluate.plots import draw_attributions, draw_co_boxplots, draw_gax_history
@@ -102,6 +123,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", "-o", help="write the report as JSON")
     p.add_argument("--png", metavar="DIR", help="box plots, heatmaps and GAX curves as PNG")
     p.add_argument("--png-max", type=int, default=4, help="heatmap PNGs per method (4)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--max-samples", type=int, help="score only the first N samples")
     p.add_argument("--batch-size", type=int, default=256, help="samples per step")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from pbxc.cli import EXIT_OK, UsageError
+from pbxc.cli import EXIT_OK, FORCE_HELP, UsageError, check_output
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from pbxc.interop.onnx_import import import_onnx
-    from pbxc.pipeline import check_file
 
     src = Path(args.source)
     if src.suffix.lower() != ".onnx":
@@ -19,8 +19,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else src.with_suffix(".pbx")
     if out.suffix != ".pbx":
         raise UsageError(f"-o must name a .pbx file, got '{out}'")
-    result = import_onnx(src, out, name=args.name, weights_name=args.weights)
-    check_file(str(out))   # the written model parses, builds and binds its weights
+    check_output(str(out), args.force)
+    outputs = [o for o in (args.outputs or "").split(",") if o] or None
+    # the model must parse, build and bind its weights (import_onnx checks it as `pbxc check`
+    # does) before either file replaces anything
+    result = import_onnx(src, out, name=args.name, weights_name=args.weights, force=args.force,
+                         dtype=args.dtype, outputs=outputs)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out} and {result.weights_path} ({len(result.weights)} tensors, "
           f"{len(result.statements)} statements)")
     return EXIT_OK
@@ -32,4 +38,10 @@ def register(sub: Any) -> None:
     p.add_argument("--output", "-o", help="the .pbx file to write (default: beside the source)")
     p.add_argument("--weights", help="weights file name (default: MODEL.npz beside the .pbx)")
     p.add_argument("--name", help="model name (default: the .pbx file's stem)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--dtype", choices=("float32", "float64"),
+                   help="convert every float of the model to this dtype (without it, the "
+                        "model keeps its input's dtype and any other float dtype is an error)")
+    p.add_argument("--outputs", help="comma-separated ONNX graph outputs to import (default: "
+                   "every float tensor output)")
     p.set_defaults(func=cmd_import)

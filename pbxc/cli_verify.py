@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pbxc.cli import EXIT_ERROR, EXIT_OK, UsageError, load_array_file
+from pbxc.cli import EXIT_ERROR, EXIT_OK, FORCE_HELP, UsageError, check_output, load_array_file
+from pbxc.outputs import check_directory_target, write_text
 
 
 def _as_dict(x: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -25,31 +26,20 @@ def _as_dict(x: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from pbxc.pipeline import load
-    from pbxc.verify import PROPERTIES, load_counterexample, verify_model
+    from pbxc.verify import PROPERTIES, verify_model
     from pbxc.verify.report import to_json, to_table
-    from pbxc.verify.search import Counterexample, Plan, PropertyResult, _measure
 
     for name in args.property or ():
         if name not in PROPERTIES:
             raise UsageError(f"unknown property '{name}'; properties: {', '.join(PROPERTIES)}")
     if args.examples is not None and args.examples < 0:
         raise UsageError("--examples must be >= 0")
+    if args.json and args.json != "-":
+        check_output(args.json, args.force)
+    if not args.replay:
+        check_directory_target(args.counterexamples)
     if args.replay:
-        replay = load_counterexample(Path(args.replay))
-        model = load(args.model or replay.model_path, dtype=args.dtype or "float64")
-        from pbxc.verify.properties import Context
-
-        ctx = Context(model, None, Path(model.graph.path).parent)
-        prop = PROPERTIES[replay.config.name]
-        outcome = _measure(prop, ctx, replay.config, replay.inputs)[0]
-        holds = prop.holds(outcome.measured, replay.config.tol)
-        result = PropertyResult(replay.config, "holds" if holds else "violated",
-                                outcome.measured, samples=1)
-        if not holds:
-            result.counterexample = Counterexample(replay.inputs, outcome, "replay",
-                                                   args.replay)
-        plan = Plan([replay.config], {})
-        results = [result]
+        model, plan, results = _replay(args)
     else:
         if not args.model:
             raise UsageError("give the model (.pbx), or --replay FILE")
@@ -75,10 +65,47 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.json == "-":
             sys.stdout.write(text)
         else:
-            Path(args.json).write_text(text, encoding="utf-8")
+            write_text(args.json, text, force=args.force)
     if args.json != "-":
         sys.stdout.write(to_table(model, plan, results))
     return EXIT_OK if report["holds"] else EXIT_ERROR
+
+
+def _replay(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """Re-check a saved counterexample exactly as it was checked: its inputs, property,
+    tolerance, settings and dtype (``--dtype`` overrides), the finite-difference scales and
+    the data set's mean it holds, on the model given (or the one it names, if that lies
+    beside the file) which must be the model it was saved for."""
+    from pbxc.errors import InputError
+    from pbxc.pipeline import load
+    from pbxc.verify import PROPERTIES, load_counterexample
+    from pbxc.verify.properties import Context
+    from pbxc.verify.search import Counterexample, Plan, PropertyResult, _measure
+
+    file = Path(args.replay)
+    replay = load_counterexample(file, args.dtype)
+    if args.model:
+        model_path = args.model
+    else:
+        named = Path(replay.model_path)
+        beside = named.parent.resolve() == file.resolve().parent
+        if not (beside and named.suffix == ".pbx" and named.is_file()):
+            raise InputError(f"counterexample '{file}' names the model '{replay.model_path}', "
+                             "which does not lie beside it; give the model: pbxc verify "
+                             f"MODEL.pbx --replay {file}")
+        model_path = str(named)
+    model = load(model_path, dtype=args.dtype or replay.dtype or "float64")
+    replay.check_model(model, file)
+    data = {k: v[None] for k, v in replay.data_mean.items()} or None
+    ctx = Context(model, data, Path(model.graph.path).parent, dict(replay.scales))
+    prop = PROPERTIES[replay.config.name]
+    outcome = _measure(prop, ctx, replay.config, replay.inputs)[0]
+    holds = prop.holds(outcome.measured, replay.config.tol)
+    result = PropertyResult(replay.config, "holds" if holds else "violated", outcome.measured,
+                            samples=1, note=ctx.cache.get("notes", {}).get(prop.name, ""))
+    if not holds:
+        result.counterexample = Counterexample(replay.inputs, outcome, "replay", args.replay)
+    return model, Plan([replay.config], {}), [result]
 
 
 class _Progress:
@@ -124,11 +151,13 @@ def register(sub: Any) -> None:
     p.add_argument("--property", "-p", action="append", metavar="NAME",
                    help="check this property (repeatable); default: the verify block's")
     p.add_argument("--json", metavar="REPORT", help="write the report as JSON ('-': stdout)")
-    p.add_argument("--replay", metavar="FILE", help="re-check a saved counterexample (.npz)")
+    p.add_argument("--replay", metavar="FILE", help="re-check a saved counterexample (.npz) as "
+                   "it was checked (its dtype, tolerance and settings)")
     p.add_argument("--counterexamples", default="pbxc-counterexamples",
                    help="folder for counterexample files (default: ./pbxc-counterexamples)")
     p.add_argument("--dtype", choices=["float32", "float64"],
                    help="compute dtype (default float64; float32 scales the default "
                    "tolerances)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_verify)

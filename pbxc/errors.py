@@ -24,11 +24,24 @@ def register_source(filename: str, text: str) -> None:
     _SOURCES[filename] = text
 
 
+def source_lines(text: str) -> list[str]:
+    """The lines of ``text`` as the grammar counts them: broken at "\\n" only.
+
+    ``str.splitlines`` also breaks at form feed, vertical tab, U+001C-U+001E, U+0085, U+2028
+    and U+2029, which the grammar treats as ordinary characters (inside comments and strings),
+    so every later line would be quoted wrongly. A trailing "\\r" (CRLF files) is dropped.
+    """
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no line of its own
+    return lines
+
+
 def source_line(filename: str, line: int) -> str | None:
     text = _SOURCES.get(filename)
     if text is None:
         return None
-    lines = text.splitlines()
+    lines = source_lines(text)
     if 1 <= line <= len(lines):
         return lines[line - 1]
     return None
@@ -110,6 +123,11 @@ class WeightError(PbxError):
 
 class InputError(PbxError):
     """An input array given at run time does not fit the model."""
+
+
+class OutputError(PbxError):
+    """An output cannot be written safely: it would replace what pbxc did not write, or the
+    file system refuses it (read-only, too long, no space)."""
 
 
 class UnsupportedOp(PbxError):

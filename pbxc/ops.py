@@ -15,6 +15,10 @@ class OpKind(enum.Enum):
     LINEAR = "linear"
     CONV1D = "conv1d"
     CONV2D = "conv2d"
+    CONV3D = "conv3d"
+    CONV_TRANSPOSE1D = "conv_transpose1d"
+    CONV_TRANSPOSE2D = "conv_transpose2d"
+    CONV_TRANSPOSE3D = "conv_transpose3d"
     MAXPOOL2D = "maxpool2d"
     AVGPOOL2D = "avgpool2d"
     GLOBAL_AVGPOOL = "global_avgpool"
@@ -27,30 +31,60 @@ class OpKind(enum.Enum):
     SOFTMAX = "softmax"
     LOG_SOFTMAX = "log_softmax"
     ACTIVATION = "activation"
+    # round 2 (issue 11): pooling in 1-3 d, upsampling, products, constants, shape ops
+    MAXPOOL1D = "maxpool1d"
+    MAXPOOL3D = "maxpool3d"
+    AVGPOOL1D = "avgpool1d"
+    AVGPOOL3D = "avgpool3d"
+    ADAPTIVE_AVGPOOL1D = "adaptive_avgpool1d"
+    ADAPTIVE_AVGPOOL2D = "adaptive_avgpool2d"
+    ADAPTIVE_AVGPOOL3D = "adaptive_avgpool3d"
+    UPSAMPLE = "upsample"
+    PRELU = "prelu"
+    MUL = "mul"
+    SUB = "sub"
+    DIV = "div"
+    SQUEEZE = "squeeze"
+    UNSQUEEZE = "unsqueeze"
+    PAD = "pad"
 
 
 # Kind groups, used by passes to share rules.
-ELEMENTWISE = frozenset({OpKind.ACTIVATION})
-AFFINE = frozenset({
-    OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D, OpKind.AVGPOOL2D, OpKind.GLOBAL_AVGPOOL,
-    OpKind.BATCHNORM, OpKind.NORMALIZE,
+CONV_STANDARD = frozenset({OpKind.CONV1D, OpKind.CONV2D, OpKind.CONV3D})
+CONV_TRANSPOSED = frozenset({OpKind.CONV_TRANSPOSE1D, OpKind.CONV_TRANSPOSE2D,
+                             OpKind.CONV_TRANSPOSE3D})
+CONVOLUTIONS = CONV_STANDARD | CONV_TRANSPOSED
+MAXPOOL = frozenset({OpKind.MAXPOOL1D, OpKind.MAXPOOL2D, OpKind.MAXPOOL3D})
+AVGPOOL = frozenset({OpKind.AVGPOOL1D, OpKind.AVGPOOL2D, OpKind.AVGPOOL3D})
+ADAPTIVE_AVGPOOL = frozenset({OpKind.ADAPTIVE_AVGPOOL1D, OpKind.ADAPTIVE_AVGPOOL2D,
+                              OpKind.ADAPTIVE_AVGPOOL3D})
+# Constant linear maps without weights: their LRP rule sees unit weights (Zennit's Norm)
+UNWEIGHTED_LINEAR = AVGPOOL | ADAPTIVE_AVGPOOL | frozenset({OpKind.GLOBAL_AVGPOOL,
+                                                           OpKind.UPSAMPLE, OpKind.PAD})
+ELEMENTWISE = frozenset({OpKind.ACTIVATION, OpKind.PRELU})
+AFFINE = UNWEIGHTED_LINEAR | CONVOLUTIONS | frozenset({
+    OpKind.LINEAR, OpKind.BATCHNORM, OpKind.NORMALIZE, OpKind.SUB, OpKind.DIV,
 })
-WEIGHTED = frozenset({OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D})
-POOLING = frozenset({OpKind.MAXPOOL2D, OpKind.AVGPOOL2D, OpKind.GLOBAL_AVGPOOL})
-SHAPE_ONLY = frozenset({OpKind.FLATTEN, OpKind.RESHAPE})
+WEIGHTED = frozenset({OpKind.LINEAR}) | CONVOLUTIONS
+POOLING = MAXPOOL | AVGPOOL | ADAPTIVE_AVGPOOL | frozenset({OpKind.GLOBAL_AVGPOOL})
+SHAPE_ONLY = frozenset({OpKind.FLATTEN, OpKind.RESHAPE, OpKind.SQUEEZE, OpKind.UNSQUEEZE})
 MERGE = frozenset({OpKind.ADD, OpKind.CONCAT})
 MULTIVARIATE = frozenset({OpKind.SOFTMAX, OpKind.LOG_SOFTMAX})
 # Ops the LRP engine runs a rule on; the others route relevance (specs/lrp.md)
-LRP_RULE_KINDS = WEIGHTED | frozenset({OpKind.AVGPOOL2D, OpKind.GLOBAL_AVGPOOL, OpKind.ADD,
-                                       OpKind.BATCHNORM, OpKind.NORMALIZE})
+# (mul takes a rule when it scales by a constant; a product of two values routes relevance)
+LRP_RULE_KINDS = WEIGHTED | UNWEIGHTED_LINEAR | frozenset({
+    OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.BATCHNORM, OpKind.NORMALIZE})
 
 
 class AttrType(enum.Enum):
     INT = "int"
     FLOAT = "float"
     BOOL = "bool"
-    INTS = "ints"      # an int, or a tuple of exactly `arity` ints
+    INTS = "ints"      # an int, or a tuple of exactly `arity` ints (any number if arity 0)
+    PADS = "pads"      # an int, `arity` ints (both sides), or 2*`arity` ints (begin, end) per axis
     SHAPE = "shape"    # a list of ints, one of which may be -1
+    FLOATS = "floats"  # a number, or a tuple of numbers (any number if arity 0)
+    STRING = "string"  # a quoted string, one of `choices`
 
 
 @dataclass(frozen=True)
@@ -61,6 +95,7 @@ class AttrSpec:
     required: bool = False
     arity: int = 1
     minimum: int | float | None = None
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,20 +141,50 @@ def _fmt_default(value: object) -> str:
         return "auto"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
     return repr(value)
 
 
 _WB = (ParamSpec("weight", "weight"), ParamSpec("bias", "bias", optional=True))
 
 
-def _conv_attrs(arity: int) -> tuple[AttrSpec, ...]:
+def _conv_attrs(arity: int, transposed: bool = False) -> tuple[AttrSpec, ...]:
+    """Convolution attributes; ``padding`` is stored per side, (begin_1, end_1, begin_2, ...)."""
+    extra = (AttrSpec("output_padding", AttrType.INTS, 0, arity=arity, minimum=0),
+             ) if transposed else ()
     return (
         AttrSpec("stride", AttrType.INTS, 1, arity=arity, minimum=1),
-        AttrSpec("padding", AttrType.INTS, 0, arity=arity, minimum=0),
+        AttrSpec("padding", AttrType.PADS, 0, arity=arity, minimum=0),
+        *extra,
         AttrSpec("dilation", AttrType.INTS, 1, arity=arity, minimum=1),
         AttrSpec("groups", AttrType.INT, 1, minimum=1),
     )
 
+
+def _maxpool_attrs(arity: int) -> tuple[AttrSpec, ...]:
+    return (
+        AttrSpec("kernel", AttrType.INTS, required=True, arity=arity, minimum=1),
+        AttrSpec("stride", AttrType.INTS, None, arity=arity, minimum=1),
+        AttrSpec("padding", AttrType.INTS, 0, arity=arity, minimum=0),
+        AttrSpec("dilation", AttrType.INTS, 1, arity=arity, minimum=1),
+        AttrSpec("ceil_mode", AttrType.BOOL, False),
+    )
+
+
+def _avgpool_attrs(arity: int) -> tuple[AttrSpec, ...]:
+    return (
+        AttrSpec("kernel", AttrType.INTS, required=True, arity=arity, minimum=1),
+        AttrSpec("stride", AttrType.INTS, None, arity=arity, minimum=1),
+        AttrSpec("padding", AttrType.INTS, 0, arity=arity, minimum=0),
+        AttrSpec("count_include_pad", AttrType.BOOL, True),
+        AttrSpec("ceil_mode", AttrType.BOOL, False),
+    )
+
+
+_LAYOUT = {1: "[C, L]", 2: "[C, H, W]", 3: "[C, D, H, W]"}
+_CONSTANT = (ParamSpec("constant", "", optional=True),)
+_NUMBER = (AttrSpec("value", AttrType.FLOAT, None),)
 
 SIGNATURES: dict[str, OpSignature] = {
     s.name: s
@@ -130,25 +195,63 @@ SIGNATURES: dict[str, OpSignature] = {
                     summary="1-d convolution; weight [out, in/groups, k]"),
         OpSignature(OpKind.CONV2D, "conv2d", params=_WB, attrs=_conv_attrs(2),
                     summary="2-d convolution; weight [out, in/groups, kh, kw]"),
-        OpSignature(OpKind.MAXPOOL2D, "maxpool2d", attrs=(
-            AttrSpec("kernel", AttrType.INTS, required=True, arity=2, minimum=1),
-            AttrSpec("stride", AttrType.INTS, None, arity=2, minimum=1),
-            AttrSpec("padding", AttrType.INTS, 0, arity=2, minimum=0),
-        ), summary="2-d max pooling; stride defaults to the kernel size"),
-        OpSignature(OpKind.AVGPOOL2D, "avgpool2d", attrs=(
-            AttrSpec("kernel", AttrType.INTS, required=True, arity=2, minimum=1),
-            AttrSpec("stride", AttrType.INTS, None, arity=2, minimum=1),
-            AttrSpec("padding", AttrType.INTS, 0, arity=2, minimum=0),
-            AttrSpec("count_include_pad", AttrType.BOOL, True),
-        ), summary="2-d average pooling; stride defaults to the kernel size"),
+        OpSignature(OpKind.CONV3D, "conv3d", params=_WB, attrs=_conv_attrs(3),
+                    summary="3-d convolution; weight [out, in/groups, kd, kh, kw]"),
+        OpSignature(OpKind.CONV_TRANSPOSE1D, "conv_transpose1d", params=_WB,
+                    attrs=_conv_attrs(1, transposed=True),
+                    summary="1-d transposed convolution; weight [in, out/groups, k]"),
+        OpSignature(OpKind.CONV_TRANSPOSE2D, "conv_transpose2d", params=_WB,
+                    attrs=_conv_attrs(2, transposed=True),
+                    summary="2-d transposed convolution; weight [in, out/groups, kh, kw]"),
+        OpSignature(OpKind.CONV_TRANSPOSE3D, "conv_transpose3d", params=_WB,
+                    attrs=_conv_attrs(3, transposed=True),
+                    summary="3-d transposed convolution; weight [in, out/groups, kd, kh, kw]"),
+        *(OpSignature(OpKind(f"maxpool{d}d"), f"maxpool{d}d", attrs=_maxpool_attrs(d),
+                      summary=f"{d}-d max pooling of {_LAYOUT[d]}; stride defaults to the "
+                              "kernel size") for d in (1, 2, 3)),
+        *(OpSignature(OpKind(f"avgpool{d}d"), f"avgpool{d}d", attrs=_avgpool_attrs(d),
+                      summary=f"{d}-d average pooling of {_LAYOUT[d]}; stride defaults to "
+                              "the kernel size") for d in (1, 2, 3)),
+        *(OpSignature(OpKind(f"adaptive_avgpool{d}d"), f"adaptive_avgpool{d}d", attrs=(
+            AttrSpec("output_size", AttrType.INTS, required=True, arity=d, minimum=1),),
+            summary=f"{d}-d adaptive average pooling to output_size (torch's bins)")
+          for d in (1, 2, 3)),
+        OpSignature(OpKind.UPSAMPLE, "upsample", attrs=(
+            AttrSpec("mode", AttrType.STRING, "nearest", choices=("nearest", "linear")),
+            AttrSpec("scale", AttrType.FLOATS, None, arity=0, minimum=0.0),
+            AttrSpec("size", AttrType.INTS, None, arity=0, minimum=1),
+            AttrSpec("align_corners", AttrType.BOOL, False),
+        ), summary="resize 1-3 spatial axes (torch's interpolate; ONNX Resize): nearest, or "
+                   "(bi/tri)linear; give scale or size"),
+        OpSignature(OpKind.PRELU, "prelu", params=(ParamSpec("weight", "weight"),),
+                    summary="x if x > 0 else a x; weight [C] (per channel) or [1]"),
+        OpSignature(OpKind.MUL, "mul", max_inputs=2, params=_CONSTANT, attrs=(
+            *_NUMBER, AttrSpec("lrp", AttrType.STRING, "gate", choices=("gate", "uniform"))),
+            summary="elementwise product of two values (broadcasting), or by a constant"),
+        OpSignature(OpKind.SUB, "sub", max_inputs=2, params=_CONSTANT, attrs=_NUMBER,
+                    summary="a - b (broadcasting), or a - constant"),
+        OpSignature(OpKind.DIV, "div", params=_CONSTANT, attrs=_NUMBER,
+                    summary="x / constant (a number or a weight tensor, broadcasting)"),
+        OpSignature(OpKind.SQUEEZE, "squeeze", attrs=(
+            AttrSpec("axes", AttrType.INTS, None, arity=0),),
+            summary="drop axes of size 1 (all of them by default)"),
+        OpSignature(OpKind.UNSQUEEZE, "unsqueeze", attrs=(
+            AttrSpec("axes", AttrType.INTS, required=True, arity=0),),
+            summary="insert axes of size 1 at the positions of the output"),
+        OpSignature(OpKind.PAD, "pad", attrs=(
+            AttrSpec("pads", AttrType.INTS, required=True, arity=0, minimum=0),
+            AttrSpec("value", AttrType.FLOAT, 0.0),
+        ), summary="constant padding of the trailing axes; pads as torch.nn.functional.pad"),
         OpSignature(OpKind.GLOBAL_AVGPOOL, "global_avgpool",
                     summary="mean over every axis after the channel axis: [C, ...] -> [C]"),
-        OpSignature(OpKind.FLATTEN, "flatten", summary="[d1, d2, ...] -> [d1*d2*...]"),
+        OpSignature(OpKind.FLATTEN, "flatten", attrs=(
+            AttrSpec("start", AttrType.INT, 0, minimum=0),),
+            summary="[d1, d2, ...] -> [d1*d2*...]; from per-sample axis start (default 0)"),
         OpSignature(OpKind.RESHAPE, "reshape", attrs=(
             AttrSpec("shape", AttrType.SHAPE, required=True),
         ), summary="reshape the per-sample shape; one dimension may be -1"),
-        OpSignature(OpKind.ADD, "add", min_inputs=2, max_inputs=None,
-                    summary="elementwise sum of two or more values of one shape"),
+        OpSignature(OpKind.ADD, "add", max_inputs=None, params=_CONSTANT, attrs=_NUMBER,
+                    summary="elementwise sum of values (broadcasting), or x + constant"),
         OpSignature(OpKind.CONCAT, "concat", min_inputs=2, max_inputs=None, attrs=(
             AttrSpec("axis", AttrType.INT, 0),
         ), summary="join along a per-sample axis (0 = channels/features)"),
@@ -193,7 +296,12 @@ BUILTIN_ACTIVATIONS: dict[str, ActivationSpec] = {
         ActivationSpec("tanh", summary="tanh(z)"),
         ActivationSpec("hardtanh", (("min_val", -1.0), ("max_val", 1.0)),
                        "clip(z, min_val, max_val)"),
-        ActivationSpec("hardsigmoid", summary="clip(z/6 + 1/2, 0, 1)"),
+        ActivationSpec("hardsigmoid", summary="clip(z/6 + 1/2, 0, 1) = relu6(z + 3) / 6"),
+        ActivationSpec("relu6", summary="min(max(z, 0), 6); f'(0) = f'(6) = 0 (torch's ReLU6)"),
+        ActivationSpec("clip", (("min", -1.0), ("max", 1.0)),
+                       "min(max(z, min), max); f' = 0 at both bounds (torch.clamp)"),
+        ActivationSpec("hardswish", summary="z * relu6(z + 3) / 6"),
+        ActivationSpec("gelu_tanh", summary="z/2 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))"),
         ActivationSpec("abs", summary="|z|"),
         ActivationSpec("exp", summary="exp(z)"),
         ActivationSpec("log_sigmoid", summary="log(sigmoid(z)) = -softplus(-z)"),

@@ -34,6 +34,25 @@ def check_file(path: str | Path) -> tuple[ModelGraph, WeightStore]:
     return frontend(parse_file(path))
 
 
+def derive_activations(graph: ModelGraph, convention: str = DEFAULT_CONVENTION) -> int:
+    """Derive every activation ``graph`` uses (within the limits of ``symbolic/budget.py``),
+    so that ``pbxc check`` reports an activation that cannot be derived; returns how many."""
+    import warnings
+
+    from pbxc.ops import OpKind
+    from pbxc.symbolic.activations import activation_key
+    from pbxc.symbolic.derive import AccuracyWarning, derive
+
+    keys = {activation_key(node.activation, node.activation_params, graph.user_activations)
+            for node in graph.topological()
+            if node.kind is OpKind.ACTIVATION and node.activation is not None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccuracyWarning)  # a warning, reported where it runs
+        for key in keys:
+            derive(key, graph.user_activations, convention)
+    return len(keys)
+
+
 if TYPE_CHECKING:
     from pbxc.runtime.cupy_backend import CupyModel
 

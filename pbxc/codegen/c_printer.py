@@ -24,6 +24,7 @@ import sympy
 from sympy.codegen.ast import float32, real
 from sympy.printing.c import C99CodePrinter
 
+from pbxc.codegen.escape import c_text
 from pbxc.codegen.numpy_printer import (
     ALLOWED_FUNCTIONS,
     ROUTINE_DOCS,
@@ -391,6 +392,14 @@ def render_patch(node: SeriesPatch, name: str) -> str:
 
 def render_c_routine(name: str, routine: Routine, single: bool,
                      patch_names: Mapping[SeriesPatch, str] | None = None, doc: str = "") -> str:
+    if single and routine.widen_single and name.endswith("_f32"):
+        # float32 computed by the float64 routine (printed before it), rounded once
+        args = ", ".join(f"float {a.name}" for a in routine.args)
+        call = ", ".join(f"(double){a.name}" for a in routine.args)
+        lines = [f"// {c_text(doc, 400)}"] if doc else []
+        lines.append(f"__device__ __forceinline__ float {name}({args}) {{\n"
+                     f"    return (float){name[:-4]}_f64({call});\n}}")
+        return "\n".join(lines)
     """One ``__device__ __forceinline__`` function computing ``routine`` in one precision."""
     return _render_c_routine(name, routine, single, tuple((patch_names or {}).items()), doc)
 
@@ -408,7 +417,7 @@ def _render_c_routine(name: str, routine: Routine, single: bool,
     replacements, reduced = sympy.cse(exprs, symbols=symbols, order="none")
     pending = dict(replacements)
     emitted: set[sympy.Symbol] = set()
-    lines = [f"// {doc}"] if doc else []
+    lines = [f"// {c_text(doc, 400)}"] if doc else []
     args = ", ".join(f"{t} {a.name}" for a in routine.args)
     lines.append(f"__device__ __forceinline__ {t} {name}({args}) {{")
     for c in routine.precision_constants:

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pbxc.codegen.escape import c_text
+
 #: argument kinds: floating arrays of the kernel's precision, int32 arrays, scalars
 ARG_KINDS = ("const T*", "T*", "const int*", "int*", "T", "int", "long long")
 
@@ -63,7 +65,7 @@ def render_kernel(kernel: Kernel, single: bool) -> str:
     args = ",\n        ".join([a.c_decl(t) for a in kernel.args] + ["const long long total"])
     body = "\n".join("        " + line if line else "" for line in
                      subst(kernel.body, single).strip("\n").splitlines())
-    doc = "\n".join(f"// {line}" for line in kernel.doc.splitlines())
+    doc = "\n".join(f"// {c_text(line, 400)}" for line in kernel.doc.split("\n"))
     return (f"{doc}\nextern \"C\" __global__ void {kernel.name}_{sfx}(\n        {args}) {{\n"
             f"    typedef {t} T;\n    (void)sizeof(T);\n"
             f"    PBX_FOR(i, total) {{\n{body}\n    }}\n}}")

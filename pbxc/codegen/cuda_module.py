@@ -35,10 +35,18 @@ from pbxc.codegen.cuda_kernels import (
     kernel_table,
     render_kernels,
 )
-from pbxc.codegen.numpy_module import EntryCalls, LrpPlan, render_lrp_entry, var
+from pbxc.codegen.escape import py_literal, py_text
+from pbxc.codegen.numpy_module import (
+    EntryCalls,
+    LrpPlan,
+    check_symbols,
+    render_lrp_entry,
+    source_lines,
+    var,
+)
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs
+from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, kernel_base
 from pbxc.ops import OpKind
 
 #: ops the CUDA target compiles
@@ -47,6 +55,10 @@ SUPPORTED = frozenset({
     OpKind.GLOBAL_AVGPOOL, OpKind.BATCHNORM, OpKind.NORMALIZE, OpKind.ADD, OpKind.FLATTEN,
     OpKind.RESHAPE, OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX,
 })
+#: why an op the NumPy backend runs has no CUDA kernels yet
+_CUDA_HINTS = {k: " (conv3d and the transposed convolutions run on the numpy backend only)"
+               for k in (OpKind.CONV3D, OpKind.CONV_TRANSPOSE1D, OpKind.CONV_TRANSPOSE2D,
+                         OpKind.CONV_TRANSPOSE3D)}
 #: ops whose epilogue kernel may also compute the activation that alone consumes them
 FUSABLE = frozenset({OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D, OpKind.BATCHNORM,
                      OpKind.NORMALIZE, OpKind.ADD})
@@ -66,7 +78,15 @@ def unsupported(graph: ModelGraph) -> str | None:
         if node.kind is OpKind.INPUT:
             continue
         if node.kind not in SUPPORTED:
-            return f"the cuda target has no kernels for op '{node.kind.value}'"
+            return (f"the cuda target has no kernels for op '{node.kind.value}'"
+                    + _CUDA_HINTS.get(node.kind, ""))
+        if node.kind in (OpKind.CONV1D, OpKind.CONV2D) and any(
+                b != e for b, e in kernel_attrs(node)["padding"]):
+            return (f"the cuda target takes symmetric convolution padding only; "
+                    f"'{node.name}' pads {kernel_attrs(node)['padding']} (begin, end) per axis")
+        refused = _refused_form(node)
+        if refused:
+            return refused
         if node.kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
             rank = len(node.shape or ())
             if int(kernel_attrs(node)["axis"]) != rank - 1:
@@ -75,6 +95,19 @@ def unsupported(graph: ModelGraph) -> str | None:
             kh, kw = kernel_attrs(node)["kernel"]
             if kh * kw > MAX_WINDOW:
                 return f"the cuda target takes pooling windows of at most {MAX_WINDOW} elements"
+    return None
+
+
+def _refused_form(node: OpNode) -> str | None:
+    """Forms of supported ops that the cuda kernels do not implement (the NumPy backend and
+    ``pbxc compile`` do): ceil_mode or dilated 2-d pooling, add with broadcasting or a
+    constant."""
+    base = kernel_base(node)
+    if node.kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D) and base != node.kind.value:
+        return (f"the cuda target has no kernels for {node.kind.value} with ceil_mode or "
+                "dilation")
+    if node.kind is OpKind.ADD and base != "add":
+        return "the cuda target adds values of one shape only (no broadcasting or constants)"
     return None
 
 
@@ -116,6 +149,12 @@ class Geometry2d:
 def _geometry(node: OpNode, in_shape: tuple[int, ...], weight: tuple[int, ...] | None
               ) -> Geometry2d:
     attrs = kernel_attrs(node)
+    if node.kind in (OpKind.CONV1D, OpKind.CONV2D):
+        if any(b != e for b, e in attrs["padding"]):
+            raise UnsupportedOp(f"the cuda target takes symmetric convolution padding only; "
+                                f"'{node.name}' pads {attrs['padding']} (begin, end) per axis "
+                                "(use the numpy backend)", node.pos)
+        attrs["padding"] = tuple(b for b, _ in attrs["padding"])
     if node.kind is OpKind.CONV1D:
         assert weight is not None
         c, length = in_shape
@@ -164,12 +203,17 @@ class CudaModuleRenderer:
         self.nodes = [n for n in graph.topological() if n.kind is not OpKind.INPUT]
         self.activation_source = activation_source
         self.act = activation_names
-        self.lines = dict(enumerate((source_text or "").splitlines(), start=1))
+        self.lines = source_lines(source_text)
+        check_symbols(graph)
         self.index = {n.name: k for k, n in enumerate(self.nodes)}
         for node in self.nodes:
             if node.kind not in SUPPORTED:
-                raise UnsupportedOp(f"the cuda target has no kernels for op '{node.kind.value}'",
+                raise UnsupportedOp(f"the cuda target has no kernels for op '{node.kind.value}'"
+                                    + _CUDA_HINTS.get(node.kind, ""),
                                     node.pos)
+            refused = _refused_form(node)
+            if refused:
+                raise UnsupportedOp(refused, node.pos)
         outputs = set(graph.output_names)
         # producer -> the activation fused into its epilogue
         self.fused: dict[str, str] = {}
@@ -197,8 +241,9 @@ class CudaModuleRenderer:
         return f"{self.act[act_node][routine]}_$S({', '.join(args)})"
 
     def comment(self, node: OpNode) -> str:
+        """Where the node comes from, as raw text: each sink escapes it (py_text, c_text)."""
         text = self.lines.get(node.pos.line, "").strip()
-        return f"{node.pos.file}:{node.pos.line}: {text}"[:100].rstrip("\\")
+        return f"{node.pos.file}:{node.pos.line}: {text}"[:100]
 
     def _epilogue(self, node: OpNode, value: str, ins: list[Arg], fwd_lines: list[str],
                   call_ins: list[str]) -> NodeCode:
@@ -226,7 +271,7 @@ class CudaModuleRenderer:
     def _node_code(self, node: OpNode) -> NodeCode:
         kind = node.kind
         n_out = size(node.shape or ())
-        p = f"P[{node.name!r}]"
+        p = f"P[{py_literal(node.name)}]"
         if kind is OpKind.ACTIVATION:
             return self._activation(node)
         if kind is OpKind.LINEAR:
@@ -331,7 +376,7 @@ class CudaModuleRenderer:
     def _linear(self, node: OpNode) -> NodeCode:
         n_in = self.in_shape(node)[-1]
         n_out = (node.shape or (1,))[-1]
-        p = f"P[{node.name!r}]"
+        p = f"P[{py_literal(node.name)}]"
         has_bias = node.param_key("bias") is not None
         mm = [f"    acc = C.matmul(xs[0].reshape(-1, {n_in}), {p}['weight'].T)",
               f"    acc = acc.reshape(xs[0].shape[0], *{tuple(node.shape or ())!r})"]
@@ -353,7 +398,7 @@ class CudaModuleRenderer:
             f"def {self.fn(node, 'lt')}(C, s, w):",
             f"    return [C.matmul(s.reshape(-1, {n_out}), w).reshape(*s.shape[:-1], {n_in})]",
             f"def {self.fn(node, 'lrp')}(C, P):",
-            f"    return LrpOp({node.name!r}, {p}['weight'], {p}.get('bias'), 1, {n_out}, "
+            f"    return LrpOp({py_literal(node.name)}, {p}['weight'], {p}.get('bias'), 1, {n_out}, "
             f"{self.fn(node, 'lf')}, {self.fn(node, 'lt')})",
         ]
         return code
@@ -365,7 +410,7 @@ class CudaModuleRenderer:
         out_ch = weight[0]
         npix = g.oh * g.ow
         rows = g.c * g.kh * g.kw
-        p = f"P[{node.name!r}]"
+        p = f"P[{py_literal(node.name)}]"
         in_shape = self.in_shape(node)
         im2col = Kernel(
             self.kid(node, "im2col"), (_a("const T*", "x", ""), _a("T*", "cols")),
@@ -410,7 +455,7 @@ class CudaModuleRenderer:
             f"def {self.fn(node, 'b')}(C, P, E, g, K):",
             f"    return {self.fn(node, 'lt')}(C, g, {p}['weight2'])",
             f"def {self.fn(node, 'lrp')}(C, P):",
-            f"    return LrpOp({node.name!r}, {p}['weight2'], {p}.get('bias'), {npix}, "
+            f"    return LrpOp({py_literal(node.name)}, {p}['weight2'], {p}.get('bias'), {npix}, "
             f"{out_ch}, {self.fn(node, 'lf')}, {self.fn(node, 'lt')})",
         ]
         return code
@@ -589,9 +634,10 @@ class CudaModuleRenderer:
     def forward_body(self, prefix: str) -> list[str]:
         out = []
         for node in self.nodes:
-            out.append(f"    # {self.comment(node)}")
+            out.append(f"    # {py_text(self.comment(node))}")
             if node.name in self.fused_into:
-                out.append(f"    # {node.name}: computed with {self.fused_into[node.name]}")
+                out.append(f"    # {py_text(node.name)}: computed with "
+                           f"{py_text(self.fused_into[node.name])}")
                 continue
             xs = ", ".join(var(i, prefix) for i in node.inputs)
             targets = [var(node.name, prefix)]
@@ -611,7 +657,7 @@ class CudaModuleRenderer:
         for node in reversed(self.nodes):
             if node.name not in live:
                 continue
-            out.append(f"    # {self.comment(node)}")
+            out.append(f"    # {py_text(self.comment(node))}")
             which = "d" if dfd and node.kind not in DFD_BY_VJP else "b"
             temps = [f"_t{k}" for k in range(len(node.inputs))]
             out.append(f"    {', '.join(temps)}{',' if len(temps) == 1 else ''} = "
@@ -631,12 +677,12 @@ class CudaModuleRenderer:
         for node in reversed(self.nodes):
             if node.name not in live:
                 continue
-            out.append(f"    # {self.comment(node)}")
+            out.append(f"    # {py_text(self.comment(node))}")
             r = var(node.name, "R")
             xs = "[" + ", ".join(f"E[{var(i)!r}]" for i in node.inputs) + "]"
             if node.name in rule_nodes:
                 out.append(f"    _r, _b, _s = lrp_rule_step(C, {self._lrp_op(node)}, {r}, {xs}, "
-                           f"*rules[{node.name!r}], z_out=E[{var(node.name)!r}])")
+                           f"*rules[{py_literal(node.name)}], z_out=E[{var(node.name)!r}])")
                 out.append("    bias, stabiliser = bias + _b, stabiliser + _s")
             elif node.kind is OpKind.MAXPOOL2D:
                 out.append(f"    _r = [{self.fn(node, 'b')}(C, P, E, {r}[:, None], 1)[0][:, 0]]")
@@ -645,8 +691,8 @@ class CudaModuleRenderer:
             elif node.kind is OpKind.ACTIVATION:
                 out.append(f"    _r = [{r}]")
             else:
-                out.append(f"    raise KernelArgumentError('lrp has no rule for op "
-                           f"{node.kind.value!r} (value {node.name!r})')")
+                message = f"lrp has no rule for op {node.kind.value!r} (value {node.name!r})"
+                out.append(f"    raise KernelArgumentError({py_literal(message)})")
                 continue
             for k, name in enumerate(node.inputs):
                 if name not in live and name not in self.graph.input_names:
@@ -660,23 +706,23 @@ class CudaModuleRenderer:
     def _lrp_op(self, node: OpNode) -> str:
         """The LrpOp of a rule node: weighted ops have generated ones; the others here."""
         kind = node.kind
-        p = f"P[{node.name!r}]"
+        p = f"P[{py_literal(node.name)}]"
         if kind in (OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D):
             return f"{self.fn(node, 'lrp')}(C, P)"
         if kind is OpKind.BATCHNORM:
             c = self.in_shape(node)[0]
             s = size(node.shape or ()) // c
-            return (f"LrpOp({node.name!r}, {p}['scale'], {p}['shift'], {s}, {c}, "
+            return (f"LrpOp({py_literal(node.name)}, {p}['scale'], {p}['shift'], {s}, {c}, "
                     f"_diag_forward({s}, {c}), _diag_transpose({s}, {c}))")
         if kind is OpKind.NORMALIZE:
             n = size(node.shape or ())
-            return (f"LrpOp({node.name!r}, {p}['lrp_w'], {p}['lrp_b'], 1, {n}, "
+            return (f"LrpOp({py_literal(node.name)}, {p}['lrp_w'], {p}['lrp_b'], 1, {n}, "
                     f"_diag_forward(1, {n}), _diag_transpose(1, {n}))")
         if kind is OpKind.ADD:
-            return (f"LrpOp({node.name!r}, None, None, 1, 1, _add_forward, "
+            return (f"LrpOp({py_literal(node.name)}, None, None, 1, 1, _add_forward, "
                     f"_add_transpose({len(node.inputs)}))")
         fwd, vjp = self.fn(node, "f"), self.fn(node, "b")
-        return (f"LrpOp({node.name!r}, None, None, 1, 1, _unit_forward({fwd}, P), "
+        return (f"LrpOp({py_literal(node.name)}, None, None, 1, 1, _unit_forward({fwd}, P), "
                 f"_unit_transpose({vjp}, P))")
 
     def derived_params(self) -> list[str]:
@@ -684,10 +730,10 @@ class CudaModuleRenderer:
         out = ["def _derive(P):", '    """Derived parameters, computed on the host as '
                'numpy_kernels computes them."""']
         for node in self.nodes:
-            p = f"P[{node.name!r}]"
+            p = f"P[{py_literal(node.name)}]"
             if node.kind is OpKind.BATCHNORM:
                 eps = float(kernel_attrs(node)["eps"])
-                out += [f"    {p}['scale'] = {p}['weight'] / np.sqrt({p}['running_var'] + {eps!r})",
+                out += [f"    {p}['scale'] = {p}['weight'] / np.sqrt({p}['running_var'] + {py_literal(eps)})",
                         f"    {p}['shift'] = {p}['bias'] - {p}['running_mean'] * {p}['scale']"]
             elif node.kind in (OpKind.CONV1D, OpKind.CONV2D):
                 out.append(f"    {p}['weight2'] = np.ascontiguousarray("
@@ -713,9 +759,10 @@ class CudaModuleRenderer:
         classes = {o.name: list(o.classes) for o in graph.outputs if o.classes}
         params = {n.name: {role: key for role, key, _ in n.params} for n in self.nodes}
         table = kernel_table(self.kernels())
-        kernels = "{\n" + "".join(f"    {k!r}: {v!r},\n" for k, v in table.items()) + "}"
+        kernels = "{\n" + "".join(f"    {py_literal(k)}: {py_literal(v)},\n" for k, v in table.items()) + "}"
         functions = [line for n in self.nodes for line in
-                     [f"# {n.name}: {self.comment(n)}", *self.code[n.name].functions, ""]]
+                     [f"# {py_text(n.name)}: {py_text(self.comment(n))}",
+                      *self.code[n.name].functions, ""]]
         parts = [
             header,
             "import os",
@@ -724,13 +771,13 @@ class CudaModuleRenderer:
             RUNTIME_DOC.sub("", inspect.getsource(cuda_runtime)).replace(
                 "import numpy as np\n", "", 1),
             "# ---- the model ----",
-            f"MODEL = {graph.name!r}",
-            f"SOURCE_FILE = {source_file!r}",
-            f"INPUTS = {inputs!r}",
-            f"OUTPUTS = {outputs!r}",
-            f"CLASSES = {classes!r}",
-            f"PARAMS = {params!r}",
-            f"OUTPUT_VARS = { {o: var(o) for o in graph.output_names}!r}",
+            f"MODEL = {py_literal(graph.name)}",
+            f"SOURCE_FILE = {py_literal(source_file)}",
+            f"INPUTS = {py_literal(inputs)}",
+            f"OUTPUTS = {py_literal(outputs)}",
+            f"CLASSES = {py_literal(classes)}",
+            f"PARAMS = {py_literal(params)}",
+            f"OUTPUT_VARS = {py_literal({o: var(o) for o in graph.output_names})}",
             f"OUTPUT_VALUE, BASELINE_VALUE = {var(output)!r}, {var(output, 'b')!r}",
             "#: kernel -> (kind, name, elements) of each argument, checked before every launch",
             f"KERNELS = {kernels}",
@@ -847,6 +894,10 @@ def _prepare(x, dtype):
         _WEIGHTS[key] = {node: {role: C.asarray(a) for role, a in roles.items()}
                          for node, roles in load_weights(dtype=key).items()}
     name, shape = next(iter(INPUTS.items()))
+    kind = getattr(getattr(x, "dtype", None), "kind", None) or np.asarray(x).dtype.kind
+    if kind not in "fiub":
+        raise KernelArgumentError(f"input {name!r} has dtype kind {kind!r}; expected real "
+                                  "numbers")
     a = C.asarray(x)
     if a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != tuple(shape):
         raise KernelArgumentError(f"input {name!r} has shape {list(a.shape)}; expected "
@@ -942,6 +993,21 @@ def jacobian(x, dtype=None):
     seed = C.xp.ascontiguousarray(seed).reshape(y.shape[0], n, *y.shape[1:])
     g = _pullback(C, P, env, seed, n)
     return g.reshape(*y.shape, *xs[0].shape[1:])
+
+
+SECOND_ORDER_LEFT_OUT = ("hessian and hvp have no CUDA kernels yet (no second-order "
+                         "kernels are generated for the CUDA target); use the NumPy module "
+                         "(pbxc compile --target numpy) or pbxc.load(...).hessian")
+
+
+def hessian(x, target=None, dtype=None):
+    """Not generated for CUDA: raises NotImplementedError (see SECOND_ORDER_LEFT_OUT)."""
+    raise NotImplementedError(SECOND_ORDER_LEFT_OUT)
+
+
+def hvp(x, v, target=None, dtype=None):
+    """Not generated for CUDA: raises NotImplementedError (see SECOND_ORDER_LEFT_OUT)."""
+    raise NotImplementedError(SECOND_ORDER_LEFT_OUT)
 
 
 def dfd(x, baseline=0.0, target=None, dtype=None):

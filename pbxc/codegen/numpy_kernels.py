@@ -11,6 +11,7 @@ Batched layout: arrays are (N, *per_sample_shape). For linear maps N may be batc
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from pbxc.codegen.kernels.conv import *  # noqa: F403  the conv family, copied before this module
 from pbxc.symbolic.numeric import _diag_minus_outer_vjp, _softmax_dfd_factors  # prelude
 
 
@@ -22,79 +23,6 @@ def windows2d(x, kernel, stride, padding, dilation=(1, 1), pad_value=0.0):
     span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
     win = sliding_window_view(x, span, axis=(2, 3))
     return win[:, :, ::sh, ::sw, ::dh, ::dw]
-
-
-def im2col(x, kernel, stride, padding, dilation):
-    """(N, C, H, W) -> columns (C, kh, kw, N, OH, OW): one strided copy per kernel offset,
-    laid out so that a convolution is a single GEMM."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    if ph or pw:
-        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    n, c, h, w = x.shape
-    oh = (h - dh * (kh - 1) - 1) // sh + 1
-    ow = (w - dw * (kw - 1) - 1) // sw + 1
-    cols = np.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
-    xt = x.transpose(1, 0, 2, 3)
-    for p in range(kh):
-        for q in range(kw):
-            cols[:, p, q] = xt[:, :, p * dh:p * dh + sh * (oh - 1) + 1:sh,
-                               q * dw:q * dw + sw * (ow - 1) + 1:sw]
-    return cols
-
-
-def conv2d(x, weight, bias, stride, padding, dilation, groups):
-    """PyTorch's conv2d (cross-correlation); weight [out, in/groups, kh, kw]."""
-    n = x.shape[0]
-    out_ch, in_per_group, kh, kw = weight.shape
-    cols = im2col(x, (kh, kw), stride, padding, dilation)
-    oh, ow = cols.shape[4:]
-    opg = out_ch // groups
-    y = np.empty((out_ch, n * oh * ow), dtype=np.result_type(x, weight))
-    for g in range(groups):
-        block = cols[g * in_per_group:(g + 1) * in_per_group].reshape(in_per_group * kh * kw, -1)
-        y[g * opg:(g + 1) * opg] = weight[g * opg:(g + 1) * opg].reshape(opg, -1) @ block
-    y = y.reshape(out_ch, n, oh, ow).transpose(1, 0, 2, 3)
-    if bias is not None:
-        y = y + bias[None, :, None, None]
-    return np.ascontiguousarray(y)
-
-
-def conv2d_transpose(g, weight, in_hw, stride, padding, dilation, groups):
-    """The adjoint of conv2d without bias: cotangent (N, O, OH, OW) -> (N, C, H, W).
-
-    Computed as a stride-1 correlation of the zero-stuffed cotangent with the flipped,
-    transposed kernel, then cropped to the unpadded input.
-    """
-    n, out_ch, oh, ow = g.shape
-    _, in_per_group, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    h, w = in_hw
-    hp, wp = h + 2 * ph, w + 2 * pw
-    stuffed = np.zeros((n, out_ch, (oh - 1) * sh + 1, (ow - 1) * sw + 1), dtype=g.dtype)
-    stuffed[:, :, ::sh, ::sw] = g
-    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    # rows of the padded input that no window reached get zero gradient
-    extra_h = hp - (stuffed.shape[2] + span_h - 1)
-    extra_w = wp - (stuffed.shape[3] + span_w - 1)
-    full = np.pad(stuffed, ((0, 0), (0, 0), (span_h - 1, span_h - 1 + extra_h),
-                            (span_w - 1, span_w - 1 + extra_w)))
-    opg = out_ch // groups
-    flipped = weight[:, :, ::-1, ::-1].reshape(groups, opg, in_per_group, kh, kw)
-    w_t = flipped.transpose(0, 2, 1, 3, 4).reshape(groups * in_per_group, opg, kh, kw)
-    grad_padded = conv2d(full, w_t, None, (1, 1), (0, 0), dilation, groups)
-    return np.ascontiguousarray(grad_padded[:, :, ph:ph + h, pw:pw + w])
-
-
-def conv1d(x, weight, bias, stride, padding, dilation, groups):
-    y = conv2d(x[:, :, None, :], weight[:, :, None, :], bias, (1, stride[0]), (0, padding[0]),
-               (1, dilation[0]), groups)
-    return y[:, :, 0, :]
-
-
-def conv1d_transpose(g, weight, in_len, stride, padding, dilation, groups):
-    out = conv2d_transpose(g[:, :, None, :], weight[:, :, None, :], (1, in_len),
-                           (1, stride[0]), (0, padding[0]), (1, dilation[0]), groups)
-    return out[:, :, 0, :]
 
 
 def maxpool2d_gather(t, index, kernel, stride, padding):
@@ -305,35 +233,7 @@ def linear_vjp(v, xs, y, local, p):
     return [matmul_last(v, p["weight"])]
 
 
-# ---- convolutions
-def conv2d_forward(xs, p, stride, padding, dilation, groups):
-    return conv2d(xs[0], p["weight"], p.get("bias"), stride, padding, dilation, groups)
-
-
-def conv2d_jvp(ts, xs, y, local, p, stride, padding, dilation, groups):
-    t = ts[0]
-    return unflat_bk(conv2d(flat_bk(t), p["weight"], None, stride, padding, dilation, groups), t)
-
-
-def conv2d_vjp(v, xs, y, local, p, stride, padding, dilation, groups):
-    g = conv2d_transpose(flat_bk(v), p["weight"], xs[0].shape[2:], stride, padding, dilation,
-                         groups)
-    return [unflat_bk(g, v)]
-
-
-def conv1d_forward(xs, p, stride, padding, dilation, groups):
-    return conv1d(xs[0], p["weight"], p.get("bias"), stride, padding, dilation, groups)
-
-
-def conv1d_jvp(ts, xs, y, local, p, stride, padding, dilation, groups):
-    t = ts[0]
-    return unflat_bk(conv1d(flat_bk(t), p["weight"], None, stride, padding, dilation, groups), t)
-
-
-def conv1d_vjp(v, xs, y, local, p, stride, padding, dilation, groups):
-    g = conv1d_transpose(flat_bk(v), p["weight"], xs[0].shape[2], stride, padding, dilation,
-                         groups)
-    return [unflat_bk(g, v)]
+# ---- convolutions: pbxc.codegen.kernels.conv (imported above, copied before this module)
 
 
 # ---- pooling
@@ -744,30 +644,6 @@ def linear_lrp_transpose(s, w, xs):
     return [matmul_last(s, w)]
 
 
-conv2d_lrp_params = _weight_bias
-conv2d_lrp_bias = _bias_per_channel
-
-
-def conv2d_lrp_forward(ins, w, stride, padding, dilation, groups):
-    return conv2d(ins[0], w, None, stride, padding, dilation, groups)
-
-
-def conv2d_lrp_transpose(s, w, xs, stride, padding, dilation, groups):
-    return [conv2d_transpose(s, w, xs[0].shape[2:], stride, padding, dilation, groups)]
-
-
-conv1d_lrp_params = _weight_bias
-conv1d_lrp_bias = _bias_per_channel
-
-
-def conv1d_lrp_forward(ins, w, stride, padding, dilation, groups):
-    return conv1d(ins[0], w, None, stride, padding, dilation, groups)
-
-
-def conv1d_lrp_transpose(s, w, xs, stride, padding, dilation, groups):
-    return [conv1d_transpose(s, w, xs[0].shape[2], stride, padding, dilation, groups)]
-
-
 avgpool2d_lrp_params = _unit_weight
 avgpool2d_lrp_bias = _bias_as_is
 
@@ -839,3 +715,98 @@ def normalize_lrp_forward(ins, w):
 
 def normalize_lrp_transpose(s, w, xs):
     return [s * w[None]]
+
+
+# =============================================================================== second order
+# The Hessian pass (specs/hessian.md, issue 15). Only the ops whose local map is nonlinear have
+# kernels here; every affine, shape and merge op (and max pooling, piecewise linear) reuses its
+# <op>_jvp / <op>_vjp, because its second derivative is zero. Two kernels per nonlinear op:
+#   <op>_jvp2(hs, ts, xs, y, local, curv, p, **attrs) -> h
+#       forward second order: hs[i] (B, M*M, *in) second tangents (None: zero), ts[i]
+#       (B, M, *in) tangents;
+#       h (B, M*M, *out) = sum_pq d2f(t_p, t_q) + J h  (the second-order Algorithm 1)
+#   <op>_hvp(v, vd, ts, xs, y, local, curv, p, **attrs) -> [vd_in, ...]
+#       forward over reverse: the tangent of the VJP v^T J along ts; v (B, 1, *out) is the
+#       cotangent, vd (B, M, *out) its tangent (None: zero); vd_in = vd^T J + v^T d2f(t, .)
+# ``curv`` is f''(z) for activations (None for the others).
+
+
+def _outer_pairs(ts):
+    """(B, M, *s) -> (B, M*M, *s): t_p * t_q for every ordered pair (p, q)."""
+    t = ts
+    outer = t[:, :, None] * t[:, None, :]
+    return outer.reshape(t.shape[0], t.shape[1] * t.shape[1], *t.shape[2:])
+
+
+def activation_jvp2(hs, ts, xs, y, local, curv, p):
+    """h = f''(z) t_p t_q + f'(z) h_pq, elementwise (Abe & Asai, Algorithm 1 to second order)."""
+    out = _outer_pairs(ts[0])
+    out *= curv[:, None]
+    if hs[0] is not None:   # None: zero (the first curved op after the input)
+        out += hs[0] * local[:, None]
+    return out
+
+
+def activation_hvp(v, vd, ts, xs, y, local, curv, p):
+    """d/de [v f'(z + e t)] plus the tangent of v: vd f'(z) + v f''(z) t."""
+    out = ts[0] * (v * curv[:, None])
+    if vd is not None:
+        out += vd * local[:, None]
+    return [out]
+
+
+def _softmax_centred(s, t, axis):
+    """u = t - <s, t> along ``axis``: softmax's tangent divided by s."""
+    return t - (s * t).sum(axis=axis, keepdims=True)
+
+
+def softmax_jvp2(hs, ts, xs, y, local, curv, p, axis):
+    """d2 s_i(t_p, t_q) = s_i (u_pi u_qi - <s, u_p u_q>) with u = t - <s, t>; plus J h."""
+    s = y[:, None]
+    u = _softmax_centred(s, ts[0], 2 + axis)
+    pairs = _outer_pairs(u)
+    pairs -= (s * pairs).sum(axis=2 + axis, keepdims=True)
+    pairs *= s
+    if hs[0] is not None:
+        pairs += softmax_tangent(s, hs[0], 2 + axis)
+    return pairs
+
+
+def log_softmax_jvp2(hs, ts, xs, y, local, curv, p, axis):
+    """d2 log s_i(t_p, t_q) = -<s, u_p u_q> (the same for every i); plus J h."""
+    s = np.exp(y)[:, None]
+    u = _softmax_centred(s, ts[0], 2 + axis)
+    out = -(s * _outer_pairs(u)).sum(axis=2 + axis, keepdims=True)
+    if hs[0] is None:
+        return np.broadcast_to(out, (*out.shape[:2], *s.shape[2:])).copy()
+    return out + log_softmax_tangent(s, hs[0], 2 + axis)
+
+
+def softmax_hvp(v, vd, ts, xs, y, local, curv, p, axis):
+    """The tangent of s (v - <s, v>) along ds = s (t - <s, t>)."""
+    s = y[:, None]
+    ax = 2 + axis
+    ds = softmax_tangent(s, ts[0], ax)
+    out = ds * (v - (s * v).sum(axis=ax, keepdims=True))
+    out -= s * (ds * v).sum(axis=ax, keepdims=True)
+    if vd is not None:
+        out += softmax_tangent(s, vd, ax)
+    return [out]
+
+
+def log_softmax_hvp(v, vd, ts, xs, y, local, curv, p, axis):
+    """The tangent of v - s sum(v) along ds = s (t - <s, t>)."""
+    s = np.exp(y)[:, None]
+    ax = 2 + axis
+    ds = softmax_tangent(s, ts[0], ax)
+    out = ds * -v.sum(axis=ax, keepdims=True)
+    if vd is not None:
+        out += log_softmax_cotangent(s, vd, ax)
+    return [out]
+# =============================================================================== op families
+# Round 2 (issue 11): one module per family under pbxc/codegen/kernels; ``pbxc compile``
+# copies their source after this module's (pbxc.codegen.kernels.FAMILIES).
+from pbxc.codegen.kernels.elementwise import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.pooling import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.resize import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.shape import *  # noqa: E402,F403  family

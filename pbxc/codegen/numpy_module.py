@@ -8,6 +8,7 @@ node, each call preceded by the .pbx line it comes from. It imports only numpy.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -17,26 +18,68 @@ from typing import Any
 import networkx as nx
 
 from pbxc.codegen import numpy_kernels
+from pbxc.codegen.escape import identifier, py_literal, py_text
+from pbxc.codegen.kernels import FAMILIES
+from pbxc.codegen.kernels import conv as conv_kernels
+from pbxc.errors import PbxError
+from pbxc.errors import source_lines as split_source_lines
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, kernel_name
-from pbxc.ops import OpKind
+from pbxc.lower.calls import dfd_by_vjp, kernel_attrs, kernel_base, kernel_name
+from pbxc.ops import AFFINE, MAXPOOL, SHAPE_ONLY, OpKind
+
+#: ops whose second derivative is zero: the Hessian pass applies their VJP to the cotangent's
+#: tangent (the runtime's deflinear rules, pbxc.runtime.hessian); max pooling is piecewise linear
+HESSIAN_LINEAR = frozenset(AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT, OpKind.MAXPOOL2D})
 
 #: the kernels' import of the numeric prelude, which the generated module holds verbatim
 PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
+#: the kernels' imports of the op families, whose sources surround the kernels' verbatim
+FAMILY_IMPORT = re.compile(r"^from pbxc\.codegen\.kernels\.\w+ import .*\n", re.M)
+
+
+def kernel_source() -> str:
+    """numpy_kernels' source and every family's listed in pbxc.codegen.kernels.FAMILIES, as one
+    module text (the convolution family, which numpy_kernels uses at import, precedes it in
+    the generated module)."""
+    parts = [FAMILY_IMPORT.sub("", PRELUDE_IMPORT.sub("", inspect.getsource(numpy_kernels)))]
+    for family in FAMILIES:
+        module = importlib.import_module(f"pbxc.codegen.kernels.{family}")
+        body = inspect.getsource(module).replace("import numpy as np\n", "", 1)
+        parts.append(f"# ---- op family (pbxc.codegen.kernels.{family}) ----\n{body}")
+    return "\n".join(parts)
 
 
 def var(name: str, prefix: str = "v") -> str:
-    """A Python identifier for a graph value name (``h1/linear`` -> ``v_h1__linear``)."""
-    return f"{prefix}_" + re.sub(r"[^0-9A-Za-z_]", "_", name.replace("/", "__")).replace("'", "_")
+    """The Python identifier of a graph value name: ``h1`` -> ``v_h1``, ``h1/linear`` ->
+    ``v_h1__linear``, ``h1__linear`` -> ``v0h1_u_ulinear``. Injective (see :func:`pbxc.codegen.escape.identifier`), so two graph
+    names never share a variable; ``prefix`` is letters only (which pass the value is of)."""
+    return prefix + identifier(name)
+
+
+def check_symbols(graph: ModelGraph) -> None:
+    """Refuse, rather than miscompile, a graph two of whose names would share a variable
+    (impossible by construction of :func:`var`; the check keeps it so)."""
+    seen: dict[str, str] = {}
+    for name in graph.digraph.nodes:
+        ident = var(name)
+        if not ident.isidentifier() or seen.setdefault(ident, name) != name:
+            raise PbxError(f"values {seen.get(ident)!r} and {name!r} would share the generated "
+                           f"variable {ident!r}")
+
+
+def source_lines(source_text: str | None) -> dict[int, str]:
+    """The .pbx lines by number, split where the grammar's positions count lines
+    (:func:`pbxc.errors.source_lines`)."""
+    return dict(enumerate(split_source_lines(source_text or ""), start=1))
 
 
 def _attrs(node: OpNode) -> str:
-    return "".join(f", {k}={v!r}" for k, v in kernel_attrs(node).items())
+    return "".join(f", {k}={py_literal(v)}" for k, v in kernel_attrs(node).items())
 
 
 def _comment(node: OpNode, source_lines: Mapping[int, str]) -> str:
     text = source_lines.get(node.pos.line, "").strip()
-    return f"    # {node.pos.file}:{node.pos.line}: {text}"[:110]
+    return f"    # {py_text(f'{node.pos.file}:{node.pos.line}: {text}', 100)}"
 
 
 @dataclass(frozen=True)
@@ -60,14 +103,14 @@ def _print_rules(rules: Mapping[str, tuple[Any, float, str]],
 
     def lit(x: Any, node: str = "") -> str:
         if isinstance(x, tuple) and len(x) == 2 and x[0] == "const":
-            return (f"('const', {float(x[1])!r})" if node in fixed
+            return (f"('const', {py_literal(float(x[1]))})" if node in fixed
                     else f"('const', {next(consts)})")
         if isinstance(x, tuple):
             inner = ", ".join(lit(v, node) for v in x)
             return f"({inner},)" if len(x) == 1 else f"({inner})"
-        return repr(x)
+        return py_literal(x)
 
-    rows = [f"        {name!r}: {lit(rule, name)}," for name, rule in rules.items()]
+    rows = [f"        {py_literal(name)}: {lit(rule, name)}," for name, rule in rules.items()]
     return "{\n" + "\n".join(rows) + "\n    }"
 
 
@@ -96,11 +139,11 @@ def render_lrp_entry(plan: LrpPlan, input_name: str,
     out = ["", "def _lrp_rules(composite, low, high):",
            '    """Each node\'s rule as (groups, epsilon, placement); see lrp_rule_step."""']
     for composite, rules in plan.rules.items():
-        out.append(f"    if composite == {composite!r}:")
+        out.append(f"    if composite == {py_literal(composite)}:")
         fixed = plan.fixed_bounds.get(composite, frozenset())
         out.append(f"        return {_print_rules(rules, fixed)}".replace("\n", "\n    "))
     out.append(f"    raise {calls.bad_argument}('unknown composite %r; compiled: %s' % ("
-               f"composite, {', '.join(sorted(plan.rules))!r}))")
+               f"composite, {py_literal(', '.join(sorted(plan.rules)))}))")
     relevance = var(plan.start, 'R')
     out += ["", "", f"def _lrp_backward({calls.backward_params}, {relevance}, rules):",
             *lrp_body(plan.start, set(names)),
@@ -110,15 +153,15 @@ def render_lrp_entry(plan: LrpPlan, input_name: str,
               f"{var(plan.bounds_from, 'v')!r}].max())") if plan.bounds_from else ""
     xp = calls.array_module
     out += [
-        f"def lrp(x, target=None, composite={plan.default!r}, low=None, high=None, "
+        f"def lrp(x, target=None, composite={py_literal(plan.default)}, low=None, high=None, "
         "dtype=None):",
         '    """Layer-wise relevance propagation of the target logit (predicted by default).',
         "",
         "    Returns (relevance shaped like x, ledger) with ledger = {'start': f_c(x),",
         "    'inputs': relevance reaching x, 'bias': absorbed by biases, 'stabiliser':",
         "    absorbed by the stabiliser}, per sample. z^B bounds default to the batch's range.",
-        "    Composites: " + ", ".join(sorted(plan.rules)) + ("; 'model' is the .pbx lrp block."
-                                                            if "model" in plan.rules else "."),
+        "    Composites: " + py_text(", ".join(sorted(plan.rules)), 400)
+        + ("; 'model' is the .pbx lrp block." if "model" in plan.rules else "."),
         '    """',
         f"    {calls.prepare}",
         f"    E = {calls.forward}",
@@ -152,7 +195,8 @@ class NumpyModuleRenderer:
         self.activation_source = activation_source
         # node name -> generated routine names {"f": "act0_f", "df": ..., "m": ...}
         self.act = activation_names
-        self.lines = dict(enumerate((source_text or "").splitlines(), start=1))
+        self.lines = source_lines(source_text)
+        check_symbols(graph)
 
     def has_local(self, node: OpNode) -> bool:
         return node.kind is OpKind.ACTIVATION or hasattr(numpy_kernels,
@@ -170,7 +214,7 @@ class NumpyModuleRenderer:
                 out.append(f"    {var(node.name, value)} = {fn['f']}({xs})")
                 out.append(f"    {var(node.name, local)} = {fn['df']}({xs})")
                 continue
-            args = f"([{xs}], P[{node.name!r}]{_attrs(node)})"
+            args = f"([{xs}], P[{py_literal(node.name)}]{_attrs(node)})"
             out.append(f"    {var(node.name, value)} = {kernel_name(node, 'forward')}{args}")
             if self.has_local(node):
                 out.append(f"    {var(node.name, local)} = {kernel_name(node, 'local')}{args}")
@@ -185,15 +229,15 @@ class NumpyModuleRenderer:
         xs = "[" + ", ".join(env(i, "v") for i in node.inputs) + "]"
         g = var(node.name, "g")
         local = env(node.name, "l") if self.has_local(node) else "None"
-        if pass_suffix == "dfd" and node.kind not in DFD_BY_VJP:
+        if pass_suffix == "dfd" and not dfd_by_vjp(node):
             xs0 = "[" + ", ".join(env(i, "b") for i in node.inputs) + "]"
             if node.kind is OpKind.ACTIVATION:
                 fn = self.act[node.name]   # seed 004 eq. 16-17, cancellation-free
                 local = f"{fn['m']}({env(node.inputs[0], 'b')}, {env(node.inputs[0], 'v')})"
             return (f"{kernel_name(node, 'dfd')}({g}, {xs}, {xs0}, {env(node.name, 'v')}, "
-                    f"{env(node.name, 'b')}, {local}, P[{node.name!r}]{_attrs(node)})")
+                    f"{env(node.name, 'b')}, {local}, P[{py_literal(node.name)}]{_attrs(node)})")
         return (f"{kernel_name(node, 'vjp')}({g}, {xs}, {env(node.name, 'v')}, {local}, "
-                f"P[{node.name!r}]{_attrs(node)})")
+                f"P[{py_literal(node.name)}]{_attrs(node)})")
 
     def backward_body(self, output: str, wrt: str, pass_suffix: str) -> list[str]:
         """Straight-line reverse accumulation from ``g_<output>`` to ``g_<wrt>``."""
@@ -229,27 +273,33 @@ class NumpyModuleRenderer:
             xs = "[" + ", ".join(f"E[{var(i, 'v')!r}]" for i in node.inputs) + "]"
             attrs = kernel_attrs(node)
             if node.name in rule_nodes:
-                out.append(f"    _r, _b, _s = lrp_rule_step({node.kind.value!r}, {r}, {xs}, "
-                           f"P[{node.name!r}], *rules[{node.name!r}], "
+                out.append(f"    _r, _b, _s = lrp_rule_step({kernel_base(node)!r}, {r}, {xs}, "
+                           f"P[{py_literal(node.name)}], *rules[{py_literal(node.name)}], "
                            f"z_out=E[{var(node.name, 'v')!r}]{_attrs(node)})")
                 out.append("    bias, stabiliser = bias + _b, stabiliser + _s")
-            elif node.kind is OpKind.MAXPOOL2D:
-                geometry = ", ".join(f"{k}={attrs[k]!r}" for k in ("kernel", "stride",
+            elif node.kind in MAXPOOL and kernel_base(node) == "maxpool":
+                out.append(f"    _r0, _ = maxpool_relevance({r}, E[{var(node.inputs[0], 'v')!r}], "
+                           f"E[{var(node.name, 'l')!r}]{_attrs(node)})")
+                out.append("    _r = [_r0]")
+            elif node.kind is OpKind.MUL:   # a product of two values (rules above take the rest)
+                out.append(f"    _r = product_relevance({r}, {xs}{_attrs(node)})")
+            elif node.kind in MAXPOOL:
+                geometry = ", ".join(f"{k}={py_literal(attrs[k])}" for k in ("kernel", "stride",
                                                                     "padding"))
                 out.append(f"    _r0, _ = lrp_maxpool({r}, E[{var(node.inputs[0], 'v')!r}], "
                            f"E[{var(node.name, 'l')!r}], {geometry})")
                 out.append("    _r = [_r0]")
-            elif node.kind in (OpKind.FLATTEN, OpKind.RESHAPE):
+            elif node.kind in SHAPE_ONLY:
                 out.append(f"    _r = [{r}.reshape(E[{var(node.inputs[0], 'v')!r}].shape)]")
-            elif node.kind is OpKind.ACTIVATION:
+            elif node.kind in (OpKind.ACTIVATION, OpKind.PRELU):
                 out.append(f"    _r = [{r}]")
             elif node.kind is OpKind.CONCAT:
                 out.append(f"    _r = concat_vjp({r}[:, None], {xs}, None, None, None"
                            f"{_attrs(node)})")
                 out.append("    _r = [piece[:, 0] for piece in _r]")
             else:
-                out.append(f"    raise ValueError('lrp has no rule for op "
-                           f"{node.kind.value!r} (value {node.name!r})')")
+                message = f"lrp has no rule for op {node.kind.value!r} (value {node.name!r})"
+                out.append(f"    raise ValueError({py_literal(message)})")
                 continue
             for k, name in enumerate(node.inputs):
                 if name not in live and name not in self.graph.input_names:
@@ -259,6 +309,101 @@ class NumpyModuleRenderer:
                            else f"    {target} = _r[{k}]")
                 assigned.add(name)
         return out
+
+    # ---------------------------------------------------------------- second order
+    # (specs/hessian.md) Forward over reverse: tangents t_<node> along M directions, then the
+    # cotangent g_<node> and its tangent d_<node> back; linear ops apply their VJP to d_,
+    # nonlinear ones call their <op>_hvp kernel (numpy_kernels, second order).
+    def _live(self, output: str, wrt: str) -> set[str]:
+        return (nx.ancestors(self.graph.digraph, output) | {output}) & (
+            nx.descendants(self.graph.digraph, wrt) | {wrt})
+
+    def tangent_body(self, output: str, wrt: str) -> list[str]:
+        """t_<node> = J t_<inputs> for every node between ``wrt`` and ``output``."""
+        live = self._live(output, wrt)
+        out = [f"    M = {var(wrt, 't')}.shape[1]"]
+        for node in self.nodes:
+            if node.name not in live:
+                continue
+            out.append(_comment(node, self.lines))
+            ts = []
+            for i in node.inputs:
+                if i in live:
+                    ts.append(var(i, "t"))
+                else:   # an input the tangents do not reach
+                    ts.append(f"np.zeros((E[{var(i, 'v')!r}].shape[0], M, "
+                              f"*E[{var(i, 'v')!r}].shape[1:]), E[{var(i, 'v')!r}].dtype)")
+            xs = "[" + ", ".join(f"E[{var(i, 'v')!r}]" for i in node.inputs) + "]"
+            local = f"E[{var(node.name, 'l')!r}]" if self.has_local(node) else "None"
+            out.append(f"    {var(node.name, 't')} = {kernel_name(node, 'jvp')}("
+                       f"[{', '.join(ts)}], {xs}, E[{var(node.name, 'v')!r}], {local}, "
+                       f"P[{py_literal(node.name)}]{_attrs(node)})")
+        return out
+
+    def hvp_body(self, output: str, wrt: str) -> list[str]:
+        """g_ and d_ from ``g_<output>`` / ``d_<output>`` back to ``d_<wrt>``."""
+        live = self._live(output, wrt)
+        curved = {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX}
+        out = []
+        assigned = {output}
+        for node in reversed(self.nodes):
+            if node.name not in live:
+                continue
+            out.append(_comment(node, self.lines))
+            k = len(node.inputs)
+            temps = [f"_t{j}" for j in range(k)]
+            dtemps = [f"_d{j}" for j in range(k)]
+            comma = "," if k == 1 else ""
+            out.append(f"    {', '.join(temps)}{comma} = {self.backward_call(node, 'vjp')}")
+            g, d = var(node.name, "g"), var(node.name, "d")
+            xs = "[" + ", ".join(f"E[{var(i, 'v')!r}]" for i in node.inputs) + "]"
+            local = f"E[{var(node.name, 'l')!r}]" if self.has_local(node) else "None"
+            if node.kind in curved:
+                ts = "[" + ", ".join(f"T[{var(i, 't')!r}]" if i in live else "None"
+                                     for i in node.inputs) + "]"
+                curv = (f"{self.act[node.name]['d2f']}(E[{var(node.inputs[0], 'v')!r}])"
+                        if node.kind is OpKind.ACTIVATION else "None")
+                out.append(f"    {', '.join(dtemps)}{comma} = {kernel_name(node, 'hvp')}("
+                           f"{g}, {d}, {ts}, {xs}, E[{var(node.name, 'v')!r}], {local}, "
+                           f"{curv}, P[{py_literal(node.name)}]{_attrs(node)})")
+            elif node.kind in HESSIAN_LINEAR:
+                out.append(f"    {', '.join(dtemps)}{comma} = ({kernel_name(node, 'vjp')}({d}, "
+                           f"{xs}, E[{var(node.name, 'v')!r}], {local}, P[{py_literal(node.name)}]"
+                           f"{_attrs(node)}) if {d} is not None else [None] * {k})")
+            else:
+                message = f"hessian has no rule for op {node.kind.value!r} (value {node.name!r})"
+                out.append(f"    raise ValueError({py_literal(message)})")
+                continue
+            for name, t, dt in zip(node.inputs, temps, dtemps):
+                if name not in live:
+                    continue
+                gi, di = var(name, "g"), var(name, "d")
+                if name in assigned:
+                    out.append(f"    {gi} = {gi} + {t}")
+                    out.append(f"    {di} = _add_or_none({di}, {dt})")
+                else:
+                    out.append(f"    {gi}, {di} = {t}, {dt}")
+                assigned.add(name)
+        return out
+
+    def render_second_order(self) -> list[str]:
+        graph = self.graph
+        wrt, output = graph.input_names[0], graph.output_names[0]
+        return [
+            f"def _tangents(E, P, {var(wrt, 't')}):",
+            *self.tangent_body(output, wrt),
+            "    return locals()",
+            "",
+            "",
+            f"def _hvp_pullback(E, T, P, {var(output, 'g')}, {var(output, 'd')}):",
+            *self.hvp_body(output, wrt),
+            f"    if {var(wrt, 'd')} is None:",
+            f"        return np.zeros_like(T[{var(wrt, 't')!r}])",
+            f"    return {var(wrt, 'd')}",
+            "",
+            f"TANGENT_INPUT = {var(wrt, 't')!r}",
+            SECOND_ORDER_PASSES,
+        ]
 
     # ---------------------------------------------------------------- module
     def render(self, header: str) -> str:
@@ -270,17 +415,19 @@ class NumpyModuleRenderer:
         params = {n.name: {role: key for role, key, _ in n.params} for n in self.nodes}
         parts = [
             header,
+            "# ---- convolution kernels (pbxc.codegen.kernels.conv) ----",
+            inspect.getsource(conv_kernels),
             "# ---- op kernels (pbxc.codegen.numpy_kernels) ----",
-            PRELUDE_IMPORT.sub("", inspect.getsource(numpy_kernels)),
+            kernel_source(),
             "# ---- activations, printed from sympy ----",
             self.activation_source.replace("import numpy as np\n", ""),
             "# ---- the model ----",
-            f"MODEL = {graph.name!r}",
-            f"INPUTS = {inputs!r}",
-            f"OUTPUTS = {outputs!r}",
-            f"CLASSES = {classes!r}",
-            f"PARAMS = {params!r}",
-            f"OUTPUT_VARS = { {o: var(o) for o in graph.output_names}!r}",
+            f"MODEL = {py_literal(graph.name)}",
+            f"INPUTS = {py_literal(inputs)}",
+            f"OUTPUTS = {py_literal(outputs)}",
+            f"CLASSES = {py_literal(classes)}",
+            f"PARAMS = {py_literal(params)}",
+            f"OUTPUT_VARS = {py_literal({o: var(o) for o in graph.output_names})}",
             f"OUTPUT_VALUE, BASELINE_VALUE = {var(output)!r}, {var(output, 'b')!r}",
             RUNTIME_HELPERS,
             f"def _forward({', '.join(var(i, 'v') for i in graph.input_names)}, P):",
@@ -303,6 +450,7 @@ class NumpyModuleRenderer:
             f"    return {var(wrt, 'g')}",
             "",
             RUNTIME_PASSES,
+            *self.render_second_order(),
             *self.render_lrp(),
         ]
         return "\n".join(parts) + "\n"
@@ -330,20 +478,45 @@ def load_weights(path=None, dtype="float64"):
 
 
 def _prepare(x, dtype):
-    if not isinstance(x, dict):
+    """Check the inputs as the pbxc runtime does (names, real numbers, shape, finite) and
+    return (weights, inputs cast to the compute dtype)."""
+    if isinstance(x, dict):
+        missing = [n for n in INPUTS if n not in x]
+        extra = [n for n in x if n not in INPUTS]
+        if missing or extra:
+            raise ValueError(f"model {MODEL!r} takes inputs {list(INPUTS)}; missing {missing}, "
+                             f"unexpected {extra}")
+    elif len(INPUTS) != 1:
+        raise TypeError(f"model {MODEL!r} has inputs {list(INPUTS)}; pass a dict by name")
+    else:
         x = {next(iter(INPUTS)): x}
-    dtype = np.dtype(dtype or next(iter(x.values())).dtype)
-    if dtype not in (np.float32, np.float64):
-        dtype = np.dtype(np.float64)
+    arrays = {}
+    for name, value in x.items():
+        a = np.asarray(value)
+        if a.dtype.kind not in "fiub":
+            raise TypeError(f"input {name!r} has dtype {a.dtype}; expected real numbers")
+        arrays[name] = a
+    if dtype is None:
+        dtype = next(iter(arrays.values())).dtype
+        if dtype not in (np.float32, np.float64):
+            dtype = np.float64
+    elif np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    dtype = np.dtype(dtype)
     key = dtype.name
     if key not in _WEIGHTS:
         _WEIGHTS[key] = load_weights(dtype=key)
     xs = []
+    batch = None
     for name, shape in INPUTS.items():
-        a = np.ascontiguousarray(x[name], dtype=dtype)
-        if a.shape[1:] != tuple(shape):
+        a = np.ascontiguousarray(arrays[name], dtype=dtype)
+        if a.ndim != len(shape) + 1 or a.shape[1:] != tuple(shape):
             raise ValueError(f"input {name!r} has shape {list(a.shape)}; expected [batch, "
                              + ", ".join(map(str, shape)) + "]")
+        if batch is not None and len(a) != batch:
+            raise ValueError(f"input {name!r} has batch size {len(a)}, but other inputs "
+                             f"have {batch}")
+        batch = len(a)
         if not np.isfinite(a).all():
             raise ValueError(f"input {name!r} has non-finite values")
         xs.append(a)
@@ -352,9 +525,13 @@ def _prepare(x, dtype):
 
 def _targets(y, target):
     flat = y.reshape(y.shape[0], -1)
-    if target is None or target == "predicted":
+    if target is None or (isinstance(target, str) and target == "predicted"):
         return flat.argmax(axis=1)
-    return np.broadcast_to(np.asarray(target, dtype=np.int64), (y.shape[0],))
+    t = np.broadcast_to(np.asarray(target), (y.shape[0],))
+    if t.dtype.kind not in "iu" or (t < 0).any() or (t >= flat.shape[1]).any():
+        raise ValueError(f"target must be 'predicted' or class indices in [0, "
+                         f"{flat.shape[1]}), got {target!r}")
+    return t.astype(np.int64)
 
 
 def _one_hot(y, c):
@@ -409,4 +586,50 @@ def dfd(x, baseline=0.0, target=None, dtype=None):
     flat, flat0 = y.reshape(len(y), -1), y0.reshape(len(y), -1)
     delta = flat[np.arange(len(c)), c] - flat0[np.arange(len(c)), c]
     return m * (xs[0] - x0), delta
+'''
+
+SECOND_ORDER_PASSES = '''
+
+def _add_or_none(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _hvp_directions(P, xs, E, V, target):
+    T = _tangents(E, P, V)
+    y = E[OUTPUT_VALUE]
+    return _hvp_pullback(E, T, P, _one_hot(y, _targets(y, target)), None)
+
+
+def hvp(x, v, target=None, dtype=None):
+    """Hessian-vector products H v of the target logit (predicted by default), by forward
+    over reverse; v is (*in), (B, *in) or (B, K, *in) and the result has its shape."""
+    P, xs = _prepare(x, dtype)
+    E = _forward(*xs, P)
+    shape = xs[0].shape[1:]
+    v = np.asarray(v, dtype=xs[0].dtype)
+    if v.shape == shape:
+        v = np.broadcast_to(v, xs[0].shape)
+    squeeze = v.shape[1:] == shape
+    V = np.ascontiguousarray(v[:, None] if squeeze else v)
+    if V.shape[0] != xs[0].shape[0] or V.shape[2:] != shape:
+        raise ValueError(f"v has shape {list(v.shape)}; expected {list(shape)}, [batch, "
+                         f"*{list(shape)}] or [batch, K, *{list(shape)}]")
+    out = _hvp_directions(P, xs, E, V, target)
+    return out[:, 0] if squeeze else out
+
+
+def hessian(x, target=None, dtype=None):
+    """The exact Hessian (B, *in, *in) of the target logit (predicted by default), by
+    forward over reverse with the identity directions."""
+    P, xs = _prepare(x, dtype)
+    E = _forward(*xs, P)
+    shape = xs[0].shape[1:]
+    n = int(np.prod(shape))
+    eye = np.broadcast_to(np.eye(n, dtype=xs[0].dtype), (xs[0].shape[0], n, n))
+    V = np.ascontiguousarray(eye).reshape(xs[0].shape[0], n, *shape)
+    return _hvp_directions(P, xs, E, V, target).reshape(xs[0].shape[0], *shape, *shape)
 '''

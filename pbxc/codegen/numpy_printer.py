@@ -17,6 +17,7 @@ import sympy
 from sympy.codegen.rewriting import optimize, optims_c99
 from sympy.printing.numpy import NumPyPrinter
 
+from pbxc.codegen.escape import py_text
 from pbxc.errors import UnsupportedOp
 from pbxc.parse import ast
 from pbxc.symbolic import numeric
@@ -236,7 +237,7 @@ def print_numpy(expr: sympy.Expr) -> str:
 def render_function(name: str, args: list[str], expr: sympy.Expr, doc: str = "") -> str:
     """A Python function returning ``expr`` of ``args``, as source text."""
     body = print_numpy(expr)
-    doc_line = f'    """{doc}"""\n' if doc else ""
+    doc_line = f'    """{py_text(doc, 400)}"""\n' if doc else ""
     return f"def {name}({', '.join(args)}):\n{doc_line}    return {body}\n"
 
 
@@ -332,7 +333,11 @@ def render_routine(name: str, routine: Routine, doc: str = "") -> str:
     body = routine_lines(routine, printer)
     out = [f"def {name}({', '.join(args)}):"]
     if doc:
-        out.append(f'    """{doc}"""')
+        out.append(f'    """{py_text(doc, 400)}"""')
+    if routine.widen_single:   # float32 in float64, rounded once (derive._widen_if_needed)
+        out.append(f"    if all(_is_single(a) for a in ({', '.join(args)},)):")
+        out.append(f"        return {name}({', '.join(f'np.asarray({a}, np.float64)' for a in args)})"
+                   ".astype(np.float32)")
     out.append(f"    {', '.join(args)}{',' if len(args) == 1 else ''} = _args({', '.join(args)})")
     out.append('    with np.errstate(all="ignore"):')
     for c in routine.precision_constants:
@@ -341,6 +346,8 @@ def render_routine(name: str, routine: Routine, doc: str = "") -> str:
     for line in body[:-1]:
         out.append(f"        {line}")
     out.append(f"        return _finish({body[-1]}, {', '.join(args)})")
+    if routine.widen_single:
+        out.append(f"\n\n{name}.widen_single = True")
     return "\n".join(out) + "\n"
 
 

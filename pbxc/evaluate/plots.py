@@ -10,12 +10,13 @@ matrix.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pbxc.outputs import prepare_directory, write_with
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,24 +30,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
-    """Write ``fig`` as PNG through a temporary file and a rename; close it."""
+def save_figure(fig: Any, path: Path, dpi: int = 100, force: bool = False) -> Path:
+    """Write ``fig`` as PNG through a temporary file and a rename (pbxc.outputs); close it."""
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; a picture is for everyone
-        os.replace(tmp, path)
+        write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi,
+                                                       bbox_inches="tight"), force=force)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 def input_kind(shape: Sequence[int]) -> str:
@@ -91,7 +83,7 @@ def draw_attributions(x: np.ndarray, attributions: np.ndarray, out_dir: str | os
                       *, method: str = "attribution", feature_names: Sequence[str] | None = None,
                       class_names: Sequence[str] | None = None, targets: np.ndarray | None = None,
                       labels: np.ndarray | None = None, top_k: int = 5, max_files: int = 16,
-                      prefix: str = "sample") -> list[Path]:
+                      prefix: str = "sample", force: bool = False) -> list[Path]:
     """One PNG per sample (at most ``max_files``): ``{prefix}_{i:04d}_{method}.png``."""
     plt = _pyplot()
     x = np.asarray(x)
@@ -146,14 +138,15 @@ def draw_attributions(x: np.ndarray, attributions: np.ndarray, out_dir: str | os
             im = ax.imshow(att, cmap="RdBu_r", vmin=-m, vmax=m, aspect="auto")
             fig.colorbar(im, ax=ax)
         fig.suptitle(title, fontsize=10)
-        paths.append(save_figure(fig, Path(out_dir) / f"{prefix}_{i:04d}_{method}.png"))
+        paths.append(save_figure(fig, prepare_directory(out_dir) /
+                                 f"{prefix}_{i:04d}_{method}.png", force=force))
     return paths
 
 
 def draw_jacobian(jacobian: np.ndarray, out_dir: str | os.PathLike[str], *,
                   class_names: Sequence[str] | None = None,
                   feature_names: Sequence[str] | None = None, max_files: int = 16,
-                  prefix: str = "sample") -> list[Path]:
+                  prefix: str = "sample", force: bool = False) -> list[Path]:
     """A heat matrix of outputs x inputs per sample, from (B, *out, *in)."""
     plt = _pyplot()
     jac = np.asarray(jacobian)
@@ -178,13 +171,15 @@ def draw_jacobian(jacobian: np.ndarray, out_dir: str | os.PathLike[str], *,
             ax.set_xticks(np.arange(mat.shape[1]))
             ax.set_xticklabels(feature_names, rotation=90, fontsize=7)
         ax.set_title(f"Jacobian d output / d input, sample {i}", fontsize=10)
-        paths.append(save_figure(fig, Path(out_dir) / f"{prefix}_{i:04d}_jacobian.png"))
+        paths.append(save_figure(fig, prepare_directory(out_dir) /
+                                 f"{prefix}_{i:04d}_jacobian.png", force=force))
     return paths
 
 
 def draw_explanation(model: Any, x: np.ndarray, arrays: Mapping[str, np.ndarray], method: str,
                      out_dir: str | os.PathLike[str], *, max_files: int = 16,
-                     output: str | None = None, top_k: int = 5) -> list[Path]:
+                     output: str | None = None, top_k: int = 5, force: bool = False
+                     ) -> list[Path]:
     """The pictures ``pbxc explain --png`` draws from its result arrays."""
     wrt = model.input_names[0]
     out = output or model.output_names[0]
@@ -193,10 +188,11 @@ def draw_explanation(model: Any, x: np.ndarray, arrays: Mapping[str, np.ndarray]
     x = np.asarray(x).reshape(-1, *model.input_shapes[wrt])
     if method == "jacobian":
         return draw_jacobian(arrays["attributions"], out_dir, class_names=classes,
-                             feature_names=features, max_files=max_files)
+                             feature_names=features, max_files=max_files, force=force)
     return draw_attributions(x, arrays["attributions"], out_dir, method=method,
                              feature_names=features, class_names=classes,
-                             targets=arrays.get("targets"), max_files=max_files, top_k=top_k)
+                             targets=arrays.get("targets"), max_files=max_files, top_k=top_k,
+                             force=force)
 
 
 def draw_co_boxplots(report: Any, path: str | os.PathLike[str], mode: str = "sum") -> Path:

@@ -40,6 +40,8 @@ def _describe_value(value: ast.Value) -> str:
         return f"value '{value.name}'"
     if isinstance(value, ast.Call):
         return f"call {value.op}(...)"
+    if isinstance(value, ast.StrLit):
+        return f"string {value.value!r}"
     return "a tuple" if value.bracket == "(" else "a list"
 
 
@@ -264,8 +266,11 @@ class _Builder:
                 key_or_none, ppos = params[pspec.role]
                 if key_or_none is not None:
                     bound.append((pspec.role, key_or_none, ppos))
-            elif prefix is not None:
-                bound.append((pspec.role, f"{prefix.key}.{pspec.suffix}", prefix.pos))
+            elif prefix is not None:   # an empty suffix: the prefix is the key (mul(x, @scale))
+                key = f"{prefix.key}.{pspec.suffix}" if pspec.suffix else prefix.key
+                bound.append((pspec.role, key, prefix.pos))
+            elif pspec.role == "constant":   # add/sub/mul/div take a constant or a value
+                continue
             else:
                 self.bag.error(f"{call.op}() needs weights: write {call.op}(x, @prefix) or "
                                f"{pspec.role}=@key", call.pos, [f"usage: {sig.usage()}"])
@@ -282,9 +287,23 @@ class _Builder:
                 value = spec.default
                 if spec.type is AttrType.INTS and value is not None:
                     value = (value,) * spec.arity
+                elif spec.type is AttrType.PADS and value is not None:
+                    value = (value,) * (2 * spec.arity)
             attrs.append((spec.name, value))
         if refs is None:
             return
+        if sig.param("constant") is not None:   # add/sub/mul/div: two values, or a constant
+            has_constant = any(r == "constant" for r, _, _ in bound) or dict(attrs).get(
+                "value") is not None
+            if len(refs) == 1 and not has_constant:
+                self.bag.error(f"{call.op}() takes two input values, or one and a constant "
+                               f"(a number or @tensor); got 1 value", call.pos,
+                               [f"usage: {sig.usage()}"])
+                return
+            if len(refs) > 1 and has_constant:
+                self.bag.error(f"{call.op}() takes two input values or one value and a "
+                               "constant, not both", call.pos, [f"usage: {sig.usage()}"])
+                return
         self.nodes[name] = OpNode(name, sig.kind, refs, call.pos, tuple(bound), tuple(attrs))
 
     def _convert_attr(self, op: str, spec: AttrSpec, arg: ast.Arg) -> Any:
@@ -320,18 +339,50 @@ class _Builder:
                 bad("true or false")
                 return None
             return value.value
+        if spec.type is AttrType.STRING:
+            if not isinstance(value, ast.StrLit) or value.value not in spec.choices:
+                bad("one of " + ", ".join(f'"{c}"' for c in spec.choices))
+                return None
+            return value.value
+        if spec.type is AttrType.FLOATS:
+            items_f = value.items if isinstance(value, ast.SeqLit) else (value,)
+            if not items_f or not all(isinstance(v, ast.NumberLit) for v in items_f) or (
+                    spec.arity and len(items_f) != spec.arity):
+                bad("a number or numbers in parentheses")
+                return None
+            numbers = tuple(float(v.value) for v in items_f)  # type: ignore[union-attr]
+            if spec.minimum is not None and min(numbers) <= spec.minimum:
+                bad(f"greater than {spec.minimum:g}")
+                return None
+            return numbers
+        if spec.type is AttrType.PADS:   # stored per side: (begin_1, end_1, begin_2, ...)
+            expected = (f"an integer, {spec.arity} integers (both sides of each axis) or "
+                        f"{2 * spec.arity} integers (begin, end of each axis) in parentheses")
+            if isinstance(value, ast.SeqLit):
+                items = [as_int(v) for v in value.items]
+                if len(items) not in (spec.arity, 2 * spec.arity) or any(i is None for i in items):
+                    bad(expected)
+                    return None
+                if len(items) == spec.arity:
+                    return tuple(p for i in items for p in (i, i))
+                return tuple(items)
+            iv = as_int(value)
+            if iv is None:
+                bad(expected)
+                return None
+            return (iv,) * (2 * spec.arity)
         if spec.type is AttrType.INTS:
             if isinstance(value, ast.SeqLit):
                 items = [as_int(v) for v in value.items]
-                if len(items) != spec.arity or any(i is None for i in items):
+                if (spec.arity and len(items) != spec.arity) or any(i is None for i in items):
                     bad(f"an integer or {spec.arity} integers in parentheses")
                     return None
                 return tuple(items)
             iv = as_int(value)
             if iv is None:
-                bad(f"an integer or {spec.arity} integers in parentheses")
+                bad(f"an integer or {spec.arity or 'several'} integers in parentheses")
                 return None
-            return (iv,) * spec.arity
+            return (iv,) * max(spec.arity, 1)
         # SHAPE
         if not isinstance(value, ast.SeqLit) or not value.items:
             bad("a list of dimensions such as [16, 4]")

@@ -6,14 +6,16 @@ the weight store in hand. Each rule states the shapes it expected and got.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos
+from pbxc.errors import DiagnosticBag, PbxValidationError, SourcePos, WeightError
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.ops import OpKind
+from pbxc.weights.limits import describe_bytes, max_sample_bytes
 from pbxc.weights.store import WeightStore
 
 Shape = tuple[int, ...]
@@ -65,47 +67,216 @@ class _Ctx:
         return x
 
 
-def _conv(ctx: _Ctx, spatial: int) -> Shape:
-    layout = "[C, L]" if spatial == 1 else "[C, H, W]"
-    x = ctx.rank(spatial + 1, layout)
+_LAYOUTS = {1: "[C, L]", 2: "[C, H, W]", 3: "[C, D, H, W]"}
+
+
+def _conv(ctx: _Ctx, spatial: int, transposed: bool = False) -> Shape:
+    """conv*d: weight [out, in/groups, *k]; conv_transpose*d: weight [in, out/groups, *k]."""
+    x = ctx.rank(spatial + 1, _LAYOUTS[spatial])
     w = ctx.weight("weight", spatial + 2)
     assert w is not None
     groups = ctx.node.attr("groups")
-    c_in, c_out = x[0], w[0]
-    if c_in % groups or c_out % groups:
-        raise ctx.fail(f"groups={groups} must divide both the {c_in} input and {c_out} "
-                       "output channels")
-    if w[1] * groups != c_in:
-        key = ctx.node.param_key("weight")
-        raise ShapeError(f"weight '{key}' has shape {fmt(w)}: expected {c_in // groups} input "
-                         f"channels per group (input has {c_in} channels, groups={groups}), "
-                         f"got {w[1]}", ctx.node.param_pos("weight"))
+    key = ctx.node.param_key("weight")
+    c_in = x[0]
+    if transposed:
+        c_out = w[1] * groups
+        if w[0] != c_in or c_in % groups:
+            raise ShapeError(f"weight '{key}' has shape {fmt(w)}: a transposed convolution's "
+                             f"weight is [in, out/groups, *kernel], and the input has {c_in} "
+                             f"channels (groups={groups}, which must divide them)",
+                             ctx.node.param_pos("weight"))
+    else:
+        c_out = w[0]
+        if c_in % groups or c_out % groups:
+            raise ctx.fail(f"groups={groups} must divide both the {c_in} input and {c_out} "
+                           "output channels")
+        if w[1] * groups != c_in:
+            raise ShapeError(f"weight '{key}' has shape {fmt(w)}: expected {c_in // groups} "
+                             f"input channels per group (input has {c_in} channels, "
+                             f"groups={groups}), got {w[1]}", ctx.node.param_pos("weight"))
     ctx.expect_weight("bias", (c_out,))
+    pads = ctx.node.attr("padding")
     out = [c_out]
     for i in range(spatial):
-        n = _window_out(ctx, x[1 + i], w[2 + i], ctx.node.attr("stride")[i],
-                        ctx.node.attr("padding")[i], ctx.node.attr("dilation")[i])
+        stride, dilation = ctx.node.attr("stride")[i], ctx.node.attr("dilation")[i]
+        begin, end = pads[2 * i], pads[2 * i + 1]
+        if transposed:
+            extra = ctx.node.attr("output_padding")[i]
+            if extra >= max(stride, dilation):
+                raise ctx.fail(f"output_padding {extra} must be smaller than the stride "
+                               f"({stride}) or the dilation ({dilation})")
+            n = (x[1 + i] - 1) * stride - begin - end + dilation * (w[2 + i] - 1) + extra + 1
+            if n < 1:
+                raise ctx.fail(f"padding ({begin}, {end}) leaves no output on axis {i + 1} "
+                               f"(input {x[1 + i]}, kernel {w[2 + i]}, stride {stride})")
+        else:
+            n = _window_out(ctx, x[1 + i], w[2 + i], stride, (begin, end), dilation)
         out.append(n)
     return tuple(out)
 
 
-def _window_out(ctx: _Ctx, size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+def _window_out(ctx: _Ctx, size: int, kernel: int, stride: int, pad: int | tuple[int, int],
+                dilation: int = 1) -> int:
+    """Windows along one axis; ``pad`` is both sides or (begin, end)."""
     span = dilation * (kernel - 1) + 1
-    n = (size + 2 * pad - span) // stride + 1
+    begin, end = (pad, pad) if isinstance(pad, int) else pad
+    n = (size + begin + end - span) // stride + 1
     if n < 1:
         raise ctx.fail(f"window of {span} (kernel {kernel}, dilation {dilation}) does not fit "
                        f"an axis of {size} with padding {pad}")
     return n
 
 
-def _pool(ctx: _Ctx) -> Shape:
-    x = ctx.rank(3, "[C, H, W]")
+def _pool(ctx: _Ctx, spatial: int = 2) -> Shape:
+    """PyTorch's pooling sizes, ``ceil_mode`` included: the ceiling, less one where the last
+    window would start in the right padding."""
+    x = ctx.rank(spatial + 1, {1: "[C, L]", 2: "[C, H, W]", 3: "[C, D, H, W]"}[spatial])
     kernel, pad = ctx.node.attr("kernel"), ctx.node.attr("padding")
     stride = ctx.node.attr("stride") or kernel
+    dilation = ctx.node.attr("dilation") or (1,) * spatial
     for k, p in zip(kernel, pad):
         if p > k // 2:
             raise ctx.fail(f"padding {p} must be at most half the kernel size {k}")
-    return (x[0], *(_window_out(ctx, x[1 + i], kernel[i], stride[i], pad[i]) for i in range(2)))
+    out = [x[0]]
+    for i in range(spatial):
+        n = _window_out(ctx, x[1 + i], kernel[i], stride[i], pad[i], dilation[i])
+        if ctx.node.attr("ceil_mode"):
+            span = dilation[i] * (kernel[i] - 1) + 1
+            n = -(-(x[1 + i] + 2 * pad[i] - span) // stride[i]) + 1
+            if (n - 1) * stride[i] >= x[1 + i] + pad[i]:
+                n -= 1
+        out.append(n)
+    return tuple(out)
+
+
+def _adaptive(ctx: _Ctx, spatial: int) -> Shape:
+    x = ctx.rank(spatial + 1, {1: "[C, L]", 2: "[C, H, W]", 3: "[C, D, H, W]"}[spatial])
+    return (x[0], *ctx.node.attr("output_size"))
+
+
+def _upsample(ctx: _Ctx) -> Shape:
+    """torch.nn.functional.interpolate's sizes: ``size``, or floor(n * scale) per axis."""
+    x = ctx.inputs[0]
+    spatial = len(x) - 1
+    if not 1 <= spatial <= 3:
+        raise ctx.fail(f"expects [C, L], [C, H, W] or [C, D, H, W] per sample, got {fmt(x)}")
+    size, scale = ctx.node.attr("size"), ctx.node.attr("scale")
+    if (size is None) == (scale is None):
+        raise ctx.fail("give exactly one of size=... and scale=...")
+    given = size if size is not None else scale
+    if len(given) not in (1, spatial):
+        raise ctx.fail(f"{'size' if size is not None else 'scale'} has {len(given)} entries; "
+                       f"expected 1 or {spatial} (one per spatial axis)")
+    if len(given) == 1:
+        given = tuple(given) * spatial
+    if size is not None:
+        out = tuple(int(v) for v in given)
+    else:
+        out = tuple(int(np.floor(n * float(f))) for n, f in zip(x[1:], given))
+        if min(out) < 1:
+            raise ctx.fail(f"scale {tuple(given)} leaves an empty axis of {fmt(x)}")
+    if ctx.node.attr("mode") == "nearest" and ctx.node.attr("align_corners"):
+        raise ctx.fail("align_corners applies to mode=\"linear\" only (as in PyTorch)")
+    return (x[0], *out)
+
+
+def _broadcast(ctx: _Ctx, shapes: list[Shape]) -> Shape:
+    """NumPy's (and PyTorch's) broadcast of per-sample shapes, aligned on the right."""
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        names = [*ctx.node.inputs, ctx.node.param_key("constant") or "the constant"]
+        parts = " but ".join(f"'{n}' is {fmt(s)}" for n, s in zip(names, shapes))
+        raise ctx.fail(f"shapes differ: {parts}, which do not broadcast (aligned on the "
+                       "right, each axis equal or 1)") from None
+
+
+def _elementwise(ctx: _Ctx) -> Shape:
+    """add/sub/mul/div: values of broadcastable shapes, or one value and a constant (a number
+    ``value=`` or a weight tensor ``@c``), never both."""
+    node = ctx.node
+    constant = node.param_key("constant")
+    value = node.attr("value")
+    op = node.kind.value
+    if len(ctx.inputs) == 1:
+        if (constant is None) == (value is None):
+            raise ctx.fail(f"{op}() of one value takes a constant: a number or @tensor")
+        if node.kind is OpKind.DIV and value == 0:
+            raise ctx.fail("division by zero")
+        if constant is None:
+            return ctx.inputs[0]
+        c = ctx.weight("constant")
+        assert c is not None
+        if node.kind is OpKind.DIV and np.any(np.asarray(ctx.weights[constant]) == 0):
+            raise ShapeError(f"weight '{constant}' (divisor of div) has zero entries; division "
+                             "by zero", node.param_pos("constant"))
+        return _broadcast(ctx, [ctx.inputs[0], c])
+    if constant is not None or value is not None:
+        raise ctx.fail(f"{op}() takes two values or one value and a constant, not both")
+    if node.kind is OpKind.MUL and len(ctx.inputs) != 2:
+        raise ctx.fail("mul() multiplies two values")
+    return _broadcast(ctx, list(ctx.inputs))
+
+
+def _prelu(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    w = ctx.weight("weight", 1)
+    assert w is not None
+    if w[0] not in (1, x[0]):
+        key = ctx.node.param_key("weight")
+        raise ShapeError(f"weight '{key}' (slope of prelu) has shape {fmt(w)}; expected "
+                         f"[{x[0]}] (per channel) or [1]", ctx.node.param_pos("weight"))
+    return x
+
+
+def _axes(ctx: _Ctx, rank: int, axes: tuple[int, ...]) -> list[int]:
+    out = []
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ctx.fail(f"axis {a} is out of range for per-sample rank {rank} (the batch "
+                           "axis is implicit and not counted)")
+        out.append(a % rank)
+    if len(set(out)) != len(out):
+        raise ctx.fail(f"axes {tuple(axes)} repeat an axis")
+    return out
+
+
+def _squeeze(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    axes = ctx.node.attr("axes")
+    if axes is None:
+        return tuple(d for d in x if d != 1)
+    drop = _axes(ctx, len(x), axes)
+    for a in drop:
+        if x[a] != 1:
+            raise ctx.fail(f"axis {a} of {fmt(x)} has size {x[a]}, not 1")
+    return tuple(d for i, d in enumerate(x) if i not in drop)
+
+
+def _unsqueeze(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    rank = len(x) + len(ctx.node.attr("axes"))
+    where = set(_axes(ctx, rank, ctx.node.attr("axes")))
+    rest = iter(x)
+    return tuple(1 if i in where else next(rest) for i in range(rank))
+
+
+def _pad(ctx: _Ctx) -> Shape:
+    """torch.nn.functional.pad's order: (last_before, last_after, second_last_before, ...)."""
+    x = ctx.inputs[0]
+    pads = ctx.node.attr("pads")
+    if len(pads) % 2 or len(pads) // 2 > len(x):
+        raise ctx.fail(f"pads {tuple(pads)} must be pairs (before, after) for at most the "
+                       f"{len(x)} per-sample axes, last axis first")
+    return tuple(d + sum(pair) for d, pair in zip(x, pad_pairs(pads, len(x))))
+
+
+def pad_pairs(pads: tuple[int, ...], rank: int) -> tuple[tuple[int, int], ...]:
+    """torch's flat pads -> ((before, after), ...) for every per-sample axis, first to last."""
+    pairs = [(0, 0)] * rank
+    for i in range(len(pads) // 2):
+        pairs[rank - 1 - i] = (pads[2 * i], pads[2 * i + 1])
+    return tuple(pairs)
 
 
 def _linear(ctx: _Ctx) -> Shape:
@@ -153,9 +324,9 @@ def _concat(ctx: _Ctx) -> Shape:
 
 def _reshape(ctx: _Ctx) -> Shape:
     x = ctx.inputs[0]
-    size = int(np.prod(x))
+    size = math.prod(x)
     target = list(ctx.node.attr("shape"))
-    known = int(np.prod([d for d in target if d != -1]))
+    known = math.prod([d for d in target if d != -1])
     if -1 in target:
         if size % known:
             raise ctx.fail(f"cannot reshape {fmt(x)} ({size} elements) to {fmt(tuple(target))}")
@@ -164,6 +335,14 @@ def _reshape(ctx: _Ctx) -> Shape:
         raise ctx.fail(f"cannot reshape {fmt(x)} ({size} elements) to {fmt(tuple(target))} "
                        f"({known} elements)")
     return tuple(target)
+
+
+def _flatten(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    start = ctx.node.attr("start") or 0
+    if start >= max(len(x), 1):
+        raise ctx.fail(f"start {start} is out of range for per-sample shape {fmt(x)}")
+    return (*x[:start], math.prod(x[start:]))
 
 
 def _batchnorm(ctx: _Ctx) -> Shape:
@@ -213,12 +392,31 @@ SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
     OpKind.LINEAR: _linear,
     OpKind.CONV1D: lambda c: _conv(c, 1),
     OpKind.CONV2D: lambda c: _conv(c, 2),
+    OpKind.MAXPOOL1D: lambda c: _pool(c, 1),
+    OpKind.CONV3D: lambda c: _conv(c, 3),
+    OpKind.CONV_TRANSPOSE1D: lambda c: _conv(c, 1, transposed=True),
+    OpKind.CONV_TRANSPOSE2D: lambda c: _conv(c, 2, transposed=True),
+    OpKind.CONV_TRANSPOSE3D: lambda c: _conv(c, 3, transposed=True),
     OpKind.MAXPOOL2D: _pool,
+    OpKind.MAXPOOL3D: lambda c: _pool(c, 3),
+    OpKind.AVGPOOL1D: lambda c: _pool(c, 1),
     OpKind.AVGPOOL2D: _pool,
+    OpKind.AVGPOOL3D: lambda c: _pool(c, 3),
+    OpKind.ADAPTIVE_AVGPOOL1D: lambda c: _adaptive(c, 1),
+    OpKind.ADAPTIVE_AVGPOOL2D: lambda c: _adaptive(c, 2),
+    OpKind.ADAPTIVE_AVGPOOL3D: lambda c: _adaptive(c, 3),
+    OpKind.UPSAMPLE: _upsample,
+    OpKind.PRELU: _prelu,
+    OpKind.SUB: _elementwise,
+    OpKind.MUL: _elementwise,
+    OpKind.DIV: _elementwise,
+    OpKind.SQUEEZE: _squeeze,
+    OpKind.UNSQUEEZE: _unsqueeze,
+    OpKind.PAD: _pad,
     OpKind.GLOBAL_AVGPOOL: _global_avgpool,
-    OpKind.FLATTEN: lambda c: (int(np.prod(c.inputs[0])),),
+    OpKind.FLATTEN: _flatten,
     OpKind.RESHAPE: _reshape,
-    OpKind.ADD: _same_shape_inputs,
+    OpKind.ADD: _elementwise,
     OpKind.CONCAT: _concat,
     OpKind.BATCHNORM: _batchnorm,
     OpKind.NORMALIZE: _normalize,
@@ -242,7 +440,11 @@ def _check_weight(key: str, role: str, node: OpNode, store: WeightStore,
     if key in checked:
         return True
     checked.add(key)
-    array = store[key]
+    try:
+        array = store[key]  # read from its file now: only the keys a model binds are read
+    except WeightError as err:
+        bag.diagnostics.extend(err.diagnostics)
+        return False
     if not np.issubdtype(array.dtype, np.floating):
         bag.error(f"weight '{key}' has dtype {array.dtype}; expected a floating dtype "
                   "(float16, float32 or float64)", pos, [f"in '{store.file_of(key)}'"])
@@ -254,6 +456,24 @@ def _check_weight(key: str, role: str, node: OpNode, store: WeightStore,
                   f"{array[first]} at index {list(first)}", pos, [f"in '{store.file_of(key)}'"])
         return False
     return True
+
+
+#: ops whose kernels depend on their inputs' shapes (broadcasting) or on derived settings
+_RECORD_INPUTS = frozenset({OpKind.ADD, OpKind.SUB, OpKind.MUL})
+
+
+def _with_inputs(node: OpNode, ctx: _Ctx) -> OpNode:
+    """The node with what lowering needs of its inputs' shapes, as derived attributes
+    (replaced, never appended twice, when shapes are inferred again)."""
+    extra: dict[str, object] = {}
+    if node.kind in _RECORD_INPUTS:
+        extra["in_shapes"] = tuple(tuple(int(d) for d in s) for s in ctx.inputs)
+    if node.kind is OpKind.PAD:
+        extra["pad_pairs"] = pad_pairs(tuple(node.attr("pads")), len(ctx.inputs[0]))
+    if not extra:
+        return node
+    kept = tuple((k, v) for k, v in node.attrs if k not in extra)
+    return replace(node, attrs=kept + tuple(extra.items()))
 
 
 def infer_shapes(graph: ModelGraph, store: WeightStore) -> ModelGraph:
@@ -283,12 +503,34 @@ def infer_shapes(graph: ModelGraph, store: WeightStore) -> ModelGraph:
             bag.error(err.message, err.pos)
             broken.add(node.name)
             continue
-        graph.replace_node(node.with_shape(tuple(int(d) for d in shape)))
+        graph.replace_node(_with_inputs(node, ctx).with_shape(tuple(int(d) for d in shape)))
     for out in graph.outputs:
         out_shape = graph.node(out.name).shape
         if out.classes is not None and out_shape is not None and \
-                len(out.classes) != int(np.prod(out_shape)):
-            bag.error(f"output '{out.name}' has {int(np.prod(out_shape))} elements but "
+                len(out.classes) != math.prod(out_shape):
+            bag.error(f"output '{out.name}' has {math.prod(out_shape)} elements but "
                       f"{len(out.classes)} class names", out.pos)
     bag.raise_if_any(PbxValidationError)
+    _check_sample_memory(graph)
     return graph
+
+
+def _check_sample_memory(graph: ModelGraph) -> None:
+    """The values of one sample's forward pass, in float64, against ``PBXC_MAX_SAMPLE_BYTES``:
+    a declared ``float64[100000000000]`` or a ``padding=1000000000`` is refused here, naming
+    its node, before any pass allocates an array for it."""
+    limit = max_sample_bytes()
+    total = 0
+    largest: tuple[int, OpNode] | None = None
+    for node in graph.topological():
+        nbytes = math.prod(node.shape or ()) * 8
+        total += nbytes
+        if largest is None or nbytes > largest[0]:
+            largest = (nbytes, node)
+    if total > limit and largest is not None:
+        nbytes, node = largest
+        what = "input" if node.kind is OpKind.INPUT else node.kind.value
+        raise PbxValidationError(
+            f"one sample needs {describe_bytes(total)} of values in float64, over the limit of "
+            f"{describe_bytes(limit)} (PBXC_MAX_SAMPLE_BYTES); the largest is {what} "
+            f"'{node.name}' of shape {fmt(node.shape)} ({describe_bytes(nbytes)})", node.pos)

@@ -12,7 +12,16 @@ from typing import Any
 
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
-from pbxc.ops import AFFINE, SHAPE_ONLY, OpKind
+from pbxc.ops import (
+    ADAPTIVE_AVGPOOL,
+    AFFINE,
+    AVGPOOL,
+    CONV_TRANSPOSED,
+    CONVOLUTIONS,
+    MAXPOOL,
+    SHAPE_ONLY,
+    OpKind,
+)
 
 #: Passes, by kernel suffix.
 PASSES = ("forward", "local", "jvp", "vjp", "dfd")
@@ -21,12 +30,92 @@ PASSES = ("forward", "local", "jvp", "vjp", "dfd")
 DFD_BY_VJP = frozenset(AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT})
 
 
+def _pool_fast_2d(node: OpNode) -> bool:
+    """The 2-d pools that keep numpy_kernels' own (tiled, bit-stable) kernels."""
+    return node.kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D) and not node.attr("ceil_mode") \
+        and tuple(node.attr("dilation") or (1, 1)) == (1, 1)
+
+
+def is_linear_form(node: OpNode) -> bool:
+    """add/sub/mul with one input (and a constant), as opposed to a sum or product of values."""
+    return len(node.inputs) == 1
+
+
+def kernel_base(node: OpNode) -> str:
+    """The kernel family a node calls: ``<base>_forward``, ``<base>_vjp``, ... Most ops are
+    their own; the round-2 families serve several ops (pbxc/codegen/kernels)."""
+    kind = node.kind
+    if kind in MAXPOOL:
+        return "maxpool2d" if _pool_fast_2d(node) else "maxpool"
+    if kind in AVGPOOL:
+        return "avgpool2d" if _pool_fast_2d(node) else "avgpool"
+    if kind in ADAPTIVE_AVGPOOL:
+        return "adaptive_avgpool"
+    if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE) or (kind is OpKind.FLATTEN
+                                                       and node.attr("start")):
+        return "reshape"
+    if kind in (OpKind.ADD, OpKind.SUB):
+        if is_linear_form(node):
+            return "shift"
+        same = len(set(node.attr("in_shapes") or ())) <= 1
+        return "add" if kind is OpKind.ADD and same else "signed_sum"
+    if kind is OpKind.MUL:
+        return "scale" if is_linear_form(node) else "product"
+    if kind is OpKind.DIV:
+        return "scale"
+    return kind.value
+
+
+def dfd_by_vjp(node: OpNode) -> bool:
+    """Whether the node's DFD multipliers are its weights (an affine map: seed 004, eq. 7)."""
+    return node.kind in DFD_BY_VJP or kernel_base(node) in ("shift", "scale", "signed_sum")
+
+
+def _round2_attrs(node: OpNode) -> tuple[tuple[str, Any], ...] | None:
+    kind, base = node.kind, kernel_base(node)
+    out = tuple((node.shape or ())[1:])
+    if base in ("maxpool", "avgpool"):
+        kernel = tuple(node.attr("kernel"))
+        attrs: list[tuple[str, Any]] = [
+            ("kernel", kernel), ("stride", tuple(node.attr("stride") or kernel)),
+            ("padding", tuple(node.attr("padding")))]
+        if base == "maxpool":
+            attrs.append(("dilation", tuple(node.attr("dilation"))))
+        else:
+            attrs.append(("count_include_pad", bool(node.attr("count_include_pad"))))
+        return (*attrs, ("out", out))
+    if base == "adaptive_avgpool":
+        return (("output_size", out),)
+    if kind is OpKind.UPSAMPLE:
+        scale = node.attr("scale")
+        spatial = len(out)
+        if scale is not None and len(scale) == 1:
+            scale = tuple(scale) * spatial
+        return (("mode", node.attr("mode")), ("out", out), ("scale", scale),
+                ("align_corners", bool(node.attr("align_corners"))))
+    if base == "reshape":   # squeeze, unsqueeze, flatten from an inner axis
+        return (("shape", tuple(node.shape or ())),)
+    if base == "signed_sum":
+        return (("signs", (1,) + ((-1,) if kind is OpKind.SUB else (1,)) * (len(node.inputs) - 1)),)
+    if base == "shift":
+        return (("sign", -1 if kind is OpKind.SUB else 1), ("value", node.attr("value")))
+    if base == "scale":
+        return (("inverse", kind is OpKind.DIV), ("value", node.attr("value")))
+    if base == "product":
+        return (("lrp", node.attr("lrp") or "gate"),)
+    if kind is OpKind.PAD:
+        return (("pads", tuple(node.attr("pad_pairs"))), ("value", float(node.attr("value"))))
+    return None
+
+
 @functools.lru_cache(maxsize=4096)
 def _kernel_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
     kind = node.kind
-    if kind in (OpKind.CONV1D, OpKind.CONV2D):
-        names = ("stride", "padding", "dilation", "groups")
-        return tuple((n, node.attr(n)) for n in names)
+    round2 = _round2_attrs(node)
+    if round2 is not None:
+        return round2
+    if kind in CONVOLUTIONS:
+        return conv_kernel_attrs(node)
     if kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D):
         kernel = node.attr("kernel")
         attrs = [("kernel", kernel), ("stride", node.attr("stride") or kernel),
@@ -44,14 +133,29 @@ def _kernel_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
     return ()
 
 
+def conv_pad_pairs(node: OpNode) -> tuple[tuple[int, int], ...]:
+    """A convolution's padding as ((begin, end), ...) per spatial axis (stored flat, per side)."""
+    flat = tuple(node.attr("padding"))
+    return tuple((flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2))
+
+
+def conv_kernel_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
+    attrs: list[tuple[str, Any]] = [("stride", tuple(node.attr("stride"))),
+                                    ("padding", conv_pad_pairs(node))]
+    if node.kind in CONV_TRANSPOSED:
+        attrs.append(("output_padding", tuple(node.attr("output_padding"))))
+    attrs += [("dilation", tuple(node.attr("dilation"))), ("groups", int(node.attr("groups")))]
+    return tuple(attrs)
+
+
 def kernel_attrs(node: OpNode) -> dict[str, Any]:
     """The node's attributes as the kernel's keyword arguments (literals only)."""
     return dict(_kernel_attrs(node))
 
 
 def kernel_name(node: OpNode, pass_suffix: str) -> str:
-    """``<op>_<pass>``."""
-    return f"{node.kind.value}_{pass_suffix}"
+    """``<base>_<pass>`` (see :func:`kernel_base`)."""
+    return f"{kernel_base(node)}_{pass_suffix}"
 
 
 def require_kernel(module: Any, node: OpNode, pass_suffix: str, pass_name: str) -> Any:

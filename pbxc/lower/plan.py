@@ -14,7 +14,7 @@ import numpy as np
 
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.ops import OpKind
+from pbxc.ops import ADAPTIVE_AVGPOOL, AVGPOOL, CONV_TRANSPOSED, CONVOLUTIONS, MAXPOOL, OpKind
 
 # A kernel call costs about as much as this many multiply-adds, whatever the batch size.
 CALL_OVERHEAD = 20_000
@@ -23,7 +23,10 @@ CALL_OVERHEAD = 20_000
 # dense matrix is small may therefore be cheaper applied as that matrix.
 GEMM_ADVANTAGE = 8
 DENSE_LIMIT = 1 << 22  # entries of a dense op matrix worth caching
-DENSABLE = frozenset({OpKind.CONV1D, OpKind.CONV2D, OpKind.AVGPOOL2D})
+# entries of all of one model's cached dense matrices together (64 MiB in float32, 128 MiB in
+# float64): the ops that gain most per entry are chosen first, the rest run their kernels
+DENSE_TOTAL_LIMIT = 1 << 24
+DENSABLE = frozenset({OpKind.AVGPOOL2D}) | CONVOLUTIONS
 
 
 def size(shape: tuple[int, ...] | None) -> int:
@@ -37,12 +40,23 @@ def vector_cost(node: OpNode, graph: ModelGraph) -> int:
     kind = node.kind
     if kind is OpKind.LINEAR:
         return out * graph.shape_of(node.inputs[0])[-1]
-    if kind in (OpKind.CONV1D, OpKind.CONV2D):
+    if kind in CONV_TRANSPOSED:
+        weight = graph.param_shapes[node.param_key("weight") or ""]
+        return ins[0] * size(weight[1:])  # each input scatters to out/groups x kernel outputs
+    if kind in CONVOLUTIONS:
         weight = graph.param_shapes[node.param_key("weight") or ""]
         return out * size(weight[1:])  # each output sums in/groups x kernel products
-    if kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D):
-        kh, kw = node.attr("kernel")
-        return out * kh * kw
+    if kind in MAXPOOL | AVGPOOL:
+        return out * int(np.prod(node.attr("kernel")))
+    if kind in ADAPTIVE_AVGPOOL:   # one small 0/1 matrix per spatial axis, axis by axis
+        shape = graph.shape_of(node.inputs[0])
+        return sum(ins) * max(shape[1:]) + out * max((node.shape or (1, 1))[1:])
+    if kind is OpKind.UPSAMPLE:   # two taps per output and axis
+        return 2 * out * (len(node.shape or (1, 1)) - 1)
+    if kind in (OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.PAD, OpKind.PRELU):
+        return out + sum(ins)
+    if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE):
+        return 0
     if kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
         return 3 * out
     if kind in (OpKind.GLOBAL_AVGPOOL, OpKind.ADD, OpKind.CONCAT):
@@ -61,15 +75,34 @@ def dense_cost(node: OpNode, graph: ModelGraph) -> int | None:
     entries = size(node.shape) * size(graph.shape_of(node.inputs[0]))
     if entries > DENSE_LIMIT:
         return None
+    if node.kind in CONVOLUTIONS and _pointwise(node, graph):
+        return entries   # its kernel is already one plain GEMM: no im2col to save
     return max(1, entries // GEMM_ADVANTAGE)
+
+
+def _pointwise(node: OpNode, graph: ModelGraph) -> bool:
+    """A 1x1 convolution with stride 1 and no padding: a plain GEMM over the channels."""
+    weight = graph.param_shapes[node.param_key("weight") or ""]
+    return (all(k == 1 for k in weight[2:]) and all(s == 1 for s in node.attr("stride"))
+            and not any(node.attr("padding")))
 
 
 def cheaper_dense(nodes: list[OpNode], graph: ModelGraph) -> frozenset[str]:
     """The constant linear ops (small convolutions, pooling) that every pass applies as their
-    cached dense matrix, because that costs less than their native kernels."""
-    return frozenset(n.name for n in nodes if n.kind in DENSABLE
-                     and (alt := dense_cost(n, graph)) is not None
-                     and alt < vector_cost(n, graph))
+    cached dense matrix, because that costs less than their native kernels; the most
+    profitable first, within ``DENSE_TOTAL_LIMIT`` entries for the whole model."""
+    gains = []
+    for n in nodes:
+        if n.kind in DENSABLE and (alt := dense_cost(n, graph)) is not None \
+                and alt < (native := vector_cost(n, graph)):
+            entries = size(n.shape) * size(graph.shape_of(n.inputs[0]))
+            gains.append(((native - alt) / entries, entries, n.name))
+    chosen, total = set(), 0
+    for _, entries, name in sorted(gains, reverse=True):
+        if total + entries <= DENSE_TOTAL_LIMIT:
+            chosen.add(name)
+            total += entries
+    return frozenset(chosen)
 
 
 def op_costs(nodes: list[OpNode], graph: ModelGraph) -> tuple[list[int], set[str]]:

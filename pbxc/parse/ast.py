@@ -66,7 +66,13 @@ class Call:
     pos: SourcePos  # of the op name
 
 
-Value = Ref | ParamRef | NumberLit | BoolLit | NoneLit | SeqLit | Call
+@dataclass(frozen=True)
+class StrLit:
+    value: str
+    pos: SourcePos
+
+
+Value = Ref | ParamRef | NumberLit | BoolLit | NoneLit | SeqLit | Call | StrLit
 
 # ---------------------------------------------------------------- activation math
 
@@ -116,12 +122,6 @@ class Compare:
 Expr = Num | Var | Func | BinOp | Neg | Compare
 
 # ---------------------------------------------------------------- statements
-
-
-@dataclass(frozen=True)
-class StrLit:
-    value: str
-    pos: SourcePos
 
 
 @dataclass(frozen=True)

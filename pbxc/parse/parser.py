@@ -14,10 +14,16 @@ import lark
 from lark import Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from pbxc.errors import PbxError, PbxSyntaxError, SourcePos, register_source
+from pbxc.errors import PbxError, PbxSyntaxError, SourcePos, register_source, source_lines
 from pbxc.parse import ast
 
 GRAMMAR_RESOURCE = "grammar/pbx.lark"
+
+#: The deepest nesting of calls, brackets and operators a file may have (specs/language.md,
+#: "Limits"): the tree is checked iteratively before any recursive pass walks it.
+MAX_NESTING = 100
+#: The longest number a file may write, in characters (Python's int() refuses 4300 digits).
+MAX_NUMBER_LENGTH = 100
 
 
 def grammar_text() -> str:
@@ -142,13 +148,13 @@ def _syntax_error(err: UnexpectedInput, text: str, path: str) -> PbxSyntaxError:
             message += "; strings use double quotes"
         pos = _pos_of(path, err.line, err.column)
     elif isinstance(err, UnexpectedEOF):
-        lines = text.splitlines() or [""]
+        lines = source_lines(text) or [""]
         pos = SourcePos(path, len(lines), len(lines[-1]) + 1)
         message = "unexpected end of file" + _expected(set(err.expected))
     elif isinstance(err, UnexpectedToken):
         token = err.token
         if token.type == "$END":
-            lines = text.splitlines() or [""]
+            lines = source_lines(text) or [""]
             pos = SourcePos(path, len(lines), len(lines[-1]) + 1)
         else:
             pos = SourcePos(path, token.line or 1, token.column or 1,
@@ -178,6 +184,18 @@ def _unquote(token: str) -> str:
             out.append(ch)
             i += 1
     return "".join(out)
+
+
+def _check_finite(text: str, pos: SourcePos) -> None:
+    """Every number a file writes is a finite float64: ``1e999`` would become inf (and NaN
+    downstream), and a nonzero ``1e-400`` would silently become 0."""
+    value = float(text)
+    if value == float("inf"):
+        raise PbxSyntaxError(f"number {text} is not finite in float64 (the largest is "
+                             "1.8e308)", pos)
+    if value == 0.0 and any(ch in "123456789" for ch in text.split("e")[0].split("E")[0]):
+        raise PbxSyntaxError(f"number {text} underflows to 0 in float64 (the smallest "
+                             "positive is 5e-324)", pos)
 
 
 class _ToAst(Transformer[Any, Any]):
@@ -325,6 +343,7 @@ class _ToAst(Transformer[Any, Any]):
     def _number(self, tok: Token, sign: float) -> ast.NumberLit:
         text = str(tok)
         is_int = text.isdigit()
+        _check_finite(text, self._tpos(tok))
         value = sign * (int(text) if is_int else float(text))
         return ast.NumberLit(value, is_int, self._tpos(tok))
 
@@ -357,6 +376,7 @@ class _ToAst(Transformer[Any, Any]):
     # ---- activation math
     def number(self, children: list[Token]) -> ast.Num:
         tok = children[0]
+        _check_finite(str(tok), self._tpos(tok))
         return ast.Num(float(tok), str(tok), self._tpos(tok))
 
     def variable(self, children: list[Token]) -> ast.Var:
@@ -399,6 +419,28 @@ class _ToAst(Transformer[Any, Any]):
         return ast.Neg(children[0], self._pos(meta))
 
 
+def _check_limits(tree: lark.Tree, path: str) -> None:
+    """Nesting depth and number lengths, checked without recursion (the AST pass recurses)."""
+    stack: list[tuple[lark.Tree | Token, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Token):
+            if node.type in ("NUMBER", "INT") and len(node) > MAX_NUMBER_LENGTH:
+                raise PbxSyntaxError(f"number of {len(node)} characters; at most "
+                                     f"{MAX_NUMBER_LENGTH} are allowed", _token_pos(path, node))
+            continue
+        if depth > MAX_NESTING:
+            meta = node.meta
+            pos = SourcePos(path, getattr(meta, "line", 1), getattr(meta, "column", 1))
+            raise PbxSyntaxError(f"expression nested more than {MAX_NESTING} levels deep "
+                                 "(calls, brackets and operators count)", pos)
+        stack.extend((child, depth + 1) for child in node.children)
+
+
+def _token_pos(path: str, tok: Token) -> SourcePos:
+    return SourcePos(path, tok.line or 1, tok.column or 1, tok.end_line, tok.end_column)
+
+
 def parse_text(text: str, path: str = "<string>") -> ast.Program:
     """Parse .pbx source text into a :class:`~pbxc.parse.ast.Program`."""
     register_source(path, text)
@@ -406,6 +448,7 @@ def parse_text(text: str, path: str = "<string>") -> ast.Program:
         tree = _lark().parse(text)
     except UnexpectedInput as err:
         raise _syntax_error(err, text, path) from None
+    _check_limits(tree, path)
     try:
         program: ast.Program = _ToAst(path).transform(tree)
     except lark.exceptions.VisitError as err:

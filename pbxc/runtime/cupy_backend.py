@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pbxc.codegen.cuda_shim import ShimDevice, build_shim
-from pbxc.errors import InputError, PbxError
+from pbxc.errors import InputError, PbxError, UnsupportedOp
 from pbxc.runtime.codeload import load_generated_module
 from pbxc.runtime.compile import render_cuda_module
 from pbxc.runtime.model import Model
@@ -131,6 +131,21 @@ class CupyModel:
         """The Jacobian array (B, *out_shape, *in_shape), reverse accumulation."""
         x, dtype = self._x(x)
         return self._call("jacobian", x, dtype=dtype)
+
+    def hessian(self, *args: Any, **kwargs: Any) -> Any:
+        """Not on the cupy backend: the CUDA target has no second-order kernels yet."""
+        raise UnsupportedOp("the hessian pass has no CUDA kernels (cupy backend); use the "
+                            "NumPy backend: pbxc.load(path).hessian(...)")
+
+    def hvp(self, *args: Any, **kwargs: Any) -> Any:
+        """Not on the cupy backend: the CUDA target has no second-order kernels yet."""
+        raise UnsupportedOp("the hessian pass (hvp) has no CUDA kernels (cupy backend); use "
+                            "the NumPy backend: pbxc.load(path).hvp(...)")
+
+    def interactions(self, *args: Any, **kwargs: Any) -> Any:
+        """Not on the cupy backend (it needs the Hessian for its Taylor term)."""
+        raise UnsupportedOp("interactions are not available on the cupy backend; use the "
+                            "NumPy backend: pbxc.load(path).interactions(...)")
 
     def dfd(self, x: Any, *, baseline: Any = 0.0, target: Any = None) -> tuple[Any, Any]:
         """(contributions, delta) with the rescale rule, as the compiled module's dfd."""

@@ -27,7 +27,7 @@ import numpy as np
 from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import InputError
 from pbxc.graph.ir import OpNode
-from pbxc.lower.calls import DFD_BY_VJP, kernel_attrs, require_kernel
+from pbxc.lower.calls import dfd_by_vjp, kernel_attrs, require_kernel
 from pbxc.ops import WEIGHTED, OpKind
 from pbxc.runtime.jacobian import Linearization, OpMaps, linearize, release
 from pbxc.runtime.released import Released
@@ -46,7 +46,7 @@ def dfd_step(ctx: DfdContext, node: OpNode, m: Array) -> list[Array]:
     params = ctx.model.params[node.name]  # type: ignore[attr-defined]
     xs = [ctx.at.values[i] for i in node.inputs]
     y = ctx.at.values[node.name]
-    if node.kind in DFD_BY_VJP:  # eq. 7: an affine op's multipliers are its weights
+    if dfd_by_vjp(node):  # eq. 7: an affine op's multipliers are its weights
         if node.name in getattr(ctx.model, "dense_ops", ()):   # a small conv: one GEMM
             return OpMaps(ctx.model, ctx.at).vjp(node, m)
         vjp = require_kernel(K, node, "vjp", "dfd")

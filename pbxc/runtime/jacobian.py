@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pbxc.codegen import numpy_kernels as K
 from pbxc.graph.ir import OpNode
+from pbxc.lower.calls import kernel_attrs
 from pbxc.lower.memory import forward_uses
 from pbxc.lower.plan import JacobianPlan, path_nodes, plan_jacobian, size
-from pbxc.ops import OpKind
+from pbxc.ops import CONV_TRANSPOSED, CONVOLUTIONS, OpKind
 from pbxc.runtime.linearize import Point, jvp_rule, vjp_rule
 from pbxc.runtime.numpy_forward import forward_rule, local_data
 from pbxc.runtime.released import Released
@@ -40,17 +42,33 @@ class Linearization:
 
 def dense_matrix(model: object, node: OpNode, dtype: np.dtype) -> Array:
     """The (out, in) matrix of a constant linear op (conv, average pooling) without its bias,
-    built once per model and dtype by pushing the identity through the op's JVP."""
+    built once per model and dtype, on first use: a convolution's is scattered from its
+    weights (``conv_dense_matrix``, one write per weight use); other ops push the identity
+    through their JVP."""
     cache: dict[tuple[str, str], Array] = model.dense_cache  # type: ignore[attr-defined]
     key = (node.name, np.dtype(dtype).name)
     if key not in cache:
         graph = model.graph  # type: ignore[attr-defined]
         in_shape, out_shape = graph.shape_of(node.inputs[0]) or (), node.shape or ()
+        if node.kind in CONVOLUTIONS:
+            cache[key] = _conv_dense(node, model.params[node.name]["weight"].astype(  # type: ignore[attr-defined]
+                dtype, copy=False), in_shape, out_shape)
+            return cache[key]
         pt = Point(node, [np.zeros((1, *in_shape), dtype)], np.zeros((1, *out_shape), dtype),
                    model.params[node.name])  # type: ignore[attr-defined]
         t = jvp_rule(node)(pt, [identity_tangents(1, in_shape, dtype)])
         cache[key] = np.ascontiguousarray(t.reshape(size(in_shape), size(out_shape)).T)
     return cache[key]
+
+
+def _conv_dense(node: OpNode, weight: Array, in_shape: tuple[int, ...],
+                out_shape: tuple[int, ...]) -> Array:
+    attrs = kernel_attrs(node)
+    args = (attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+    if node.kind in CONV_TRANSPOSED:   # the transpose of the convolution it is the adjoint of
+        return np.ascontiguousarray(
+            K.conv_dense_matrix(weight, out_shape[1:], *args, out_spatial=in_shape[1:]).T)
+    return K.conv_dense_matrix(weight, in_shape[1:], *args)
 
 
 def linearize(model: object, inputs: Mapping[str, Array], derivatives: bool = True,
@@ -341,5 +359,9 @@ def kinks_hit(model: object, values: Mapping[str, Array], nodes: Sequence[OpNode
     library's gradient should know how many entries that concerns.
     """
     table = model.activations  # type: ignore[attr-defined]
-    return {n.name: table.kinks_hit(n.name, values[n.inputs[0]])
+    hits = {n.name: table.kinks_hit(n.name, values[n.inputs[0]])
             for n in nodes if n.kind is OpKind.ACTIVATION}
+    for n in nodes:   # prelu's kink is at 0, where f' is the slope (PyTorch's choice)
+        if n.kind is OpKind.PRELU:
+            hits[n.name] = int(np.count_nonzero(values[n.inputs[0]] == 0))
+    return hits

@@ -26,8 +26,8 @@ import numpy as np
 from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
-from pbxc.lower.calls import kernel_attrs
-from pbxc.ops import LRP_COMPOSITES, OpKind
+from pbxc.lower.calls import is_linear_form, kernel_attrs, kernel_base
+from pbxc.ops import LRP_COMPOSITES, MAXPOOL, SHAPE_ONLY, OpKind
 from pbxc.runtime.jacobian import dense_matrix, linearize, release
 from pbxc.runtime.lrp_rules import (
     COMPOSITES,
@@ -184,10 +184,12 @@ def _pool_geometry(node: OpNode) -> dict[str, Any]:
 
 
 def _route(node: OpNode, xs: list[Array], out: Array, relevance: Array) -> list[Array]:
-    if node.kind in (OpKind.FLATTEN, OpKind.RESHAPE):
+    if node.kind in SHAPE_ONLY:
         return [relevance.reshape(xs[0].shape)]
-    if node.kind is OpKind.ACTIVATION:
+    if node.kind in (OpKind.ACTIVATION, OpKind.PRELU):
         return [relevance]
+    if node.kind is OpKind.MUL:   # a product of two values: K.product_relevance's rule
+        return K.product_relevance(relevance, xs, kernel_attrs(node)["lrp"])
     if node.kind is OpKind.CONCAT:
         axis = 1 + int(kernel_attrs(node)["axis"])
         cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
@@ -200,8 +202,13 @@ def unsupported(node: OpNode, why: str = "") -> UnsupportedOp:
                          f"(value '{node.name}'){why}", node.pos)
 
 
-ROUTED = frozenset({OpKind.FLATTEN, OpKind.RESHAPE, OpKind.ACTIVATION, OpKind.CONCAT,
-                    OpKind.MAXPOOL2D})
+ROUTED = SHAPE_ONLY | MAXPOOL | frozenset({OpKind.ACTIVATION, OpKind.PRELU, OpKind.CONCAT,
+                                         OpKind.MUL})
+
+
+def takes_rule(node: OpNode) -> bool:
+    """Whether the engine runs a rule on the node (a product of two values routes)."""
+    return node.kind in RULE_KINDS and (node.kind is not OpKind.MUL or is_linear_form(node))
 OUTPUT_ONLY = frozenset({OpKind.SOFTMAX, OpKind.LOG_SOFTMAX})
 
 
@@ -240,7 +247,7 @@ def resolve_rules(model: Any, values: Mapping[str, Array], composite: Composite 
         raise LrpConfigError(f"composite must be a name or a Composite, got {composite!r}")
     rules: dict[str, Rule] = {}
     for node in model.nodes:
-        if node.kind in RULE_KINDS:
+        if takes_rule(node):
             rules[node.name] = rule if rule is not None else composite.rule_for(
                 node.kind, node.name == first)
     for name, r in (overrides or {}).items():
@@ -349,23 +356,27 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
         if r_out is None:
             continue
         xs = [value(i) for i in node.inputs] if node.kind in RULE_KINDS or \
-            node.kind is OpKind.MAXPOOL2D else [values[i] for i in node.inputs]
+            node.kind in MAXPOOL else [values[i] for i in node.inputs]
         zero = np.zeros(batch, dtype=r_out.dtype)
         bias, stab = zero, zero
         label = "route"
         if node.name in rules:
             node_rule = rules[node.name]
             label = node_rule.describe()
-            r_in, bias, stab = K.lrp_rule_step(node.kind.value, r_out, xs,
+            r_in, bias, stab = K.lrp_rule_step(kernel_base(node), r_out, xs,
                                                model.params[node.name],
                                                node_rule.groups_data(), node_rule.epsilon,
                                                node_rule.placement, values[node.name],
                                                dense_for(node), getattr(model, "fused", None),
                                                **kernel_attrs(node))
-        elif node.kind is OpKind.MAXPOOL2D:
+        elif node.kind in MAXPOOL and kernel_base(node) == "maxpool2d":
             assert node.name in lin.local
             r0, ties[node.name] = K.lrp_maxpool(r_out, xs[0], lin.local[node.name],
                                                 **_pool_geometry(node))
+            r_in, label = [r0], "winner-take-all"
+        elif node.kind in MAXPOOL:   # 1-d, 3-d, ceil_mode, dilation
+            r0, ties[node.name] = K.maxpool_relevance(r_out, xs[0], lin.local[node.name],
+                                                      **kernel_attrs(node))
             r_in, label = [r0], "winner-take-all"
         elif node.kind in ROUTED:
             r_in = _route(node, xs, values[node.name], r_out)

@@ -25,7 +25,14 @@ import numpy as np
 
 from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import PbxError
-from pbxc.ops import LRP_COMPOSITES, LRP_RULE_KINDS, LRP_RULES, OpKind
+from pbxc.ops import (
+    CONVOLUTIONS,
+    LRP_COMPOSITES,
+    LRP_RULE_KINDS,
+    LRP_RULES,
+    UNWEIGHTED_LINEAR,
+    OpKind,
+)
 
 Array = np.ndarray
 Modifier = tuple[str, Any]  # (name, parameter): see numpy_kernels.lrp_modify
@@ -264,10 +271,13 @@ class ZBox(Rule):
 # ---------------------------------------------------------------- composites
 
 #: Ops the engine runs a rule on; the other ops route relevance (see ``pbxc.runtime.lrp``).
-WEIGHTED_KINDS = frozenset({OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D})
-CONV_KINDS = frozenset({OpKind.CONV1D, OpKind.CONV2D})
-NORM_KINDS = frozenset({OpKind.AVGPOOL2D, OpKind.GLOBAL_AVGPOOL, OpKind.ADD})
-AFFINE_KINDS = frozenset({OpKind.BATCHNORM, OpKind.NORMALIZE})
+WEIGHTED_KINDS = frozenset({OpKind.LINEAR}) | CONVOLUTIONS
+# every convolution, transposed ones included, as Zennit's ``types.Convolution`` (its
+# composites give ConvTranspose*d the same rule as Conv*d, applied through modified weights)
+CONV_KINDS = CONVOLUTIONS
+NORM_KINDS = UNWEIGHTED_LINEAR | frozenset({OpKind.ADD, OpKind.SUB})
+# per-element affine maps whose weights come from the model (mul and div by a constant)
+AFFINE_KINDS = frozenset({OpKind.BATCHNORM, OpKind.NORMALIZE, OpKind.MUL, OpKind.DIV})
 RULE_KINDS = WEIGHTED_KINDS | NORM_KINDS | AFFINE_KINDS
 assert RULE_KINDS == LRP_RULE_KINDS
 
@@ -333,7 +343,8 @@ def register_composite(name: str, factory: Callable[..., Composite]) -> None:
 
 def get_composite(name: str, **kwargs: object) -> Composite:
     """The registered composite ``name``, built with ``kwargs`` (e.g. low/high, epsilon)."""
-    factory = COMPOSITES.get(name)
+    # specs/language.md: composite names are written with '_' or '-' (epsilon_plus)
+    factory = COMPOSITES.get(name) or COMPOSITES.get(name.replace("_", "-"))
     if factory is None:
         raise LrpConfigError(f"unknown LRP composite '{name}'; known: "
                              f"{', '.join(sorted(COMPOSITES))}")

@@ -20,6 +20,8 @@ from pbxc.ops import OpKind
 from pbxc.runtime.allocator import tune_allocator
 from pbxc.runtime.codeload import load_generated_module
 from pbxc.runtime.dfd import DfdResult, dfd, linearize_both, resolve_baseline
+from pbxc.runtime.hessian import HessianResult, HvpResult, hessian, hvp
+from pbxc.runtime.interactions import InteractionResult, interactions
 from pbxc.runtime.jacobian import JacobianResult, jacobian, linearize, reverse_sweep
 from pbxc.runtime.lrp import LrpResult, file_rules, lrp
 from pbxc.runtime.lrp_rules import rule_from_spec
@@ -75,6 +77,10 @@ class ActivationTable:
         """f'(z), elementwise: the diagonal of the activation's Jacobian."""
         return self._apply(self.routines[self.keys[node_name]]["df"], z)
 
+    def second_derivative(self, node_name: str, z: np.ndarray) -> np.ndarray:
+        """f''(z), elementwise (one-sided at kinks, by the convention): the Hessian pass."""
+        return self._apply(self.routines[self.keys[node_name]]["d2f"], z)
+
     def multiplier(self, node_name: str, z0: np.ndarray, z: np.ndarray,
                    f0: np.ndarray | None = None, f1: np.ndarray | None = None) -> np.ndarray:
         """The DFD multiplier (f(z) - f(z0)) / (z - z0), and f'(z0) where z == z0.
@@ -88,7 +94,8 @@ class ActivationTable:
         fn = self.routines[self.keys[node_name]]["m"]
         shape = np.broadcast_shapes(np.shape(z0), np.shape(z))
         if (f0 is None or f1 is None or not shape or np.shape(z0) != shape
-                or np.shape(z) != shape):
+                or np.shape(z) != shape
+                or (getattr(fn, "widen_single", False) and z.dtype == np.float32)):
             with np.errstate(all="ignore"):
                 out = fn(z0, z)
             return np.broadcast_to(np.asarray(out, dtype=z.dtype), shape)
@@ -301,6 +308,10 @@ class Model:
                     f"{where} has shape {list(arr.shape)}; expected [batch, "
                     f"{', '.join(map(str, info.shape))}]{hint}"))
                 continue
+            if arr.shape[0] == 0:  # one rule for every pass (specs/security_inputs.md)
+                problems.append(Diagnostic(f"{where} is an empty batch (shape "
+                                           f"{list(arr.shape)}); give at least one sample"))
+                continue
             if batch is not None and arr.shape[0] != batch:
                 problems.append(Diagnostic(f"{where} has batch size {arr.shape[0]}, but other "
                                            f"inputs have {batch}"))
@@ -373,6 +384,40 @@ class Model:
         """
         output, wrt = self._io(output, wrt)
         return jacobian(self, self.prepare_inputs(x), output, wrt, mode, intermediates)
+
+    def hessian(self, x: np.ndarray | Mapping[str, np.ndarray], *, target: Any = None,
+                output: str | None = None, wrt: str | None = None, on: str = "logits",
+                mode: str = "auto", intermediates: bool = False) -> HessianResult:
+        """Exact per-sample Hessians of the target output (specs/hessian.md).
+
+        ``.hessian`` is (B, *in, *in) for ``target`` "predicted" (default), a class index or
+        one per sample; (B, *out, *in, *in) for ``target="all"``. ``on``: "logits" or
+        "probabilities" (the softmax of the output). ``mode``: "auto" (the plan's choice),
+        "forward" (the second-order Algorithm 1; with ``intermediates=True`` every node's
+        H[l]) or "reverse" (forward over reverse). ``.kinks`` says per sample where f'' is a
+        convention.
+        """
+        output, wrt = self._io(output, wrt)
+        return hessian(self, self.prepare_inputs(x), output, wrt, target, on, mode,
+                       intermediates)
+
+    def hvp(self, x: np.ndarray | Mapping[str, np.ndarray], v: np.ndarray, *,
+            target: Any = None, output: str | None = None, wrt: str | None = None,
+            on: str = "logits", mode: str = "auto") -> HvpResult:
+        """Hessian-vector products H v of the target output, per sample (forward over
+        reverse); ``v`` is (*in), (B, *in) or (B, K, *in) and ``.hvp`` has its shape."""
+        output, wrt = self._io(output, wrt)
+        return hvp(self, self.prepare_inputs(x), v, output, wrt, target, on, mode)
+
+    def interactions(self, x: np.ndarray | Mapping[str, np.ndarray], *, target: Any = None,
+                     step: Any = 0.1, scale: Any = None, output: str | None = None,
+                     wrt: str | None = None, on: str = "logits") -> InteractionResult:
+        """Finite-perturbation interactions I_ij = f(x+d_i+d_j) - f(x+d_i) - f(x+d_j) + f(x)
+        of the target output, with d_i = step * scale_i along feature i, beside the Taylor
+        term d_i^T H d_j and the residual (specs/hessian.md)."""
+        output, wrt = self._io(output, wrt)
+        return interactions(self, self.prepare_inputs(x), output, wrt, target, on, step,
+                            scale)
 
     def kinks_hit(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, int]:
         """Per activation node, how many units of the batch sit exactly on a kink.

@@ -13,7 +13,7 @@ import numpy as np
 
 from pbxc.codegen import numpy_kernels as K
 from pbxc.graph.ir import OpNode
-from pbxc.lower.calls import kernel_attrs, require_kernel
+from pbxc.lower.calls import kernel_attrs, kernel_name, require_kernel
 
 Array = np.ndarray
 Params = Mapping[str, Array]  # role -> array
@@ -28,5 +28,5 @@ def forward_rule(node: OpNode) -> ForwardRule:
 
 def local_data(node: OpNode, xs: list[Array], params: Params) -> Array | None:
     """What the op's Jacobian needs besides its inputs and output (max pooling: argmax)."""
-    kernel = getattr(K, f"{node.kind.value}_local", None)
+    kernel = getattr(K, kernel_name(node, "local"), None)
     return None if kernel is None else kernel(xs, params, **kernel_attrs(node))

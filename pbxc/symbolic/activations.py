@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import sympy
 from sympy import Abs, Piecewise, Rational, erfc, exp, sqrt, tanh
+from sympy.logic.boolalg import ITE
 
 from pbxc.errors import PbxValidationError, SourcePos
 from pbxc.ops import BUILTIN_ACTIVATIONS, MATH_CONSTANTS, MATH_FUNCTIONS
@@ -53,6 +54,15 @@ _BUILTINS: dict[str, Callable[..., sympy.Expr]] = {
     # boundaries belong to the constant pieces, so the derivative there is 0 (as in PyTorch)
     "hardtanh": lambda z, lo, hi: Piecewise((lo, z <= lo), (hi, z >= hi), (z, True)),
     "hardsigmoid": lambda z: Piecewise((0, z <= -3), (1, z >= 3), (z / 6 + Rational(1, 2), True)),
+    # torch's ReLU6 is hardtanh(0, 6): the bounds belong to the constant pieces
+    "relu6": lambda z: Piecewise((0, z <= 0), (6, z >= 6), (z, True)),
+    # torch.clamp with number bounds (ONNX Clip): gradient 0 at the bounds, as hardtanh
+    "clip": lambda z, lo, hi: Piecewise((lo, z <= lo), (hi, z >= hi), (z, True)),
+    # torch's hardswish backward: 0 for z <= -3, 1 for z >= 3, z/3 + 1/2 between
+    "hardswish": lambda z: Piecewise((0, z <= -3), (z, z >= 3), (z * (z + 3) / 6, True)),
+    # Hendrycks & Gimpel 2016, section 2: z/2 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))), torch's
+    # approximate="tanh"; written z sigmoid(2u) (1 + tanh u = 2 sigmoid 2u): no cancellation
+    "gelu_tanh": lambda z: z * Sigmoid(2 * sqrt(2 / sympy.pi) * (z + Rational(44715, 10**6) * z**3)),
     "abs": lambda z: Abs(z),
     "exp": lambda z: exp(z),
     "log_sigmoid": lambda z: -Softplus(-z),
@@ -83,6 +93,29 @@ def builtin_expression(name: str, params: Mapping[str, float] | None = None,
     values = dict(spec.params)
     values.update(params or {})
     return _BUILTINS[name](z, *(number(values[p]) for p, _ in spec.params))
+
+
+def _power(base: sympy.Expr, exponent: sympy.Expr, pos: SourcePos) -> sympy.Expr:
+    """base ** exponent, refusing exponents that would make sympy expand or evaluate forever
+    (``z^1000000``, ``2^(10^9)``); a power of two numbers is evaluated in floating point."""
+    from pbxc.symbolic.budget import current_limits
+
+    if exponent.is_number and exponent.is_real:
+        limit = current_limits().max_exponent
+        if base.is_number and base.is_real:
+            try:
+                value = float(base) ** float(exponent)
+            except (OverflowError, ZeroDivisionError):
+                value = float("inf")
+            if isinstance(value, complex) or value != value or abs(value) == float("inf"):
+                raise PbxValidationError(f"the power ({base}) ^ ({exponent}) is not a finite real "
+                                         "number", pos)
+            return sympy.Float(value) if abs(float(exponent)) > limit else base ** exponent
+        if abs(float(exponent)) > limit:
+            raise PbxValidationError(f"exponent {exponent} is too large: at most {limit} in "
+                                     "magnitude (PBXC_DERIVE_MAX_EXPONENT, specs/activations.md)",
+                                     pos)
+    return base ** exponent
 
 
 @dataclass(frozen=True)
@@ -135,7 +168,7 @@ class _UserExpr:
                 return left * right
             if node.op == "/":
                 return left / right
-            return left ** right
+            return _power(left, right, node.pos)
         if isinstance(node, ast.Compare):
             raise PbxValidationError("a comparison may appear only as the first argument of "
                                      "where()", node.pos)
@@ -178,7 +211,10 @@ def _cached_expression(key: ActivationKey,
     if key.definition is None:
         return builtin_expression(key.name, params)
     values = {p: number(params.get(p, default)) for p, default in key.definition.params}
-    return _UserExpr({d.name: d for d in definitions}).build(key.definition, Z, values)
+    built = _UserExpr({d.name: d for d in definitions}).build(key.definition, Z, values)
+    # a comparison of piecewise values (max(min(z, 1), max(z, -1))) folds into if-then-else
+    # conditions, which no evaluator or printer has; as and/or they mean the same
+    return built.replace(lambda e: isinstance(e, ITE), lambda e: e.to_nnf())
 
 
 def activation_expression(key: ActivationKey,

@@ -495,6 +495,14 @@ def _kinks(pieces: Sequence[PieceCalculus], breakpoints: Sequence[Breakpoint]) -
 
 
 # ---------------------------------------------------------------------------- routines
+def _printable(value: sympy.Expr) -> sympy.Expr:
+    """A constant at a kink as a 20-digit number where it holds functions of numbers (the
+    slope at z = tan(1/2) holds tan, which no printer has); exact rationals stay exact."""
+    if value.is_number and value.atoms(sympy.Function):
+        return sympy.Float(sympy.N(value, 20), 20)
+    return value
+
+
 def _piecewise_routines(pieces: Sequence[PieceCalculus], breakpoints: Sequence[Breakpoint],
                         kinks: Sequence[Kink], convention: str
                         ) -> tuple[Routine, Routine, Routine]:
@@ -506,13 +514,13 @@ def _piecewise_routines(pieces: Sequence[PieceCalculus], breakpoints: Sequence[B
     s_branches: list[tuple[sympy.Expr, sympy.Basic]] = []
     for k in kinks:
         c = sympy.Float(_as_float(k.point), 17)
-        d_branches.append((k.slope(convention), Eq(Z, c)))
-        s_branches.append((k.second(convention), Eq(Z, c)))
+        d_branches.append((_printable(k.slope(convention)), Eq(Z, c)))
+        s_branches.append((_printable(k.second(convention)), Eq(Z, c)))
     for b in breakpoints:
         if b.owner == "point" and b.point not in kink_at:  # a point piece where f is smooth
             c = sympy.Float(_as_float(b.point), 17)
-            d_branches.append((one_sided(pieces[b.index].df, b.point), Eq(Z, c)))
-            s_branches.append((one_sided(pieces[b.index].d2f, b.point), Eq(Z, c)))
+            d_branches.append((_printable(one_sided(pieces[b.index].df, b.point)), Eq(Z, c)))
+            s_branches.append((_printable(one_sided(pieces[b.index].d2f, b.point)), Eq(Z, c)))
     for j, piece in enumerate(pieces):
         steps, value = piece_derivative(piece, j)
         d_steps.extend(steps)
@@ -531,11 +539,11 @@ def _piecewise_routines(pieces: Sequence[PieceCalculus], breakpoints: Sequence[B
     branches: list[tuple[sympy.Expr, sympy.Basic]] = []
     for k in kinks:
         c = sympy.Float(_as_float(k.point), 17)
-        branches.append((k.slope(convention), And(Eq(Z0, c), Eq(Z, c))))
+        branches.append((_printable(k.slope(convention)), And(Eq(Z0, c), Eq(Z, c))))
     for b in breakpoints:
         if b.owner == "point" and b.point not in kink_at:  # a point piece where f is smooth
             c = sympy.Float(_as_float(b.point), 17)
-            slope = one_sided(pieces[b.index].df, b.point)
+            slope = _printable(one_sided(pieces[b.index].df, b.point))
             branches.append((slope, And(Eq(Z0, c), Eq(Z, c))))
     crossing_terms: list[sympy.Expr] = []
     numerator_terms: list[sympy.Expr] = []

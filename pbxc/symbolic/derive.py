@@ -9,6 +9,7 @@ accuracy it does reach.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping
@@ -20,8 +21,9 @@ import sympy
 from pbxc.errors import UnsupportedOp
 from pbxc.ops import BUILTIN_ACTIVATIONS
 from pbxc.parse import ast
+from pbxc.symbolic import budget
 from pbxc.symbolic.accuracy import Measure, Reference, measure_multiplier, z0_grid
-from pbxc.symbolic.activations import ActivationKey, activation_expression, activation_key
+from pbxc.symbolic.activations import ActivationKey, Z, activation_expression, activation_key
 from pbxc.symbolic.calculus import (
     DEFAULT_CONVENTION,
     Branch,
@@ -155,7 +157,7 @@ def derive(name_or_key: str | ActivationKey,
     misses the accuracy bar on the check grid (only in dtype ``warn_for``, when given).
     """
     key = resolve_key(name_or_key, definitions)
-    result = _derive(key, _definitions_key(definitions), convention)
+    result = _guarded_derive(key, _definitions_key(definitions), convention)
     for measure in result.check:
         if not measure.passed and warn_for in (None, measure.dtype):
             where = f" ({key.pos})" if key.pos is not None else ""
@@ -169,16 +171,70 @@ def derive(name_or_key: str | ActivationKey,
     return result
 
 
-@functools.lru_cache(maxsize=256)
-def _derive(key: ActivationKey, definitions: tuple[ast.ActivationDef, ...], convention: str
-            ) -> ActivationCalculus:
+#: what sympy, mpmath and NumPy raise on expressions they cannot handle (a user activation
+#: is arbitrary math): each becomes an error at the activation's definition, never a traceback
+_SYMPY_FAILURES = (ArithmeticError, TypeError, ValueError, NameError, AttributeError,
+                   NotImplementedError, KeyError, IndexError, RecursionError, AssertionError,
+                   MemoryError, sympy.PolynomialError)
+
+
+def _guarded_derive(key: ActivationKey, definitions: tuple[ast.ActivationDef, ...],
+                    convention: str) -> ActivationCalculus:
+    """``_derive`` within the limits of ``budget.py``; every failure names the activation."""
+    hit = _derive_cache.get((key, definitions, convention))
+    if hit is not None:
+        return hit
+    limits = budget.current_limits()
+    try:
+        with budget.deadline(limits.seconds):
+            result = _derive(key, definitions, convention, limits)
+    except budget.DerivationLimit as exc:
+        raise UnsupportedOp(f"activation '{key.label}' cannot be derived: {exc}",
+                            key.pos) from None
+    except _SYMPY_FAILURES as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise UnsupportedOp(f"activation '{key.label}' cannot be derived: sympy failed on it "
+                            f"({type(exc).__name__}{': ' if detail else ''}{detail})",
+                            key.pos) from None
+    if len(_derive_cache) >= 256:
+        _derive_cache.pop(next(iter(_derive_cache)))
+    _derive_cache[(key, definitions, convention)] = result
+    return result
+
+
+_derive_cache: dict[tuple[ActivationKey, tuple[ast.ActivationDef, ...], str],
+                    ActivationCalculus] = {}
+
+
+def _derive(key: ActivationKey, definitions: tuple[ast.ActivationDef, ...], convention: str,
+            limits: budget.DerivationLimits) -> ActivationCalculus:
     defs = {d.name: d for d in definitions}
     expr = activation_expression(key, defs)
+    budget.check_expression(expr, limits)
+    budget.check_values(expr, Z)
     calculus = _derive_expression(expr, convention, key)
     check: tuple[Measure, ...] = ()
     if key.definition is not None:
         check = check_accuracy(ActivationCalculus(key, calculus), CHECK_STEP)
+        calculus, check = _widen_if_needed(key, calculus, check)
     return ActivationCalculus(key, calculus, check)
+
+
+def _widen_if_needed(key: ActivationKey, calculus: Calculus, check: tuple[Measure, ...]
+                     ) -> tuple[Calculus, tuple[Measure, ...]]:
+    """Where the float32 multiplier misses the float32 bar but the float64 one meets its own,
+    the float32 multiplier is computed in float64 and rounded once (an error of half a float32
+    unit on top of float64's): the float32 forms (secant, difference form) both lose too much
+    to cancellation there, e.g. swish(beta=1.5) near z = -5, where f's own float32 error is
+    about 5 units."""
+    by_dtype = {m.dtype: m for m in check}
+    single, double = by_dtype.get("float32"), by_dtype.get("float64")
+    if single is None or double is None or single.passed or not double.passed:
+        return calculus, check
+    widened = dataclasses.replace(
+        calculus, multiplier=dataclasses.replace(calculus.multiplier, widen_single=True))
+    recheck = check_accuracy(ActivationCalculus(key, widened), CHECK_STEP, ("float32",))
+    return widened, (double, *recheck)
 
 
 @functools.lru_cache(maxsize=256)

@@ -172,6 +172,9 @@ def evaluate(expr: sympy.Basic, env: Mapping[sympy.Symbol, Any], dtype: Any = np
 def run_routine(routine: Routine, args: Sequence[Any], dtype: Any = np.float64) -> Array:
     """Execute ``routine`` on arrays (broadcast together) in ``dtype``."""
     dt = np.dtype(dtype)
+    if routine.widen_single and dt == np.float32:   # computed in float64, rounded once
+        return run_routine(routine, [np.asarray(a, dtype=dt) for a in args],
+                           np.float64).astype(dt)
     arrays = [np.asarray(a, dtype=dt) for a in args]
     env: dict[sympy.Symbol, Any] = dict(zip(routine.args, arrays))
     single = dt == np.float32

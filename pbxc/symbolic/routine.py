@@ -37,6 +37,9 @@ class Routine:
     result: sympy.Expr
     precision_constants: tuple[PrecisionConstant, ...] = ()
     doc: str = ""
+    # float32 arguments are computed in float64 and the result rounded once to float32: set
+    # where the float32 forms cannot meet the float32 accuracy bar (derive.widen_if_needed)
+    widen_single: bool = False
 
     def free_symbols(self) -> set[sympy.Symbol]:
         bound = set(self.args) | {s for s, _ in self.assignments} | {

@@ -143,3 +143,29 @@ def dfd_rule_expressions(n: int) -> dict[str, Any]:
     return {"z": z, "z0": z0, "softmax": m_soft, "log_softmax": m_log,
             "softmax_delta": [s - s.xreplace(at0) for s in soft],
             "log_softmax_delta": [s - s.xreplace(at0) for s in log_soft]}
+
+
+def derived_second_derivatives(n: int) -> dict[str, list[sympy.Matrix]]:
+    """sympy's second-derivative tensors of the definitions, one (n, n) Hessian per output i,
+    and the closed forms the Hessian pass uses (specs/hessian.md):
+
+        d2 s_i / dz_j dz_k      = s_i [(delta_ij - s_j)(delta_ik - s_k) - s_j (delta_jk - s_k)]
+        d2 log s_i / dz_j dz_k  = -s_j (delta_jk - s_k)        (the same for every i)
+
+    Returns {"softmax": [H_1, ...], "softmax_closed": [...], "log_softmax": [...],
+    "log_softmax_closed": [...]}; ``simplify(H - closed) == 0`` is checked by the tests.
+    """
+    z, soft, log_soft = definitions(n)
+
+    def delta(a: int, b: int) -> int:
+        return int(a == b)
+
+    soft_h = [sympy.hessian(s, z) for s in soft]
+    log_h = [sympy.hessian(s, z) for s in log_soft]
+    soft_closed = [sympy.Matrix(n, n, lambda j, k, i=i: soft[i] * (
+        (delta(i, j) - soft[j]) * (delta(i, k) - soft[k]) - soft[j] * (delta(j, k) - soft[k])))
+        for i in range(n)]
+    log_closed = [sympy.Matrix(n, n, lambda j, k: -soft[j] * (delta(j, k) - soft[k]))
+                  for _ in range(n)]
+    return {"softmax": soft_h, "softmax_closed": soft_closed, "log_softmax": log_h,
+            "log_softmax_closed": log_closed}

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pbxc.verify import hessian_properties  # noqa: F401  (registers the second-order properties)
 from pbxc.verify.backends import BACKENDS, Backend
 from pbxc.verify.properties import PROPERTIES, CheckConfig, Context, Outcome, Property, Skip
 from pbxc.verify.search import (
@@ -66,7 +67,10 @@ def verify_model(model: Any, *, data: dict[str, np.ndarray] | None = None,
         cx = result.counterexample
         if cx is not None and counterexample_dir is not None:
             path = counterexample_dir / f"{model.name}.{cfg.name}.npz"
-            save_counterexample(path, model.graph.path, cfg, cx)
+            means = {k: np.asarray(v, dtype=np.float64).mean(axis=0)
+                     for k, v in (data or {}).items() if len(v)}
+            save_counterexample(path, model.graph.path, cfg, cx, model_name=model.name,
+                                dtype=model.dtype, scales=ctx.scales, data_mean=means)
             cx.file = str(path)
         results.append(result)
     return plan, results

@@ -26,7 +26,7 @@ import sympy
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import kernel_attrs
-from pbxc.ops import OpKind
+from pbxc.ops import ADAPTIVE_AVGPOOL, AVGPOOL, CONV_STANDARD, CONV_TRANSPOSED, MAXPOOL, OpKind
 from pbxc.symbolic.activations import Z, activation_expression
 from pbxc.symbolic.mpeval import mp_function
 
@@ -90,16 +90,18 @@ def parameter_count(model: Any) -> int:
 def _windows(x: Array, kernel: tuple[int, ...], stride: tuple[int, ...],
              padding: tuple[int, ...], dilation: tuple[int, ...], fill: Any
              ) -> tuple[Array, tuple[int, ...]]:
-    """(L, C, *spatial) -> (L, C, prod(kernel), *out_spatial) windows, padded with ``fill``."""
+    """(L, C, *spatial) -> (L, C, prod(kernel), *out_spatial) windows, padded with ``fill``;
+    ``padding`` per axis is an int (both sides) or (begin, end)."""
     lanes, channels, *spatial = x.shape
-    padded_shape = (lanes, channels, *(s + 2 * p for s, p in zip(spatial, padding)))
+    sides = [(p, p) if isinstance(p, (int, np.integer)) else tuple(p) for p in padding]
+    padded_shape = (lanes, channels, *(s + b + e for s, (b, e) in zip(spatial, sides)))
     padded = np.empty(padded_shape, dtype=x.dtype)
     padded[...] = fill
-    inner = tuple(slice(p, p + s) for p, s in zip(padding, spatial))
+    inner = tuple(slice(b, b + s) for (b, _), s in zip(sides, spatial))
     where = (slice(None), slice(None), *inner)
     padded[where] = x
-    out = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
-                for s, p, d, k, st in zip(spatial, padding, dilation, kernel, stride))
+    out = tuple((s + b + e - d * (k - 1) - 1) // st + 1
+                for s, (b, e), d, k, st in zip(spatial, sides, dilation, kernel, stride))
     pieces = []
     for offset in np.ndindex(*kernel):
         index = tuple(slice(o * d, o * d + (n - 1) * st + 1, st)
@@ -122,6 +124,37 @@ def _conv(x: Array, w: Array, attrs: Mapping[str, Any], dims: int) -> Array:
         wg = w[g * per_out:(g + 1) * per_out].reshape(per_out, -1)
         results.append(np.matmul(wg, cols))
     return np.concatenate(results, axis=1).reshape(lanes, w.shape[0], *out)
+
+
+def _conv_transpose(x: Array, w: Array, attrs: Mapping[str, Any], out: tuple[int, ...]
+                    ) -> Array:
+    """Transposed convolution by its definition, independent of the kernels' col2im: input
+    position i of channel c adds x[c, i] w[c, o, k] to output position i*stride + k*dilation
+    - pad_begin (positions outside the output are dropped)."""
+    stride, dilation = tuple(attrs["stride"]), tuple(attrs["dilation"])
+    begins = [p[0] for p in attrs["padding"]]
+    groups = int(attrs["groups"])
+    lanes, channels, *spatial = x.shape
+    per_in, per_out = channels // groups, w.shape[1]
+    kernel = w.shape[2:]
+    full = tuple((n - 1) * st + d * (k - 1) + 1 + b + o
+                 for n, st, d, k, b, o in zip(spatial, stride, dilation, kernel, begins, out))
+    zero = x.dtype.type(0) if x.dtype != object else 0
+    acc = np.empty((lanes, groups * per_out, *full), dtype=x.dtype)
+    acc[...] = zero
+    for g in range(groups):
+        xg = np.moveaxis(x[:, g * per_in:(g + 1) * per_in], 1, -1)       # (L, *in, Cg)
+        for offset in np.ndindex(*kernel):
+            which = (slice(g * per_in, (g + 1) * per_in), slice(None), *offset)
+            wk = w[which]   # (Cg, Og)
+            contrib = np.moveaxis(np.matmul(xg, wk), -1, 1)             # (L, Og, *in)
+            index = tuple(slice(k * d, k * d + (n - 1) * st + 1, st)
+                          for k, d, n, st in zip(offset, dilation, spatial, stride))
+            where = (slice(None), slice(g * per_out, (g + 1) * per_out), *index)
+            acc[where] = acc[where] + contrib
+    crop = tuple(slice(b, b + n) for b, n in zip(begins, out))
+    inner = (slice(None), slice(None), *crop)
+    return acc[inner]
 
 
 def _channel(v: Array, rank: int) -> Array:
@@ -151,9 +184,15 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
     if kind is OpKind.LINEAR:
         y = np.matmul(x, p["weight"].T)
         return _offset(y, p["bias"]) if "bias" in p else y
-    if kind in (OpKind.CONV1D, OpKind.CONV2D):
-        y = _conv(x, p["weight"], attrs, 1 if kind is OpKind.CONV1D else 2)
+    if kind in CONV_STANDARD:
+        y = _conv(x, p["weight"], attrs, x.ndim - 2)
         return _offset(y, _channel(p["bias"], y.ndim - 1)[0]) if "bias" in p else y
+    if kind in CONV_TRANSPOSED:
+        y = _conv_transpose(x, p["weight"], attrs, tuple((node.shape or ())[1:]))
+        return _offset(y, _channel(p["bias"], y.ndim - 1)[0]) if "bias" in p else y
+    round2 = _round2(node, xs, p, kit, attrs)
+    if round2 is not None:
+        return round2
     if kind is OpKind.MAXPOOL2D:
         win, _ = _windows(x, attrs["kernel"], attrs["stride"], attrs["padding"], (1, 1),
                             kit.neg_inf)
@@ -215,6 +254,170 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
         return np.concatenate([kit.activation(node, z)[None], slope[None] * x[1:]])
     raise UnsupportedOp(f"the verifier's reference evaluator has no rule for op "
                         f"'{kind.value}'", node.pos)
+
+
+def _index(whole: int, rest: list[Any]) -> tuple[Any, ...]:
+    """``whole`` full slices, then ``rest``: an index for the trailing axes."""
+    parts: list[Any] = [slice(None)] * whole
+    parts.extend(rest)
+    return tuple(parts)
+
+
+def _zero(x: Array) -> Any:
+    return x.dtype.type(0) if x.dtype != object else 0
+
+
+def _ceil_extra(x: Array, node: OpNode, attrs: Mapping[str, Any], fill: Any) -> Array:
+    """x padded on the right of each spatial axis by what ceil_mode's last window needs."""
+    out = (node.shape or ())[1:]
+    kernel, padding = tuple(node.attr("kernel")), tuple(node.attr("padding"))
+    stride = tuple(node.attr("stride") or kernel)
+    dilation = tuple(node.attr("dilation") or (1,) * len(kernel))
+    extra = [max((o - 1) * s + d * (k - 1) + 1 - n - 2 * p, 0)
+             for o, s, d, k, n, p in zip(out, stride, dilation, kernel, x.shape[2:], padding)]
+    if not any(extra):
+        return x
+    grown = np.empty((*x.shape[:2], *(n + e for n, e in zip(x.shape[2:], extra))), dtype=x.dtype)
+    grown[...] = fill
+    grown[_index(2, [slice(0, n) for n in x.shape[2:]])] = x
+    return grown
+
+
+def _pool_lanes(node: OpNode, x: Array, kit: Kit) -> Array:
+    """Max or average pooling of any rank from its windows, PyTorch's divisors counted
+    element by element (the runtime counts them axis by axis)."""
+    kernel, padding = tuple(node.attr("kernel")), tuple(node.attr("padding"))
+    stride = tuple(node.attr("stride") or kernel)
+    out = tuple((node.shape or ())[1:])
+    if node.kind in MAXPOOL:
+        dilation = tuple(node.attr("dilation") or (1,) * len(kernel))
+        grown = _ceil_extra(x, node, {}, kit.neg_inf)
+        win, _ = _windows(grown, kernel, stride, padding, dilation, kit.neg_inf)
+        win = win[_index(3, [slice(0, o) for o in out])]
+        values = win[0]
+        first = np.argmax(values == _max_along(values), axis=1)
+        idx = np.broadcast_to(first[None, :, None], (x.shape[0], first.shape[0], 1,
+                                                     *first.shape[1:]))
+        return np.take_along_axis(win, idx, axis=2)[:, :, 0]
+    grown = _ceil_extra(x, node, {}, _zero(x))
+    win, _ = _windows(grown, kernel, stride, padding, (1,) * len(kernel), _zero(x))
+    total = win[_index(3, [slice(0, o) for o in out])].sum(axis=2)
+    counts = np.ones(out, dtype=np.int64)
+    for index in np.ndindex(*out):
+        count = 1
+        for i, n, k, s, p in zip(index, x.shape[2:], kernel, stride, padding):
+            start = i * s - p
+            lo, hi = (-p, n + p) if node.attr("count_include_pad") else (0, n)
+            count *= min(start + k, hi) - max(start, lo)
+        counts[index] = count
+    return total / counts
+
+
+def _adaptive_lanes(node: OpNode, x: Array) -> Array:
+    """Each output the mean of its bin [floor(i n / m), ceil((i + 1) n / m)) per axis."""
+    out = tuple((node.shape or ())[1:])
+    y = np.empty((*x.shape[:2], *out), dtype=x.dtype)
+    for index in np.ndindex(*out):
+        box = tuple(slice(i * n // m, -(-(i + 1) * n // m))
+                    for i, n, m in zip(index, x.shape[2:], out))
+        part = x[_index(2, list(box))]
+        size = int(np.prod(part.shape[2:]))
+        y[_index(2, list(index))] = part.reshape(*x.shape[:2], -1).sum(axis=2) / size
+    return y
+
+
+def _upsample_lanes(node: OpNode, x: Array, attrs: Mapping[str, Any]) -> Array:
+    """Resize axis by axis, each output from its source position (torch's interpolate)."""
+    out, scale = attrs["out"], attrs["scale"]
+    for a, m in enumerate(out):
+        axis, n = 2 + a, x.shape[2 + a]
+        s = None if scale is None else scale[a]
+        pieces = []
+        for j in range(m):
+            if attrs["mode"] == "nearest":
+                if m == n:
+                    src = j
+                elif m == 2 * n:
+                    src = j // 2
+                else:
+                    step = np.float32(1) / np.float32(s) if s else np.float32(n) / np.float32(m)
+                    src = min(int(np.floor(np.float32(j) * step)), n - 1)
+                pieces.append(np.take(x, [src], axis=axis))
+                continue
+            if attrs["align_corners"]:
+                pos = j * (n - 1) / (m - 1) if m > 1 else 0.0
+            else:
+                pos = max(((1.0 / s) if s else n / m) * (j + 0.5) - 0.5, 0.0)
+            i0 = min(int(np.floor(pos)), n - 1)
+            lam = min(max(pos - i0, 0.0), 1.0)
+            i1 = i0 + 1 if i0 < n - 1 else i0
+            w0, w1 = (1.0 - lam, lam)
+            c0, c1 = (float(w0), float(w1))
+            pieces.append(np.take(x, [i0], axis=axis) * c0 + np.take(x, [i1], axis=axis) * c1)
+        x = np.concatenate(pieces, axis=axis)
+    return x
+
+
+def _lift(a: Array, rank: int, lead: int = 1) -> Array:
+    per = a.shape[lead:]
+    return a.reshape(*a.shape[:lead], *(1,) * (rank - len(per)), *per)
+
+
+def _round2(node: OpNode, xs: list[Array], p: Mapping[str, Array], kit: Kit,
+            attrs: Mapping[str, Any]) -> Array | None:
+    """The round-2 ops (issue 11) on lanes, from their definitions."""
+    kind, x = node.kind, xs[0]
+    if kind in MAXPOOL | AVGPOOL and not (kind in (OpKind.MAXPOOL2D, OpKind.AVGPOOL2D)
+                                          and not node.attr("ceil_mode")
+                                          and tuple(node.attr("dilation") or (1, 1)) == (1, 1)):
+        return _pool_lanes(node, x, kit)
+    if kind in ADAPTIVE_AVGPOOL:
+        return _adaptive_lanes(node, x)
+    if kind is OpKind.UPSAMPLE:
+        return _upsample_lanes(node, x, attrs)
+    if kind in (OpKind.SQUEEZE, OpKind.UNSQUEEZE):
+        return x.reshape(x.shape[0], *(node.shape or ()))
+    if kind is OpKind.PAD:
+        pairs = node.attr("pad_pairs")
+        y = np.empty((x.shape[0], *(node.shape or ())), dtype=x.dtype)
+        y[...] = _zero(x)
+        y[0] = kit.const(np.float64(attrs["value"]))
+        y[_index(1, [slice(lo, lo + n) for (lo, _), n in zip(pairs, x.shape[1:])])] = x
+        return y
+    if kind is OpKind.PRELU:
+        z = x[0]
+        a = p["weight"]
+        a = a.reshape(()) if a.size == 1 or z.ndim < 1 else a.reshape(-1, *(1,) * (z.ndim - 1))
+        slope = np.where(z > 0, kit.const(np.float64(1)), np.broadcast_to(a, z.shape))
+        return np.concatenate([(slope * z)[None], slope[None] * x[1:]])
+    if kind not in (OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV):
+        return None
+    rank = len(node.shape or ())
+    if len(xs) == 1:
+        c = kit.const(np.float64(attrs["value"])) if "constant" not in p else _lift(
+            p["constant"][None], rank)
+        lifted = _lift(x, rank)
+        shape = (x.shape[0], *(node.shape or ()))
+        if kind is OpKind.MUL:
+            return np.broadcast_to(lifted * c, shape).copy()
+        if kind is OpKind.DIV:
+            return np.broadcast_to(lifted / c, shape).copy()
+        y = np.broadcast_to(lifted, shape).copy()
+        y[0] = y[0] + (c[0] if np.ndim(c) else c) * (1 if kind is OpKind.ADD else -1)
+        return y
+    factors = [_lift(v, rank) for v in xs]
+    shape = (x.shape[0], *(node.shape or ()))
+    if kind is OpKind.MUL:   # value a b; tangents by the product rule
+        a, b = factors
+        value = (a[0] * b[0])[None]
+        return np.broadcast_to(np.concatenate([np.broadcast_to(value, (1, *shape[1:])),
+                                               np.broadcast_to(a[1:] * b[0] + a[0] * b[1:],
+                                                               (shape[0] - 1, *shape[1:]))]),
+                               shape).copy()
+    total = np.broadcast_to(factors[0], shape)
+    for v in factors[1:]:
+        total = total + v if kind is OpKind.ADD else total - v
+    return np.ascontiguousarray(total)
 
 
 def _max_along(v: Array, axis: int = 1) -> Array:

@@ -20,7 +20,7 @@ import numpy as np
 
 from pbxc.errors import InputError, PbxError, SourcePos
 from pbxc.graph.ir import OpNode
-from pbxc.ops import OpKind
+from pbxc.ops import MAXPOOL, OpKind
 from pbxc.runtime.dfd import DfdContext, dfd, dfd_step, resolve_baseline
 from pbxc.runtime.jacobian import linearize
 from pbxc.symbolic.accuracy import reference_values, relative_errors
@@ -316,6 +316,12 @@ def check_lrp_conservation(ctx: Context, inputs: dict[str, Array], cfg: CheckCon
 
 
 def _has_bias(node: OpNode) -> bool:
+    """Whether the node's LRP rule sees a bias: a bias weight, batchnorm and normalize's
+    shifts, a constant added or subtracted, a nonzero padding value."""
+    if node.kind in (OpKind.ADD, OpKind.SUB) and len(node.inputs) == 1:
+        return True
+    if node.kind is OpKind.PAD:
+        return float(node.attr("value") or 0.0) != 0.0
     return node.param_key("bias") is not None or node.kind in (OpKind.BATCHNORM,
                                                                   OpKind.NORMALIZE)
 
@@ -367,8 +373,10 @@ def _kink_sides(ctx: Context, values: Mapping[str, Array], local: Mapping[str, A
                 z = values[node.inputs[0]]
                 sides[node.name] = np.asarray(np.sum([(z > p) for p in points], axis=0,
                                                      dtype=np.int8))
-        elif node.kind is OpKind.MAXPOOL2D and node.name in local:
+        elif node.kind in MAXPOOL and node.name in local:
             sides[node.name] = np.asarray(local[node.name])
+        elif node.kind is OpKind.PRELU:   # one kink, at 0
+            sides[node.name] = np.asarray(values[node.inputs[0]] > 0, dtype=np.int8)
     return sides
 
 
@@ -462,9 +470,13 @@ def check_backend_parity(ctx: Context, inputs: dict[str, Array], cfg: CheckConfi
     if runners is None:
         runners, skipped = available_backends(model)
         ctx.cache["backends"], ctx.cache["backends_skipped"] = runners, skipped
+    skipped_text = "; ".join(f"{n}: {r}" for n, r in ctx.cache["backends_skipped"])
     if not runners:
-        raise Skip("no second backend is available: " + "; ".join(
-            f"{n}: {r}" for n, r in ctx.cache["backends_skipped"]))
+        raise Skip("no second backend is available: " + skipped_text)
+    # the report says which backends ran (and why the others did not)
+    ctx.cache.setdefault("notes", {})[cfg.name] = (
+        "ran " + ", ".join(r.name for r in runners)
+        + (f"; skipped {skipped_text}" if skipped_text else ""))
     default = baseline_of(ctx, inputs, cfg.settings["baseline"])
     x = inputs if len(inputs) > 1 else inputs[ctx.wrt]
     ref_out = model.outputs(inputs)

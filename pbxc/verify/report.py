@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,12 +45,15 @@ def to_json(model: Any, plan: Plan, results: Sequence[PropertyResult]) -> dict[s
             entry["declared_at"] = str(r.config.pos)
         if r.reason:
             entry["reason"] = r.reason
+        if r.note:
+            entry["note"] = r.note
         cx = r.counterexample
         if cx is not None:
             entry["counterexample"] = {
                 "measured": cx.outcome.measured if math.isfinite(cx.outcome.measured) else str(
                     cx.outcome.measured),
                 "origin": cx.origin, "detail": cx.outcome.detail, "file": cx.file,
+                "replay": replay_command(model, cx.file) if cx.file else None,
                 "nodes": node_sources(model, cx.outcome.nodes),
             }
         props.append(entry)
@@ -57,6 +61,12 @@ def to_json(model: Any, plan: Plan, results: Sequence[PropertyResult]) -> dict[s
             "domains": {k: d.source for k, d in plan.domains.items()},
             "examples": plan.examples, "seed": plan.seed, "properties": props,
             "holds": all(r.status != "violated" for r in results)}
+
+
+def replay_command(model: Any, file: str) -> str:
+    """The command that re-checks a saved counterexample, as the shell reads it."""
+    return (f"pbxc verify {shlex.quote(str(model.graph.path))} --replay "
+            f"{shlex.quote(str(file))}")
 
 
 def to_table(model: Any, plan: Plan, results: Sequence[PropertyResult]) -> str:
@@ -72,11 +82,16 @@ def to_table(model: Any, plan: Plan, results: Sequence[PropertyResult]) -> str:
     for r in results:
         if r.status == "skipped":
             lines.append(f"\n{r.config.name}: skipped: {r.reason}")
+        if r.note:
+            lines.append(f"\n{r.config.name}: {r.note}")
         cx = r.counterexample
         if cx is None:
             continue
+        seen = ("" if r.worst is None or _fmt(r.worst) == _fmt(cx.outcome.measured)
+                else f" (the worst seen, in the table, {_fmt(r.worst)})")
         lines.append(f"\n{r.config.name}: VIOLATED ({cx.origin}): measured "
-                     f"{_fmt(cx.outcome.measured)}, tolerance {r.config.tol:.1e}")
+                     f"{_fmt(cx.outcome.measured)} at the counterexample{seen}, tolerance "
+                     f"{r.config.tol:.1e}")
         if r.config.pos is not None:
             lines.append(f"  declared at {r.config.pos}")
         if cx.outcome.detail:
@@ -85,8 +100,9 @@ def to_table(model: Any, plan: Plan, results: Sequence[PropertyResult]) -> str:
             lines.append(f"  node '{src['node']}' at {src['file']}:{src['line']}: "
                          f"{src['source']}")
         if cx.file:
-            lines.append(f"  counterexample saved: {cx.file} (replay: pbxc verify --replay "
-                         f"{cx.file})")
+            if cx.origin != "replay":
+                lines.append(f"  counterexample saved: {cx.file}")
+            lines.append(f"  replay: {replay_command(model, cx.file)}")
     violated = sum(r.status == "violated" for r in results)
     lines.append("")
     lines.append(f"{violated} propert{'y' if violated == 1 else 'ies'} violated" if violated

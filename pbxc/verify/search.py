@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import HypothesisException
 
 from pbxc.errors import InputError, PbxError, PbxValidationError, SourcePos, did_you_mean
+from pbxc.outputs import write_npz
 from pbxc.parse import ast
 from pbxc.verify.properties import (
     PROPERTIES,
@@ -182,6 +183,7 @@ class PropertyResult:
     reason: str = ""
     counterexample: Counterexample | None = None
     seconds: float = 0.0
+    note: str = ""                    # what the check says about itself (backends it ran)
 
 
 class _Violation(Exception):
@@ -284,6 +286,7 @@ def run_property(ctx: Context, cfg: CheckConfig, samples: dict[str, Array] | Non
     except Skip as skip:
         result.status, result.reason = "skipped", str(skip)
     result.worst = worst
+    result.note = ctx.cache.get("notes", {}).get(cfg.name, "")
     if result.counterexample is not None:
         result.status = "violated"
     result.seconds = time.perf_counter() - started
@@ -332,11 +335,32 @@ def _search(prop: Property, ctx: Context, cfg: CheckConfig, plan: Plan, budget: 
 # ---------------------------------------------------------------- counterexample files
 
 
-def save_counterexample(path: Path, model_path: str, cfg: CheckConfig, cx: Counterexample
-                        ) -> None:
+#: the format of counterexample files written now; format 1 (no dtype) still replays
+COUNTEREXAMPLE_FORMAT = "pbxc-verify-counterexample-2"
+FORMATS = ("pbxc-verify-counterexample-1", COUNTEREXAMPLE_FORMAT)
+#: the most a counterexample file may hold, uncompressed (checked before reading a member)
+MAX_REPLAY_BYTES = 256 * 2**20
+#: the longest text field (model path, settings JSON, ...)
+MAX_TEXT = 65536
+#: text fields: name -> required (format-1 files lack the newer ones)
+_TEXT_FIELDS = {"format": True, "model": True, "property": True, "settings": True,
+                "nodes": False, "origin": False, "model_name": False, "dtype": False}
+_NUMBER_FIELDS = {"tol": True, "measured": False}
+#: array fields by prefix: input values, the property's extra arrays, and what the check needs
+#: besides the inputs (per-element scales of finite-difference steps, the data set's mean)
+_ARRAY_PREFIXES = ("input__", "extra__", "scale__", "data_mean__")
+
+
+def save_counterexample(path: Path, model_path: str, cfg: CheckConfig, cx: Counterexample, *,
+                        model_name: str | None = None, dtype: Any = None,
+                        scales: Mapping[str, Array] | None = None,
+                        data_mean: Mapping[str, Array] | None = None) -> None:
+    """Everything the check needs to run again as it ran: the inputs, the property with its
+    tolerance and settings, the compute dtype, the finite-difference scales and the data
+    set's mean (the 'mean' baseline), the model (its path and name)."""
     arrays: dict[str, Array] = {
-        "format": np.array("pbxc-verify-counterexample-1"),
-        "model": np.array(str(model_path)),
+        "format": np.array(COUNTEREXAMPLE_FORMAT),
+        "model": np.array(str(Path(model_path).resolve())),
         "property": np.array(cfg.name),
         "tol": np.array(cfg.tol),
         "settings": np.array(json.dumps(cfg.settings, sort_keys=True)),
@@ -344,13 +368,19 @@ def save_counterexample(path: Path, model_path: str, cfg: CheckConfig, cx: Count
         "nodes": np.array(json.dumps(list(cx.outcome.nodes))),
         "origin": np.array(cx.origin),
     }
+    if model_name is not None:
+        arrays["model_name"] = np.array(str(model_name))
+    if dtype is not None:
+        arrays["dtype"] = np.array(np.dtype(dtype).name)
     for name, value in cx.inputs.items():
         arrays[f"input__{name}"] = np.asarray(value)
     for name, value in cx.outcome.arrays.items():
         arrays[f"extra__{name}"] = np.asarray(value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)  # type: ignore[arg-type]
+    for name, value in (scales or {}).items():
+        arrays[f"scale__{name}"] = np.asarray(value, dtype=np.float64)
+    for name, value in (data_mean or {}).items():
+        arrays[f"data_mean__{name}"] = np.asarray(value, dtype=np.float64)
+    write_npz(path, arrays)
 
 
 @dataclass
@@ -360,23 +390,163 @@ class Replay:
     inputs: dict[str, Array]
     recorded: float
     extras: dict[str, Array] = field(default_factory=dict)
+    model_name: str | None = None
+    dtype: str | None = None            # None: a format-1 file (float64 was the only one)
+    scales: dict[str, Array] = field(default_factory=dict)
+    data_mean: dict[str, Array] = field(default_factory=dict)
+
+    def check_model(self, model: Any, file: Path) -> None:
+        """The model given for the replay must be the one the file was saved for: its name,
+        and inputs of the shapes the file holds."""
+        if self.model_name is not None and model.name != self.model_name:
+            raise InputError(f"counterexample '{file}' was saved for model "
+                             f"'{self.model_name}', not '{model.name}' ({model.graph.path})")
+        expected = set(model.input_names)
+        for group, arrays in (("input", self.inputs), ("scale", self.scales),
+                              ("data_mean", self.data_mean)):
+            if group == "input" and set(arrays) != expected:
+                raise InputError(f"counterexample '{file}' holds inputs {sorted(arrays)}; model "
+                                 f"'{model.name}' takes {sorted(expected)}")
+            for name, value in arrays.items():
+                if name not in expected:
+                    raise InputError(f"counterexample '{file}': '{group}__{name}' names no "
+                                     f"input of model '{model.name}'")
+                shape = tuple(model.input_shapes[name])
+                want = (1, *shape) if group == "input" else shape
+                if value.shape != want:
+                    raise InputError(f"counterexample '{file}': '{group}__{name}' has shape "
+                                     f"{list(value.shape)}; model '{model.name}' needs "
+                                     f"{list(want)}")
 
 
-def load_counterexample(path: Path, dtype: Any = "float64") -> Replay:
+def _bad(path: Path, why: str) -> InputError:
+    return InputError(f"'{path}' is not a valid pbxc verify counterexample: {why}")
+
+
+def _member_sizes(path: Path) -> dict[str, int]:
+    """Each .npz member's declared uncompressed size, read from the zip directory alone."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {info.filename.removesuffix(".npy"): info.file_size
+                    for info in archive.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise _bad(path, f"not an .npz archive ({err})") from None
+
+
+def _text(data: Any, key: str, path: Path) -> str:
+    value = data[key]
+    if value.shape != () or value.dtype.kind != "U":
+        raise _bad(path, f"'{key}' must be a text scalar, got {value.dtype}{list(value.shape)}")
+    text = str(value)
+    if len(text) > MAX_TEXT or "\x00" in text:
+        raise _bad(path, f"'{key}' is longer than {MAX_TEXT} characters or holds NUL")
+    return text
+
+
+def _number(data: Any, key: str, path: Path) -> float:
+    value = data[key]
+    if value.shape != () or value.dtype.kind not in "fiu":
+        raise _bad(path, f"'{key}' must be a number, got {value.dtype}{list(value.shape)}")
+    return float(value)
+
+
+def _json(text: str, key: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise _bad(path, f"'{key}' is not valid JSON ({type(err).__name__})") from None
+
+
+def _setting(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float)) or (
+        isinstance(value, str) and len(value) <= 4096)
+
+
+def load_counterexample(path: Path, dtype: Any = None) -> Replay:
+    """Read and validate a counterexample file against its schema (specs/verify.md): known
+    fields only, each of its type, a known property with known settings, finite real input
+    arrays. Anything else is an InputError naming the field; nothing in it is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"counterexample file not found: '{path}'")
+    sizes = _member_sizes(path)
+    if sum(sizes.values()) > MAX_REPLAY_BYTES:
+        raise _bad(path, f"its members hold {sum(sizes.values())} bytes, over the limit of "
+                   f"{MAX_REPLAY_BYTES}")
+    for key in sizes:
+        if key not in _TEXT_FIELDS and key not in _NUMBER_FIELDS and not (
+                key.startswith(_ARRAY_PREFIXES) and key.partition("__")[2]):
+            raise _bad(path, f"unknown field '{key}'")
+    for key, required in {**_TEXT_FIELDS, **_NUMBER_FIELDS}.items():
+        if required and key not in sizes:
+            raise _bad(path, f"the field '{key}' is missing")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         raise InputError(f"cannot read counterexample '{path}': {err}") from None
-    with data:
-        files = set(data.files)
-        if "format" not in files or str(data["format"]) != "pbxc-verify-counterexample-1":
-            raise InputError(f"'{path}' is not a pbxc verify counterexample")
-        name = str(data["property"])
-        settings = json.loads(str(data["settings"]))
-        given_settings = {k: v for k, v in settings.items() if k in PROPERTIES[name].settings}
-        cfg = config_for(name, dtype, {**given_settings, "tol": float(data["tol"])})
-        inputs = {f[len("input__"):]: np.asarray(data[f]) for f in files
-                  if f.startswith("input__")}
-        extras = {f[len("extra__"):]: np.asarray(data[f]) for f in files
-                  if f.startswith("extra__")}
-        return Replay(str(data["model"]), cfg, inputs, float(data["measured"]), extras)
+    if not hasattr(data, "files"):
+        raise _bad(path, "it is a single array (.npy), not an .npz of fields")
+    try:
+        with data:
+            return _read_replay(data, sizes, path, dtype)
+    except (OSError, ValueError, EOFError, KeyError) as err:
+        if isinstance(err, PbxError):
+            raise
+        raise _bad(path, f"{type(err).__name__}: {err}") from None
+
+
+def _read_replay(data: Any, sizes: Mapping[str, int], path: Path, dtype: Any) -> Replay:
+    fmt = _text(data, "format", path)
+    if fmt not in FORMATS:
+        raise InputError(f"'{path}' is not a pbxc verify counterexample (format {fmt[:80]!r})")
+    name = _text(data, "property", path)
+    if name not in PROPERTIES:
+        raise _bad(path, f"unknown property {name[:80]!r}; properties: {', '.join(PROPERTIES)}")
+    settings = _json(_text(data, "settings", path), "settings", path)
+    if not isinstance(settings, dict):
+        raise _bad(path, "'settings' must be a JSON object")
+    known = PROPERTIES[name].settings
+    for key, value in settings.items():
+        if key not in known:
+            raise _bad(path, f"{name} has no setting {key[:80]!r}; settings: "
+                       f"{', '.join(known) or 'none'}")
+        if not _setting(value):
+            raise _bad(path, f"setting '{key}' must be a number, text or true/false")
+    tol = _number(data, "tol", path)
+    if not (math.isfinite(tol) and tol >= 0):
+        raise _bad(path, f"'tol' must be a finite number >= 0, got {tol!r}")
+    stored_dtype = _text(data, "dtype", path) if "dtype" in sizes else None
+    if stored_dtype is not None and stored_dtype not in ("float32", "float64"):
+        raise _bad(path, f"'dtype' must be float32 or float64, got {stored_dtype[:40]!r}")
+    model_name = _text(data, "model_name", path) if "model_name" in sizes else None
+    if "nodes" in sizes:
+        nodes = _json(_text(data, "nodes", path), "nodes", path)
+        if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+            raise _bad(path, "'nodes' must be a JSON list of names")
+    if "origin" in sizes:
+        _text(data, "origin", path)
+    groups: dict[str, dict[str, Array]] = {prefix: {} for prefix in _ARRAY_PREFIXES}
+    for key in sizes:
+        prefix = next((p for p in _ARRAY_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            continue
+        value = data[key]
+        numeric = "f" if prefix != "extra__" else "fiub"
+        if value.dtype.kind not in numeric or value.dtype.hasobject:
+            raise _bad(path, f"'{key}' must be a real {'float ' if numeric == 'f' else ''}"
+                       f"array, got {value.dtype}")
+        if prefix != "extra__" and not np.isfinite(value).all():
+            raise _bad(path, f"'{key}' has non-finite values")
+        if prefix == "input__" and (value.ndim < 1 or value.shape[0] != 1):
+            raise _bad(path, f"'{key}' must hold one sample, shape [1, ...], got "
+                       f"{list(value.shape)}")
+        groups[prefix][key[len(prefix):]] = np.asarray(value)
+    if not groups["input__"]:
+        raise _bad(path, "it holds no input__ arrays")
+    cfg = config_for(name, dtype or stored_dtype or "float64", {**settings, "tol": tol})
+    measured = _number(data, "measured", path) if "measured" in sizes else math.nan
+    return Replay(_text(data, "model", path), cfg, groups["input__"], measured,
+                  groups["extra__"], model_name, stored_dtype, groups["scale__"],
+                  groups["data_mean__"])

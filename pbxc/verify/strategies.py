@@ -1,7 +1,8 @@
 """Hypothesis strategies for random well-formed models: .pbx text plus weights.
 
-``random_models()`` draws a DAG of the supported ops (linear, conv2d, max and average
-pooling, batch norm, normalize, residual adds, concat, flatten, global pooling and
+``random_models()`` draws a DAG of the supported ops (linear, conv2d, conv_transpose2d, max and
+average pooling (ceil_mode too), adaptive pooling, upsampling, padding, batch norm, normalize,
+residual adds, products and gates, constants, prelu, concat, flatten, global pooling and
 activations, a user-defined one included) with random shapes and weights, ending in a
 ``logits`` vector. Used by the project's property tests on every backend.
 """
@@ -60,10 +61,12 @@ def random_models(draw: st.DrawFn, max_ops: int = 5) -> RandomModel:
         src = draw(st.sampled_from(sorted(values)))
         s = values[src]
         choices = ["activation", "activation", "activation", "add", "batchnorm"]
+        choices += ["prelu", "product", "constant"]
         if len(s) == 3:
-            choices += ["conv2d", "conv2d", "flatten", "global_avgpool", "concat"]
+            choices += ["conv2d", "conv2d", "conv_transpose2d", "flatten", "global_avgpool",
+                        "concat", "upsample", "adaptive", "pad", "gate"]
             if s[1] >= 2 and s[2] >= 2:
-                choices += ["maxpool2d", "avgpool2d"]
+                choices += ["maxpool2d", "avgpool2d", "pool_ceil"]
         else:
             choices += ["linear", "linear", "concat", "normalize"]
         op = draw(st.sampled_from(choices))
@@ -105,11 +108,66 @@ def random_models(draw: st.DrawFn, max_ops: int = 5) -> RandomModel:
             pad = draw(st.integers(0, 1))
             weight(f"{name}.weight", (c_out, s[0], k, k), s[0] * k * k)
             weights[f"{name}.bias"] = rng.normal(size=c_out) * 0.1
-            lines.append(f"{name} = conv2d({src}, @{name}, padding={pad})")
-            out = (c_out, s[1] + 2 * pad - k + 1, s[2] + 2 * pad - k + 1)
+            if draw(st.booleans()):
+                lines.append(f"{name} = conv2d({src}, @{name}, padding={pad})")
+                out = (c_out, s[1] + 2 * pad - k + 1, s[2] + 2 * pad - k + 1)
+            else:   # per side: (top, bottom, left, right)
+                top, left = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+                lines.append(f"{name} = conv2d({src}, @{name}, padding=({top}, {pad}, {left}, "
+                             f"{pad}))")
+                out = (c_out, s[1] + top + pad - k + 1, s[2] + left + pad - k + 1)
+        elif op == "conv_transpose2d":
+            c_out = draw(st.integers(1, 3))
+            k = draw(st.integers(1, 3))
+            stride = draw(st.integers(1, 2))
+            pad = draw(st.integers(0, k - 1))
+            extra = draw(st.integers(0, stride - 1))
+            weight(f"{name}.weight", (s[0], c_out, k, k), s[0] * k * k)
+            weights[f"{name}.bias"] = rng.normal(size=c_out) * 0.1
+            lines.append(f"{name} = conv_transpose2d({src}, @{name}, stride={stride}, "
+                         f"padding={pad}, output_padding={extra})")
+            out = (c_out, *((n - 1) * stride - 2 * pad + k + extra for n in s[1:]))
         elif op in ("maxpool2d", "avgpool2d"):
             lines.append(f"{name} = {op}({src}, kernel=2)")
             out = (s[0], s[1] // 2, s[2] // 2)
+        elif op == "prelu":
+            weights[f"{name}.weight"] = rng.uniform(-0.5, 0.5, size=s[0])
+            lines.append(f"{name} = prelu({src}, @{name})")
+            out = s
+        elif op == "product":   # a product of two values of one shape
+            same = sorted(v for v, sh in values.items() if sh == s)
+            other = draw(st.sampled_from(same))
+            lines.append(f"{name} = mul({src}, tanh({other}))")
+            out = s
+        elif op == "constant":
+            how = draw(st.sampled_from(["add", "sub", "mul", "div"]))
+            c_shape = (s[0],) + (1,) * (len(s) - 1)
+            weights[f"{name}"] = rng.uniform(0.5, 1.5, size=c_shape)
+            lines.append(f"{name} = {how}({src}, @{name})")
+            out = s
+        elif op == "gate":   # squeeze-and-excitation: a [C, 1, 1] gate on [C, H, W]
+            weight(f"{name}.weight", (s[0], s[0]), s[0])
+            weights[f"{name}.bias"] = rng.normal(size=s[0]) * 0.1
+            lines.append(f"{name} = mul({src}, sigmoid(unsqueeze(linear(global_avgpool({src}), "
+                         f"@{name}), axes=(1, 2))))")
+            out = s
+        elif op == "upsample":
+            mode = draw(st.sampled_from(['"nearest"', '"linear"']))
+            corners = "true" if mode == '"linear"' and draw(st.booleans()) else "false"
+            lines.append(f"{name} = upsample({src}, mode={mode}, scale=2, "
+                         f"align_corners={corners})")
+            out = (s[0], 2 * s[1], 2 * s[2])
+        elif op == "adaptive":
+            size = (draw(st.integers(1, s[1])), draw(st.integers(1, s[2])))
+            lines.append(f"{name} = adaptive_avgpool2d({src}, {size})")
+            out = (s[0], *size)
+        elif op == "pad":
+            lines.append(f"{name} = pad({src}, pads=(1, 0, 0, 1), value=0.25)")
+            out = (s[0], s[1] + 1, s[2] + 1)
+        elif op == "pool_ceil":
+            kind = draw(st.sampled_from(["maxpool2d", "avgpool2d"]))
+            lines.append(f"{name} = {kind}({src}, 2, stride=2, ceil_mode=true)")
+            out = (s[0], -(-s[1] // 2), -(-s[2] // 2))
         elif op == "flatten":
             lines.append(f"{name} = flatten({src})")
             out = (int(np.prod(s)),)

@@ -6,7 +6,6 @@ graph checks presence, dtype, finiteness and shape against each op (see ``graph.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,20 +13,47 @@ from pathlib import Path
 import numpy as np
 
 from pbxc.errors import Diagnostic, SourcePos, WeightError, nearest
+from pbxc.weights.arrays import ArrayFileError, ArrayInfo, npz_directory, safetensors_directory
 
 WEIGHT_SUFFIXES = (".npz", ".safetensors")
 
 
-@dataclass(frozen=True)
+@dataclass
 class WeightEntry:
+    """One tensor of a weight file: its declared shape and dtype, read when first used."""
+
     key: str
-    array: np.ndarray
+    info: ArrayInfo
     file: str
+    pos: SourcePos | None = None
+    _array: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.info.dtype
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            try:
+                array = self.info.read()
+            except ArrayFileError as err:
+                raise WeightError(f"weight file '{self.file}': {err}", self.pos) from None
+            if array.shape != self.info.shape or array.dtype != self.info.dtype:
+                raise WeightError(f"weight file '{self.file}': key '{self.key}' changed "
+                                  "between its header and its data", self.pos)
+            self._array = array
+        return self._array
 
 
 @dataclass
 class WeightStore(Mapping[str, np.ndarray]):
-    """Every tensor of every weight file a model names, by key."""
+    """Every tensor of every weight file a model names, by key; a tensor is read from its file
+    only when it is first looked up (a model reads only the keys it binds)."""
 
     entries: dict[str, WeightEntry] = field(default_factory=dict)
 
@@ -41,7 +67,10 @@ class WeightStore(Mapping[str, np.ndarray]):
         return len(self.entries)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(e.array.shape) for k, e in self.entries.items()}
+        return {k: e.shape for k, e in self.entries.items()}
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return self.entries[key].shape
 
     def file_of(self, key: str) -> str:
         return self.entries[key].file
@@ -50,48 +79,9 @@ class WeightStore(Mapping[str, np.ndarray]):
         return nearest(key, self.entries, n)
 
 
-def _load_npz(path: Path, pos: SourcePos | None) -> dict[str, np.ndarray]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise WeightError(f"cannot read weight file '{path}': {err}", pos) from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        archive_type = type(archive).__name__
-        raise WeightError(f"weight file '{path}' is a single array ({archive_type}), "
-                          "not an .npz archive of named arrays", pos)
-    arrays: dict[str, np.ndarray] = {}
-    with archive:
-        for key in archive.files:
-            try:
-                arrays[key] = np.asarray(archive[key])
-            except ValueError as err:
-                if "pickle" in str(err).lower() or "object" in str(err).lower():
-                    raise WeightError(
-                        f"refused to load key '{key}' of '{path}': it holds pickled Python "
-                        "objects, which could run code; save plain numeric arrays instead",
-                        pos) from None
-                raise WeightError(f"cannot read key '{key}' of '{path}': {err}", pos) from None
-            except (OSError, zipfile.BadZipFile, EOFError) as err:
-                raise WeightError(f"cannot read key '{key}' of '{path}': {err}", pos) from None
-    return arrays
-
-
-def _load_safetensors(path: Path, pos: SourcePos | None) -> dict[str, np.ndarray]:
-    try:
-        from safetensors.numpy import load_file
-    except ImportError:  # pragma: no cover - safetensors is a core dependency
-        raise WeightError("reading .safetensors needs the 'safetensors' package", pos) from None
-    try:
-        return dict(load_file(str(path)))
-    except Exception as err:  # safetensors raises its own SafetensorError and TypeErrors
-        reason = str(err) or type(err).__name__
-        if "bfloat16" in reason.lower() or "bf16" in reason.lower():
-            reason += " (convert bfloat16 tensors to float32 before saving)"
-        raise WeightError(f"cannot read weight file '{path}': {reason}", pos) from None
-
-
-def load_weight_file(path: str | Path, pos: SourcePos | None = None) -> dict[str, np.ndarray]:
-    """Read one weight file into a dict of arrays; errors cite ``pos`` (the `weights` line)."""
+def weight_directory(path: str | Path, pos: SourcePos | None = None) -> dict[str, ArrayInfo]:
+    """The keys of one weight file with their declared shapes and dtypes, every size checked
+    (``arrays.py``); nothing is read beyond the headers."""
     p = Path(path)
     if p.suffix not in WEIGHT_SUFFIXES:
         raise WeightError(f"weight file '{p}' has suffix '{p.suffix}'; expected one of "
@@ -104,25 +94,43 @@ def load_weight_file(path: str | Path, pos: SourcePos | None = None) -> dict[str
             if close:
                 hint = "; nearby weight files: " + ", ".join(close)
         raise WeightError(f"weight file not found: '{p}'{hint}", pos)
-    return _load_npz(p, pos) if p.suffix == ".npz" else _load_safetensors(p, pos)
+    try:
+        return npz_directory(p) if p.suffix == ".npz" else safetensors_directory(p)
+    except ArrayFileError as err:
+        reason = str(err)
+        if reason.startswith(("key ", "refused")):
+            raise WeightError(f"weight file '{p}': {reason}", pos) from None
+        raise WeightError(f"cannot read weight file '{p}': {reason}", pos) from None
+    except OSError as err:
+        raise WeightError(f"cannot read weight file '{p}': {err.strerror or err}", pos) from None
+
+
+def load_weight_file(path: str | Path, pos: SourcePos | None = None) -> dict[str, np.ndarray]:
+    """Read every array of one weight file (all of them: for tools; a model reads only the
+    keys it binds, through :func:`load_weight_files`); errors cite ``pos``."""
+    arrays = {}
+    for key, info in weight_directory(path, pos).items():
+        arrays[key] = WeightEntry(key, info, str(path), pos).array
+    return arrays
 
 
 def load_weight_files(files: list[tuple[Path, SourcePos | None]]) -> WeightStore:
-    """Load several files into one store; a key defined by two files is an error."""
+    """The directory of several files as one store; a key defined by two files is an error.
+    Tensors are read when first looked up."""
     store = WeightStore()
     problems: list[Diagnostic] = []
     for path, pos in files:
         try:
-            arrays = load_weight_file(path, pos)
+            directory = weight_directory(path, pos)
         except WeightError as err:
             problems.extend(err.diagnostics)
             continue
-        for key, array in arrays.items():
+        for key, info in directory.items():
             if key in store.entries:
                 problems.append(Diagnostic(
                     f"weight key '{key}' is in both '{store.file_of(key)}' and '{path}'", pos))
                 continue
-            store.entries[key] = WeightEntry(key, array, str(path))
+            store.entries[key] = WeightEntry(key, info, str(path), pos)
     if problems:
         raise WeightError(problems)
     return store

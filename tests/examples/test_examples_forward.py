@@ -22,6 +22,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 #: name -> (declared input dtype, per-sample input shape, class names, least test accuracy)
 EXAMPLES = {
     "breast_cancer_mlp": ("float64", (30,), ("malignant", "benign"), 0.95),
+    "breast_cancer_smooth_mlp": ("float64", (30,), ("malignant", "benign"), 0.95),
     "digits_cnn": ("float32", (1, 8, 8), tuple("0123456789"), 0.95),
     "digits_resnet": ("float32", (1, 8, 8), tuple("0123456789"), 0.95),
     "wine_swish_mlp": ("float64", (13,), ("class_0", "class_1", "class_2"), 0.95),

@@ -1,8 +1,9 @@
 """Fuzzing the front end: whatever the text, pbxc raises a PbxError or works; nothing else.
 
-Programs come from the grammar itself (``hypothesis.extra.lark.from_lark``) and from random
-token-level mutations of the spec's and the examples' models (run with their real weights, and
-forward on a random batch when they still compile).
+Programs come from the grammar itself (``hypothesis.extra.lark.from_lark``), from random
+token-level mutations of the spec's and the examples' models, and from byte-level mutations of
+the shipped examples (flips, NUL, invalid UTF-8, form feeds, U+2028, long numbers), each run with
+the examples' real weights, and forward on a random batch when it still compiles.
 
 A larger run, on demand::
 
@@ -71,6 +72,56 @@ def mutated_programs(draw: st.DrawFn) -> tuple[str, Path]:
     return " ".join(t + "\n" if t.startswith("#") else t for t in tokens), folder
 
 
+#: bytes that break parsers: NUL, invalid UTF-8, line breaks the grammar does not count as
+#: such (form feed, NEL, U+2028), quotes, escapes, brackets, long and non-finite numbers
+INTERESTING_BYTES = [b"\x00", b"\xff", b"\xc3", b"\xe2\x80", b"\x0c", b"\xc2\x85",
+                     "\u2028".encode(), b"\r", b"\r\n", b"\t", b"\v", b'"', b"\\", b"#", b"(",
+                     b")", b"[", b"]", b",", b"@", b"=", b"9" * 60, b"1e999", b"-", b"^", b"*",
+                     b"relu(" * 30, b"\n", b" ", "\u00e9".encode(), b"\xef\xbb\xbf"]
+EXAMPLE_SEEDS = [(text, folder) for text, folder in SEEDS if folder == EXAMPLES] or SEEDS
+
+
+@st.composite
+def byte_mutated_files(draw: st.DrawFn) -> tuple[bytes, Path]:
+    """A shipped example with random byte edits: flips, inserted bytes, deletions, splices."""
+    text, folder = draw(st.sampled_from(EXAMPLE_SEEDS))
+    data = bytearray(text.encode("utf-8"))
+    for _ in range(draw(st.integers(1, 8))):
+        i = draw(st.integers(0, len(data)))
+        action = draw(st.sampled_from(["flip", "insert", "delete", "splice"]))
+        if action == "flip" and data:
+            data[min(i, len(data) - 1)] ^= 1 << draw(st.integers(0, 7))
+        elif action == "insert":
+            data[i:i] = draw(st.sampled_from(INTERESTING_BYTES))
+        elif action == "delete":
+            del data[i:i + draw(st.integers(1, 16))]
+        elif action == "splice" and data:
+            j = draw(st.integers(0, len(data) - 1))
+            data[i:i] = data[j:j + draw(st.integers(1, 64))]
+    return bytes(data), folder
+
+
+def parse_bytes_and_run(data: bytes, folder: Path) -> None:
+    """The bytes as a file (the decoding path of ``parse_file``), then the whole front end."""
+    import tempfile
+
+    from pbxc.parse.parser import parse_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fuzzed.pbx"
+        path.write_bytes(data)
+        try:
+            parse_file(path)
+        except pbxc.PbxError as err:
+            assert err.diagnostics
+            err.render()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    compile_and_run(text, folder)
+
+
 def compile_and_run(text: str, folder: Path) -> None:
     """The whole front end, then a forward pass; only PbxError may escape."""
     try:
@@ -93,6 +144,12 @@ def test_grammar_generated_programs(text: str) -> None:
 @given(mutated_programs())
 def test_mutated_programs(program: tuple[str, Path]) -> None:
     compile_and_run(*program)
+
+
+@settings(max_examples=120)
+@given(byte_mutated_files())
+def test_byte_mutated_examples(program: tuple[bytes, Path]) -> None:
+    parse_bytes_and_run(*program)
 
 
 def test_seeds_compile_unmutated() -> None:
@@ -126,11 +183,26 @@ def main(argv: list[str]) -> int:
         except pbxc.PbxError:
             counts["pbx_errors"] += 1
 
-    half = args.programs // 2
-    settings_ = settings(max_examples=half, derandomize=False, database=None, deadline=None)
+    def one_bytes(data: bytes, folder: Path) -> None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            counts["generated"] += 1
+            counts["not_utf8"] = counts.get("not_utf8", 0) + 1
+            parse_bytes_and_run(data, folder)  # the decoding error path
+            return
+        one(text, folder)
+
+    import time
+
+    start = time.monotonic()
+    third = args.programs // 3
+    settings_ = settings(max_examples=third, derandomize=False, database=None, deadline=None)
     given(from_lark(_lark(), start="start"))(settings_(lambda text: one(text, EXAMPLES)))()
     given(mutated_programs())(settings_(lambda program: one(*program)))()
-    print(f"{counts['generated']} programs: {counts['pbx_errors']} PbxError, "
+    given(byte_mutated_files())(settings_(lambda program: one_bytes(*program)))()
+    print(f"{counts['generated']} programs in {time.monotonic() - start:.0f} s: "
+          f"{counts['pbx_errors']} PbxError, {counts.get('not_utf8', 0)} refused as not UTF-8, "
           f"{counts['compiled']} compiled and ran, 0 uncaught exceptions")
     return 0
 

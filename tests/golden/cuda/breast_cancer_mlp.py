@@ -360,6 +360,10 @@ def _prepare(x, dtype):
         _WEIGHTS[key] = {node: {role: C.asarray(a) for role, a in roles.items()}
                          for node, roles in load_weights(dtype=key).items()}
     name, shape = next(iter(INPUTS.items()))
+    kind = getattr(getattr(x, "dtype", None), "kind", None) or np.asarray(x).dtype.kind
+    if kind not in "fiub":
+        raise KernelArgumentError(f"input {name!r} has dtype kind {kind!r}; expected real "
+                                  "numbers")
     a = C.asarray(x)
     if a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != tuple(shape):
         raise KernelArgumentError(f"input {name!r} has shape {list(a.shape)}; expected "
@@ -606,6 +610,21 @@ def jacobian(x, dtype=None):
     seed = C.xp.ascontiguousarray(seed).reshape(y.shape[0], n, *y.shape[1:])
     g = _pullback(C, P, env, seed, n)
     return g.reshape(*y.shape, *xs[0].shape[1:])
+
+
+SECOND_ORDER_LEFT_OUT = ("hessian and hvp have no CUDA kernels yet (no second-order "
+                         "kernels are generated for the CUDA target); use the NumPy module "
+                         "(pbxc compile --target numpy) or pbxc.load(...).hessian")
+
+
+def hessian(x, target=None, dtype=None):
+    """Not generated for CUDA: raises NotImplementedError (see SECOND_ORDER_LEFT_OUT)."""
+    raise NotImplementedError(SECOND_ORDER_LEFT_OUT)
+
+
+def hvp(x, v, target=None, dtype=None):
+    """Not generated for CUDA: raises NotImplementedError (see SECOND_ORDER_LEFT_OUT)."""
+    raise NotImplementedError(SECOND_ORDER_LEFT_OUT)
 
 
 def dfd(x, baseline=0.0, target=None, dtype=None):

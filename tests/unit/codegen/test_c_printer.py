@@ -147,8 +147,11 @@ def test_c_computes_what_numpy_computes(rendered, library, dtype: type) -> None:
             same = (c == py) | (np.isnan(c) & np.isnan(py))
             with np.errstate(invalid="ignore"):
                 gap = np.abs(c - py) / (np.abs(py) + 1e-8 * calc.slope_scale)
-            # libm and NumPy's own exp/log may differ by an ulp; fma in the C helpers is exact
-            ok = same | (gap <= 32 * eps)
+            # libm and NumPy's own exp/log may differ by an ulp; fma in the C helpers is exact.
+            # gelu_tanh's sigmoid(v), v = 2 sqrt(2/pi) (z + 0.044715 z^3), has condition |v| in
+            # its argument: the two printers round v differently by an ulp or two
+            cond = 1 + (np.abs(1.6 * (z + 0.044715 * z**3)) if name == "gelu_tanh" else 0)
+            ok = same | (gap <= 32 * eps * cond)
             assert ok.all(), (name, kind, z0[~ok][:3], z[~ok][:3], c[~ok][:3], py[~ok][:3])
 
 

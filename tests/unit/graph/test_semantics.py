@@ -48,7 +48,7 @@ def test_user_activation_names_are_known_ops() -> None:
 
 
 @pytest.mark.parametrize(("call", "fragment"), [
-    ("add(x)", "takes at least 2 input values, got 1"),
+    ("add(x)", "takes two input values, or one and a constant"),
     ("relu()", "takes 1 input value, got 0"),
     ("relu(x, 2)", "takes 0 parameters after its input"),
     ("leaky_relu(x, slope=0.1)", "has no parameter 'slope'"),

@@ -166,15 +166,20 @@ def test_unsupported_op_names_node_and_op() -> None:
 
 
 def test_unsupported_attribute_names_node_and_attribute() -> None:
-    model = tiny(helper.make_node("Conv", ["x", "k"], ["y"], auto_pad="SAME_UPPER",
-                                  name="/c1/Conv"))
+    model = tiny(helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[1, 1], storage_order=1,
+                                  name="/p1/MaxPool"))
     with pytest.raises(UnsupportedOp) as err:
         convert_onnx(model)
     msg = str(err.value)
-    assert "'/c1/Conv' (Conv)" in msg and "auto_pad='SAME_UPPER'" in msg and "'VALID'" in msg
-    model = tiny(helper.make_node("Conv", ["x", "k"], ["y"], pads=[0, 0, 1, 1], name="/c2"))
-    with pytest.raises(UnsupportedOp, match=r"'/c2' \(Conv\): asymmetric pads"):
-        convert_onnx(model)
+    assert "'/p1/MaxPool' (MaxPool)" in msg and "storage_order=1" in msg and "0" in msg
+
+
+def test_auto_pad_same_becomes_explicit_padding(tmp_path: Path) -> None:
+    model = tiny(helper.make_node("Conv", ["x", "k"], ["y"], auto_pad="SAME_UPPER",
+                                  name="/c1/Conv"))
+    text = check_against_ort(model, np.random.default_rng(0).normal(size=(2, 1, 4, 4))
+                             .astype(np.float32), tmp_path)
+    assert "padding=1" in text
 
 
 def test_cli_import_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -170,6 +170,12 @@ MP_REFERENCE: dict[str, Callable[[mpmath.mpf], mpmath.mpf]] = {
     "tanh": mpmath.tanh,
     "hardtanh": lambda z: min(max(z, -1), 1),
     "hardsigmoid": lambda z: min(max(z / 6 + mpmath.mpf(1) / 2, 0), 1),
+    "relu6": lambda z: min(max(z, 0), 6),
+    "clip": lambda z: min(max(z, -1), 1),
+    "hardswish": lambda z: z * min(max(z + 3, 0), 6) / 6,
+    # z/2 (1 + tanh u) = z sigmoid(2u): the tanh form cancels even at 50 digits for z < -20
+    "gelu_tanh": lambda z: z * _mp_sigmoid(2 * mpmath.sqrt(2 / mpmath.pi)
+                                           * (z + mpmath.mpf("0.044715") * z**3)),
     "abs": abs,
     "exp": mpmath.exp,
     "log_sigmoid": lambda z: -_mp_softplus(-z),

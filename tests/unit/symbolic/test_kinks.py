@@ -20,6 +20,9 @@ KINKS = {
     "hardtanh": {-1: (0, 1, 0), 1: (1, 0, 0)},
     "hardsigmoid": {-3: (0, sympy.Rational(1, 6), 0), 3: (sympy.Rational(1, 6), 0, 0)},
     "abs": {0: (-1, 1, 0)},
+    "relu6": {0: (0, 1, 0), 6: (1, 0, 0)},
+    "clip": {-1: (0, 1, 0), 1: (1, 0, 0)},
+    "hardswish": {-3: (0, -sympy.Rational(1, 2), 0), 3: (sympy.Rational(3, 2), 1, 1)},
 }
 
 
@@ -31,7 +34,7 @@ def test_kinks_and_one_sided_derivatives(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["identity", "gelu", "silu", "mish", "softplus", "sigmoid",
-                                  "tanh", "exp", "log_sigmoid", "elu"])
+                                  "tanh", "exp", "log_sigmoid", "elu", "gelu_tanh"])
 def test_smooth_activations_have_no_kinks(name: str) -> None:
     assert derive(name).kinks == ()  # elu with alpha = 1 is continuously differentiable
 
@@ -56,6 +59,9 @@ def test_owner_convention_matches_torch() -> None:
         "hardtanh": (torch.nn.functional.hardtanh, [-1.0, 1.0]),
         "hardsigmoid": (torch.nn.functional.hardsigmoid, [-3.0, 3.0]),
         "abs": (torch.abs, [0.0]),
+        "relu6": (torch.nn.functional.relu6, [0.0, 6.0]),
+        "clip": (lambda x: torch.clamp(x, -1.0, 1.0), [-1.0, 1.0]),
+        "hardswish": (torch.nn.functional.hardswish, [-3.0, 3.0]),
     }
     for name, (fn, points) in cases.items():
         x = torch.tensor(points, dtype=torch.float64, requires_grad=True)
@@ -107,3 +113,39 @@ def test_point_pieces_that_are_smooth_are_not_kinks() -> None:
     assert calc.kinks == ()
     assert run_routine(calc.derivative, [np.array([0.0])])[0] == 1.0
     assert run_routine(calc.multiplier, [np.array([0.0]), np.array([0.0])])[0] == 1.0
+
+
+@pytest.mark.parametrize("name", ["relu6", "clip", "hardswish", "hardsigmoid", "gelu_tanh",
+                                  "silu", "mish", "gelu"])
+def test_exported_activations_match_torch_values_and_gradients(name: str) -> None:
+    """The activations torch exports (MobileNet, EfficientNet, ViT): value and derivative
+    against torch's own backward on a grid that includes every kink."""
+    torch = pytest.importorskip("torch")
+    fns = {"relu6": torch.nn.functional.relu6, "clip": lambda x: torch.clamp(x, -1.0, 1.0),
+           "hardswish": torch.nn.functional.hardswish,
+           "hardsigmoid": torch.nn.functional.hardsigmoid,
+           "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+           "silu": torch.nn.functional.silu, "mish": torch.nn.functional.mish,
+           "gelu": torch.nn.functional.gelu}
+    z = np.concatenate([np.linspace(-9, 9, 181), [-3.0, -1.0, 0.0, 1.0, 3.0, 6.0]])
+    x = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    y = fns[name](x)
+    y.sum().backward()
+    calc = derive(name)
+    np.testing.assert_allclose(run_routine(calc.value, [z]), y.detach().numpy(), rtol=1e-14,
+                               atol=1e-13)   # torch's 1 + tanh(...) cancels in the far tail
+    # torch's float64 hardsigmoid backward multiplies by a float32 1/6 (off by 5e-9); ours is
+    # the exact slope, checked against the formula
+    rtol = 1e-7 if name == "hardsigmoid" else 1e-13
+    np.testing.assert_allclose(run_routine(calc.derivative, [z]), x.grad.numpy(), rtol=rtol,
+                               atol=1e-13)
+    if name == "hardsigmoid":
+        assert np.array_equal(run_routine(calc.derivative, [z]),
+                              np.where(np.abs(z) < 3, 1 / 6, 0.0))
+    # the DFD multiplier is the exact secant, and f' where z0 == z (seed 004, eq. 16-17)
+    z0 = np.roll(z, 7)
+    m = run_routine(calc.multiplier, [z0, z])
+    f = y.detach().numpy()
+    step = z != z0
+    np.testing.assert_allclose(m[step] * (z - z0)[step], (f - np.roll(f, 7))[step],
+                               rtol=1e-12, atol=1e-14)
