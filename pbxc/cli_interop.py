@@ -12,6 +12,7 @@ from pbxc.cli import EXIT_OK, UsageError
 
 def cmd_import(args: argparse.Namespace) -> int:
     from pbxc.interop.onnx_import import import_onnx
+    from pbxc.pipeline import check_file
 
     src = Path(args.source)
     if src.suffix.lower() != ".onnx":
@@ -22,7 +23,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     outputs = [o for o in (args.outputs or "").split(",") if o] or None
     # the written model is checked (parses, builds, binds its weights) before it is kept
     result = import_onnx(src, out, name=args.name, weights_name=args.weights,
-                         dtype=args.dtype, outputs=outputs)
+                         dtype=args.dtype, outputs=outputs,
+                         check=lambda staged: check_file(str(staged)))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out} and {result.weights_path} ({len(result.weights)} tensors, "

@@ -23,7 +23,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1872,10 +1872,10 @@ def convert_onnx(model: Any, name: str = "imported", source: str = "",
 def import_onnx(source: str | os.PathLike[str], pbx_path: str | os.PathLike[str], *,
                 name: str | None = None, weights_name: str | None = None,
                 dtype: str | None = None, outputs: Sequence[str] | None = None,
-                check: bool = True) -> ImportResult:
+                check: Callable[[Path], Any] | None = None) -> ImportResult:
     """Read ``source`` (.onnx) with the onnx package; write ``pbx_path`` and its .npz weights
-    beside it, after checking them like ``pbxc check`` (``check=False`` skips that). Returns
-    what was written."""
+    beside it. ``check`` (``pbxc import`` passes the pipeline's ``check_file``) is called on
+    the staged .pbx before anything is moved into place. Returns what was written."""
     try:
         import onnx
     except ImportError:
@@ -1901,10 +1901,8 @@ def import_onnx(source: str | os.PathLike[str], pbx_path: str | os.PathLike[str]
         with open(staged_npz, "wb") as fh:
             np.savez(fh, **result.weights)  # type: ignore[arg-type]
         staged_pbx.write_text(result.text, encoding="utf-8")
-        if check:
-            from pbxc.pipeline import check_file
-
-            check_file(str(staged_pbx))
+        if check is not None:
+            check(staged_pbx)
         os.replace(staged_npz, wpath)
         os.replace(staged_pbx, out)
     result.pbx_path, result.weights_path = out, wpath
