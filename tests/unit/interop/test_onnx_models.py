@@ -25,8 +25,8 @@ MobileNet-V2 with ReLU, after checking that Captum's own attributions sum to del
 
 A model whose ops are not yet in the .pbx language fails (``xfail(strict=True)`` naming the
 missing ops, computed from pbxc.ops, so the mark lifts itself when the ops land).
-CI (240 s on 2 cores): squeezenet1_1, the U-Net, the 3-D and the 1-D CNN run by default;
-resnet18, mobilenet_v2/v3_small, densenet121, efficientnet_b0 and vgg11_bn (at 224x224: the
+CI (240 s on 2 cores): resnet18, squeezenet1_1, the U-Net, the 3-D and the 1-D CNN run by
+default; mobilenet_v2/v3_small, densenet121, efficientnet_b0 and vgg11_bn (at 224x224: the
 TorchScript exporter cannot export its adaptive pooling from 1x1 to 7x7) are marked ``slow``
 (``pytest -m slow tests/unit/interop/test_onnx_models.py``).
 """
@@ -75,7 +75,7 @@ MODELS: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
     "mobilenet_v2_relu": ((3, 32, 32), ()),
 }
 SLOW = {"vgg11_bn", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v2",
-        "mobilenet_v2_relu", "resnet18"}
+        "mobilenet_v2_relu"}
 ARCHITECTURES = [n for n in MODELS if n != "mobilenet_v2_relu"]
 EXPORTERS = ("torchscript", "dynamo")
 ZENNIT = {"resnet18", "vgg11_bn", "cnn3d", "ecg1d", "squeezenet1_1"}
