@@ -68,7 +68,6 @@ BATCH_PROBES = (2, 3)
 NOT_FOLDABLE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                 "Multinomial", "Bernoulli", "Dropout", "If", "Loop", "Scan",
                 "SequenceMap", "Optional"}
-ONE_SIXTH_F32 = float(np.float32(1 / 6))
 
 
 @dataclass
@@ -110,6 +109,12 @@ def _fmt(v: Any) -> str:
             raise ValueError(f"non-finite number {f}")
         return repr(f)
     return str(int(v))
+
+
+def _shortest(value: Any) -> float:
+    """The shortest decimal that rounds to this float32 (numpy's repr of it), as a float."""
+    f = np.float32(value)
+    return float(repr(float(f))) if not np.isfinite(f) else float(str(f))
 
 
 def _attr_text(value: Any) -> str:
@@ -261,7 +266,19 @@ class Converter:
             raise InputError(f"ONNX {where}: cannot be read: {err}") from None
 
     def attrs(self, node: Any) -> dict[str, Any]:
-        return {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
+        """The node's attributes. ONNX stores float attributes as float32; each is read as the
+        shortest decimal that rounds to it (``eps=0.001``, not 0.0010000000474974513): the
+        value the exporter was given, whenever that was such a decimal, and the same float32
+        in any case."""
+        out = {}
+        for a in node.attribute:
+            v = self.onnx.helper.get_attribute_value(a)
+            if a.type == self.onnx.AttributeProto.FLOAT:
+                v = _shortest(v)
+            elif a.type == self.onnx.AttributeProto.FLOATS:
+                v = [_shortest(f) for f in v]
+            out[a.name] = v
+        return out
 
     def check_attrs(self, node: Any, allowed: dict[str, Any]) -> dict[str, Any]:
         """The node's attributes; one outside ``allowed`` (name -> None for any value, or a
@@ -295,7 +312,7 @@ class Converter:
         if c.size != 1:
             raise self.fail(node, f"input '{name}' must be a scalar constant, got shape "
                             f"{list(c.shape)}")
-        f = float(c.reshape(()))
+        f = _shortest(c.reshape(())) if c.dtype == np.float32 else float(c.reshape(()))
         if not math.isfinite(f):
             raise self.fail(node, f"input '{name}' is not finite ({f})")
         return f
@@ -1501,7 +1518,7 @@ class Converter:
         a = self.check_attrs(node, {"alpha": None, "beta": None})
         alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
         # PyTorch's hardsigmoid is clip(x/6 + 1/2, 0, 1); exporters write alpha = float32(1/6)
-        if beta != 0.5 or alpha not in (1 / 6, ONE_SIXTH_F32):
+        if beta != 0.5 or np.float32(alpha) != np.float32(1 / 6):
             raise self.fail(node, f"HardSigmoid with alpha={alpha}, beta={beta} is not "
                             "supported (alpha=1/6, beta=0.5: PyTorch's hardsigmoid)")
         self._activation(node, "hardsigmoid({x})")
@@ -1605,7 +1622,7 @@ class Converter:
         eps = float(a.get("epsilon", 1e-5))
         if eps < 0:
             raise self.fail(node, f"epsilon={eps} is negative")
-        settings = "" if eps == float(np.float32(1e-5)) or eps == 1e-5 else f", eps={_fmt(eps)}"
+        settings = "" if eps == 1e-5 else f", eps={_fmt(eps)}"
         self.define(node, f"batchnorm({x.name}, @{p}{settings})", x.shape)
 
     # ------------------------------------------------------------ elementwise arithmetic
@@ -1661,7 +1678,8 @@ class Converter:
         if fn == "div" and np.any(c == 0):
             raise self.fail(node, "division by a constant with zeros")
         if c.size == 1:
-            self.define(node, f"{fn}({x.name}, value={_fmt(float(c.reshape(())))})", x.shape)
+            v = _shortest(c.reshape(())) if c.dtype == np.float32 else float(c.reshape(()))
+            self.define(node, f"{fn}({x.name}, value={_fmt(v)})", x.shape)
             return
         p = self.prefix(node, None, fn)
         self.weights[p] = np.ascontiguousarray(c)
