@@ -131,7 +131,7 @@ def baseline_of(ctx: Context, inputs: Mapping[str, Array], spec: Any) -> dict[st
         path = Path(spec) if Path(spec).is_absolute() else ctx.base_dir / spec
         from pbxc.weights.arrays import ArrayFileError, read_array_file
 
-        try:  # sizes checked before reading (specs/security_inputs.md)
+        try:  # sizes checked before reading (specs/security.md, Inputs)
             loaded = read_array_file(path, prefer=ctx.wrt)
         except (ArrayFileError, OSError) as err:
             raise InputError(f"cannot read baseline file '{path}': {err}") from None

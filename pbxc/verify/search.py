@@ -150,7 +150,7 @@ def _load_data(path: Path, key: str | None, name: str, pos: SourcePos | None = N
 
     if not path.is_file():
         raise InputError(f"data file not found: '{path}'", pos)
-    try:  # sizes checked before reading, only the member used (specs/security_inputs.md)
+    try:  # sizes checked before reading, only the member used (specs/security.md, Inputs)
         loaded = read_array_file(path, key, prefer=name)
     except ArrayFileError as err:
         raise InputError(f"cannot read '{path}': {err} (with key \"K\")", pos) from None

@@ -1,5 +1,5 @@
 """Arrays from .npy, .npz and .safetensors files, read only when asked for and only after every
-size the file declares has been checked (specs/security_inputs.md, "Weight and input files").
+size the file declares has been checked (specs/security.md, Inputs, "Weight and input files").
 
 ``np.load`` of an .npz decompresses any member it is asked for and allocates whatever its
 header claims before reading a byte of data. Here an archive is first read as a directory

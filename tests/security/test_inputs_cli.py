@@ -1,6 +1,6 @@
 """Issue #10, command-line inputs of run, explain and score: every bad value is an ``error:``
 line with exit 1 (2 for flag combinations, as argparse), within seconds, and nothing is left
-behind; the also-fix items of the input side (specs/security_inputs.md).
+behind; the also-fix items of the input side (specs/security.md, Inputs).
 """
 
 from __future__ import annotations

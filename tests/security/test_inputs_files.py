@@ -2,7 +2,7 @@
 declares is checked before anything is allocated, and lies are refused with an error.
 
 Each case asserts the error text and exit code (or the exception), that no canary file
-appeared and that the folder holds only what the test put there (specs/security_inputs.md).
+appeared and that the folder holds only what the test put there (specs/security.md, Inputs).
 """
 
 from __future__ import annotations
