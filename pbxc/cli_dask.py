@@ -65,6 +65,14 @@ def explain_dataset(args: argparse.Namespace) -> int:
                      "write a Zarr store: give --out OUT.zarr")
     if args.png or args.explain_plan:
         raise _usage("--png and --explain-plan apply to in-memory runs (--out FILE.npz)")
+    from pbxc.dask import METHODS
+
+    if args.method not in METHODS:
+        raise _usage(f"--method {args.method} runs in memory only (--out FILE.npz); Zarr "
+                     f"stores and Dask workers take {', '.join(METHODS)}")
+    if Path(args.out).is_symlink() and not getattr(args, "force", False):
+        raise InputError(f"'{args.out}' is a symbolic link; pbxc writes a store only where it "
+                         "is (--force writes through the link)")
     if args.workers is not None and args.workers < 1:
         raise _usage(f"--workers must be at least 1, got {args.workers}")
     if args.method != "dfd" and args.baseline is not None:
@@ -114,6 +122,9 @@ def explain_dataset(args: argparse.Namespace) -> int:
     note = summary.nonfinite_line()
     if note:
         print(f"  {note}")
+    if summary.kinks is not None:
+        print(f"  {summary.kinks} unit(s) sat exactly on a kink; there f' is the "
+              f"'{args.kinks}' convention (--kinks)")
     print(f"wrote {args.out}")
     return EXIT_OK
 

@@ -40,9 +40,10 @@ import numpy as np
 
 from pbxc.errors import InputError, PbxError
 from pbxc.graph.build import build_graph
+from pbxc.graph.frontend import frontend, weight_paths
 from pbxc.parse.ast import Program
 from pbxc.parse.parser import parse_file, parse_text
-from pbxc.pipeline import BACKENDS, _on_backend, frontend, weight_paths
+from pbxc.pipeline import BACKENDS, _on_backend
 from pbxc.runtime.dfd import resolve_baseline
 from pbxc.runtime.model import Model, resolve_dtype
 from pbxc.symbolic.calculus import DEFAULT_CONVENTION
@@ -786,7 +787,7 @@ def explain(model_path_or_text: str | Path, data: Any, method: str = "lrp",
     infinity give NaN rows (``strict=True`` raises instead).
     """
     job = plan(model_path_or_text, data, method, **options)
-    return _field_array(job, "attributions", _as_dask(job))
+    return _field_array(_task_job(job), "attributions", _as_dask(job))
 
 
 def _field_array(job: Plan, field_name: str, x: da.Array) -> da.Array:
@@ -809,7 +810,8 @@ def explain_all(model_path_or_text: str | Path, data: Any, method: str = "lrp",
 
     job = plan(model_path_or_text, data, method, **options)
     x = _as_dask(job)
-    blocks = [dask.delayed(_block_result_all)(b, job, int(sum(x.chunks[0][:i])))
+    light = _task_job(job)
+    blocks = [dask.delayed(_block_result_all)(b, light, int(sum(x.chunks[0][:i])))
               for i, b in enumerate(x.to_delayed().reshape(-1))]
     out = {}
     for name, (shape, dtype) in job.layout.items():
@@ -957,6 +959,7 @@ class Summary:
     seconds: float
     worst: dict[str, float]
     nonfinite: list[int]
+    kinks: int | None = None     # gradient methods: units exactly on a kink, all samples
 
     @property
     def samples_per_second(self) -> float:
@@ -992,8 +995,9 @@ def _summarise(group: Any, job: Plan, out: Path, computed: int, computed_samples
             finite = values[np.isfinite(values)]
             worst[key] = float(finite.max()) if finite.size else 0.0
     nonfinite = np.flatnonzero(np.asarray(group["nonfinite"][:])).tolist()
+    kinks = int(np.asarray(group["kinks"][:]).sum()) if "kinks" in job.layout else None
     summary = Summary(str(out), job.n, job.n_chunks, computed, computed_samples, seconds,
-                      worst, nonfinite)
+                      worst, nonfinite, kinks)
     attrs = dict(group.attrs.asdict())
     attrs["pbxc_result"] = {"complete": True, **worst, "nonfinite_samples": len(nonfinite)}
     group.attrs.update(attrs)
@@ -1083,6 +1087,14 @@ def _run_on_cluster(client: Any, job: Plan, path: str, out: Path, todo: list[int
         client.cancel(futures)
         raise
     return samples
+
+
+def _task_job(job: Plan) -> Plan:
+    """The job inside lazy tasks, whose samples arrive as the dask array's blocks: without
+    the samples themselves, which would otherwise travel with every task."""
+    if isinstance(job.rows, (MemoryRows, DaskRows)):
+        return replace(job, rows=_Shape(job.rows.shape, job.rows.dtype, job.rows.description))
+    return job
 
 
 def _light(job: Plan, start: int, stop: int) -> Plan:

@@ -6,32 +6,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from pbxc.errors import PbxError
-from pbxc.graph.build import build_graph
+from pbxc.graph.frontend import check_file, frontend
 from pbxc.graph.ir import ModelGraph
-from pbxc.graph.shapes import infer_shapes
-from pbxc.parse.ast import Program
-from pbxc.parse.parser import parse_file, parse_text
+from pbxc.parse.parser import parse_text
 from pbxc.runtime.model import Model
 from pbxc.symbolic.calculus import DEFAULT_CONVENTION
-from pbxc.weights.store import WeightStore, load_weight_files
-
-
-def weight_paths(graph: ModelGraph) -> list[tuple[Path, Any]]:
-    base = Path(graph.path).parent if graph.path and not graph.path.startswith("<") else Path()
-    return [(base / rel, pos) for rel, pos in graph.weight_files]
-
-
-def frontend(program: Program) -> tuple[ModelGraph, WeightStore]:
-    """AST -> checked graph with shapes, and the weights it binds."""
-    graph = build_graph(program)
-    store = load_weight_files(weight_paths(graph))
-    infer_shapes(graph, store)
-    return graph, store
-
-
-def check_file(path: str | Path) -> tuple[ModelGraph, WeightStore]:
-    """Parse, build, load weights and infer shapes; raise a :class:`PbxError` on any problem."""
-    return frontend(parse_file(path))
 
 
 def derive_activations(graph: ModelGraph, convention: str = DEFAULT_CONVENTION) -> int:

@@ -810,3 +810,41 @@ from pbxc.codegen.kernels.elementwise import *  # noqa: E402,F403  family
 from pbxc.codegen.kernels.pooling import *  # noqa: E402,F403  family
 from pbxc.codegen.kernels.resize import *  # noqa: E402,F403  family
 from pbxc.codegen.kernels.shape import *  # noqa: E402,F403  family
+
+
+def _pairs_product(ta, tb, lrp):
+    """(B, M, M, *out): ta[p] * tb[q] with product broadcasting, through product_forward."""
+    batch, m = ta.shape[:2]
+    a = np.broadcast_to(ta[:, :, None], (batch, m, m, *ta.shape[2:]))
+    b = np.broadcast_to(tb[:, None, :], (batch, m, m, *tb.shape[2:]))
+    out = product_forward([a.reshape(batch * m * m, *ta.shape[2:]),  # noqa: F405  family
+                           b.reshape(batch * m * m, *tb.shape[2:])], None, lrp)
+    return out.reshape(batch, m, m, *out.shape[1:])
+
+
+def product_jvp2(hs, ts, xs, y, local, curv, p, lrp):
+    """d2(ab)(t_p, t_q) = ta_p tb_q + tb_p ta_q, plus b ha + a hb (the product rule twice)."""
+    cross = _pairs_product(ts[0], ts[1], lrp)
+    cross = cross + np.swapaxes(cross, 1, 2)
+    m = ts[0].shape[1]
+    out = cross.reshape(cross.shape[0], m * m, *cross.shape[3:])
+    if hs[0] is not None or hs[1] is not None:
+        full = [h if h is not None else np.zeros((t.shape[0], m * m, *t.shape[2:]), t.dtype)
+                for h, t in zip(hs, ts)]
+        out = out + product_jvp(full, xs, y, local, p, lrp)  # noqa: F405  family
+    return out
+
+
+def product_hvp(v, vd, ts, xs, y, local, curv, p, lrp):
+    """The tangent of [v b, v a]: [vd b + v tb, vd a + v ta], each summed back over what it
+    was broadcast along."""
+    batch, m = ts[0].shape[:2]
+    reps = np.broadcast_to(v, (batch, m, *v.shape[2:])).reshape(batch * m, 1, *v.shape[2:])
+    fake = [t.reshape(batch * m, *t.shape[2:]) for t in ts]
+    # product_vjp(v, [ta, tb]) = [v tb, v ta], reduced to each factor's shape
+    vt_b, vt_a = product_vjp(reps, fake, y, local, p, lrp)  # noqa: F405  family
+    out = [vt_b.reshape(batch, m, *xs[0].shape[1:]),
+           vt_a.reshape(batch, m, *xs[1].shape[1:])]
+    if vd is not None:
+        out = [o + g for o, g in zip(out, product_vjp(vd, xs, y, local, p, lrp))]  # noqa: F405
+    return out

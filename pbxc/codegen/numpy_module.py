@@ -24,12 +24,13 @@ from pbxc.codegen.kernels import conv as conv_kernels
 from pbxc.errors import PbxError
 from pbxc.errors import source_lines as split_source_lines
 from pbxc.graph.ir import ModelGraph, OpNode
-from pbxc.lower.calls import dfd_by_vjp, kernel_attrs, kernel_base, kernel_name
+from pbxc.lower.calls import dfd_by_vjp, is_linear_form, kernel_attrs, kernel_base, kernel_name
 from pbxc.ops import AFFINE, MAXPOOL, SHAPE_ONLY, OpKind
 
 #: ops whose second derivative is zero: the Hessian pass applies their VJP to the cotangent's
 #: tangent (the runtime's deflinear rules, pbxc.runtime.hessian); max pooling is piecewise linear
-HESSIAN_LINEAR = frozenset(AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT, OpKind.MAXPOOL2D})
+HESSIAN_LINEAR = frozenset(AFFINE | SHAPE_ONLY | MAXPOOL | {OpKind.ADD, OpKind.CONCAT,
+                                                             OpKind.PRELU})
 
 #: the kernels' import of the numeric prelude, which the generated module holds verbatim
 PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
@@ -343,7 +344,7 @@ class NumpyModuleRenderer:
     def hvp_body(self, output: str, wrt: str) -> list[str]:
         """g_ and d_ from ``g_<output>`` / ``d_<output>`` back to ``d_<wrt>``."""
         live = self._live(output, wrt)
-        curved = {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX}
+        curved = {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX, OpKind.MUL}
         out = []
         assigned = {output}
         for node in reversed(self.nodes):
@@ -358,7 +359,9 @@ class NumpyModuleRenderer:
             g, d = var(node.name, "g"), var(node.name, "d")
             xs = "[" + ", ".join(f"E[{var(i, 'v')!r}]" for i in node.inputs) + "]"
             local = f"E[{var(node.name, 'l')!r}]" if self.has_local(node) else "None"
-            if node.kind in curved:
+            linear = node.kind in HESSIAN_LINEAR or (node.kind is OpKind.MUL
+                                                      and is_linear_form(node))
+            if node.kind in curved and not linear:
                 ts = "[" + ", ".join(f"T[{var(i, 't')!r}]" if i in live else "None"
                                      for i in node.inputs) + "]"
                 curv = (f"{self.act[node.name]['d2f']}(E[{var(node.inputs[0], 'v')!r}])"
@@ -366,7 +369,7 @@ class NumpyModuleRenderer:
                 out.append(f"    {', '.join(dtemps)}{comma} = {kernel_name(node, 'hvp')}("
                            f"{g}, {d}, {ts}, {xs}, E[{var(node.name, 'v')!r}], {local}, "
                            f"{curv}, P[{py_literal(node.name)}]{_attrs(node)})")
-            elif node.kind in HESSIAN_LINEAR:
+            elif linear:
                 out.append(f"    {', '.join(dtemps)}{comma} = ({kernel_name(node, 'vjp')}({d}, "
                            f"{xs}, E[{var(node.name, 'v')!r}], {local}, P[{py_literal(node.name)}]"
                            f"{_attrs(node)}) if {d} is not None else [None] * {k})")

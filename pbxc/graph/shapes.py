@@ -292,15 +292,6 @@ def _linear(ctx: _Ctx) -> Shape:
     return (*x[:-1], w[0])
 
 
-def _same_shape_inputs(ctx: _Ctx) -> Shape:
-    first = ctx.inputs[0]
-    for name, shape in zip(ctx.node.inputs[1:], ctx.inputs[1:]):
-        if shape != first:
-            raise ctx.fail(f"shapes differ: '{ctx.node.inputs[0]}' is {fmt(first)} but "
-                           f"'{name}' is {fmt(shape)}")
-    return first
-
-
 def _axis(ctx: _Ctx, rank: int) -> int:
     axis = ctx.node.attr("axis")
     if not -rank <= axis < rank:

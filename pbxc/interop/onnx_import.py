@@ -68,7 +68,6 @@ BATCH_PROBES = (2, 3)
 NOT_FOLDABLE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                 "Multinomial", "Bernoulli", "Dropout", "If", "Loop", "Scan",
                 "SequenceMap", "Optional"}
-ONE_SIXTH_F32 = float(np.float32(1 / 6))
 
 
 @dataclass
@@ -110,6 +109,12 @@ def _fmt(v: Any) -> str:
             raise ValueError(f"non-finite number {f}")
         return repr(f)
     return str(int(v))
+
+
+def _shortest(value: Any) -> float:
+    """The shortest decimal that rounds to this float32 (numpy's repr of it), as a float."""
+    f = np.float32(value)
+    return float(repr(float(f))) if not np.isfinite(f) else float(str(f))
 
 
 def _attr_text(value: Any) -> str:
@@ -261,7 +266,19 @@ class Converter:
             raise InputError(f"ONNX {where}: cannot be read: {err}") from None
 
     def attrs(self, node: Any) -> dict[str, Any]:
-        return {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
+        """The node's attributes. ONNX stores float attributes as float32; each is read as the
+        shortest decimal that rounds to it (``eps=0.001``, not 0.0010000000474974513): the
+        value the exporter was given, whenever that was such a decimal, and the same float32
+        in any case."""
+        out = {}
+        for a in node.attribute:
+            v = self.onnx.helper.get_attribute_value(a)
+            if a.type == self.onnx.AttributeProto.FLOAT:
+                v = _shortest(v)
+            elif a.type == self.onnx.AttributeProto.FLOATS:
+                v = [_shortest(f) for f in v]
+            out[a.name] = v
+        return out
 
     def check_attrs(self, node: Any, allowed: dict[str, Any]) -> dict[str, Any]:
         """The node's attributes; one outside ``allowed`` (name -> None for any value, or a
@@ -295,7 +312,7 @@ class Converter:
         if c.size != 1:
             raise self.fail(node, f"input '{name}' must be a scalar constant, got shape "
                             f"{list(c.shape)}")
-        f = float(c.reshape(()))
+        f = _shortest(c.reshape(())) if c.dtype == np.float32 else float(c.reshape(()))
         if not math.isfinite(f):
             raise self.fail(node, f"input '{name}' is not finite ({f})")
         return f
@@ -305,6 +322,8 @@ class Converter:
         only if the user asked (``--dtype``), anything else is an error naming it."""
         w = self.const(node, name)
         want = np.dtype(self.dtype)
+        if w.dtype.kind == "f" and not np.all(np.isfinite(w)):
+            raise self.fail(node, f"constant '{name}' holds non-finite values")
         if w.dtype == want:
             return w
         if w.dtype.kind != "f" and w.dtype.kind not in "iub":
@@ -1034,13 +1053,13 @@ class Converter:
 
     @staticmethod
     def padding_setting(begin: Sequence[int], end: Sequence[int]) -> str | None:
-        """The ``padding=`` setting: one value per axis, or per side (begins then ends, the
-        ONNX order) when the two sides differ."""
+        """A convolution's ``padding=``: one value per axis, or per side (begin then end of
+        each axis in order, specs/language.md) when the two sides differ."""
         if not any(begin) and not any(end):
             return None
         if list(begin) == list(end):
             return f"padding={_fmt(tuple(begin))}"
-        return f"padding={_fmt(tuple([*begin, *end]))}"
+        return f"padding={_fmt(tuple(v for b, e in zip(begin, end) for v in (b, e)))}"
 
     def op_Conv(self, node: Any) -> None:
         a = self.check_attrs(node, {"kernel_shape": None, "strides": None, "pads": None,
@@ -1161,10 +1180,15 @@ class Converter:
         strides, dil, pb, pe = self.window_attrs(node, a, nd, k, x.shape[1:])
         ceil = bool(a.get("ceil_mode", 0))
         args = [x.name, f"kernel={_fmt(k)}", f"stride={_fmt(strides)}"]
+        if pb != pe:
+            raise self.fail(node, f"asymmetric pooling pads {[*pb, *pe]} are not supported "
+                            "(pooling pads the same on both sides of an axis)")
         pad = self.padding_setting(pb, pe)
         if pad:
             args.append(pad)
         if any(d != 1 for d in dil):
+            if kind == "avg":
+                raise self.fail(node, f"AveragePool dilations {dil} are not supported (1 only)")
             args.append(f"dilation={_fmt(dil)}")
         if ceil:
             args.append("ceil_mode=true")
@@ -1415,7 +1439,11 @@ class Converter:
             raise self.fail(node, f"negative pads {pads} (cropping) are not supported")
         begin, end = pads[1:rank], pads[rank + 1:]
         shape = tuple(d + b0 + e0 for d, b0, e0 in zip(x.shape, begin, end))
-        self.define(node, f"pad({x.name}, pads={_fmt(tuple([*begin, *end]))}, "
+        # torch.nn.functional.pad's order: the last axis first, (begin, end) for each
+        torch_order = [v for b0, e0 in zip(begin[::-1], end[::-1]) for v in (b0, e0)]
+        while len(torch_order) > 2 and torch_order[-2:] == [0, 0]:
+            torch_order = torch_order[:-2]
+        self.define(node, f"pad({x.name}, pads=({', '.join(map(str, torch_order))}), "
                     f"value={_fmt(value)})", self.shape_of(node, shape))
 
     def _pass_through(self, node: Any) -> None:
@@ -1490,7 +1518,7 @@ class Converter:
         a = self.check_attrs(node, {"alpha": None, "beta": None})
         alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
         # PyTorch's hardsigmoid is clip(x/6 + 1/2, 0, 1); exporters write alpha = float32(1/6)
-        if beta != 0.5 or alpha not in (1 / 6, ONE_SIXTH_F32):
+        if beta != 0.5 or np.float32(alpha) != np.float32(1 / 6):
             raise self.fail(node, f"HardSigmoid with alpha={alpha}, beta={beta} is not "
                             "supported (alpha=1/6, beta=0.5: PyTorch's hardsigmoid)")
         self._activation(node, "hardsigmoid({x})")
@@ -1594,7 +1622,7 @@ class Converter:
         eps = float(a.get("epsilon", 1e-5))
         if eps < 0:
             raise self.fail(node, f"epsilon={eps} is negative")
-        settings = "" if eps == float(np.float32(1e-5)) or eps == 1e-5 else f", eps={_fmt(eps)}"
+        settings = "" if eps == 1e-5 else f", eps={_fmt(eps)}"
         self.define(node, f"batchnorm({x.name}, @{p}{settings})", x.shape)
 
     # ------------------------------------------------------------ elementwise arithmetic
@@ -1617,39 +1645,53 @@ class Converter:
         self.alias_out.pop(div.output[0], None)
         self.normalize(node, x, mean, std, "scaler", div.output[0])
 
-    def _affine_const(self, node: Any) -> None:
+    def _with_constant(self, node: Any, fn: str) -> None:
+        """A value and a constant: ``fn(x, value=c)`` for a scalar, ``fn(x, @p)`` for a
+        tensor (broadcast per sample as ONNX broadcasts; a leading batch axis of size 1 is
+        dropped). ``c - x`` is ``(x - c) / -1`` (a normalize); ``c / x`` is not linear."""
         self.check_attrs(node, {})
-        op = node.op_type
         a, b = node.input
-        if self.is_const(a) and op in ("Add", "Mul"):
+        if self.is_const(a) and fn in ("add", "mul"):
             a, b = b, a
-        if self.is_const(a) and op == "Sub" and not self.is_const(b):   # c - x = (x - c) / -1
+        if self.is_const(a) and fn == "sub" and not self.is_const(b):
             x = self.value(node, b)
             c = self.per_sample_const(node, self.weight(node, a), x.shape)
             self.normalize(node, x, c, -np.ones(x.shape), "shift")
             return
         if self.is_const(a) or not self.is_const(b):
-            raise self.fail(node, f"{op} of a constant by a value is not supported")
+            raise self.fail(node, f"{node.op_type} of a constant by a value is not supported")
         x = self.value(node, a)
-        c = self.per_sample_const(node, self.weight(node, b), x.shape)
-        one, zero = np.ones(x.shape), np.zeros(x.shape)
-        if op == "Add":
-            self.normalize(node, x, -c, one, "shift")
-        elif op == "Sub":
-            self.normalize(node, x, c, one, "shift")
-        elif op == "Div":
-            if np.any(c == 0):
-                raise self.fail(node, "division by a constant with zeros")
-            self.normalize(node, x, zero, c, "scale")
-        else:
-            if np.any(c == 0):
-                raise self.fail(node, "Mul by a constant with zeros is not supported")
-            self.normalize(node, x, zero, 1.0 / c.astype(np.float64), "scale")
+        c = self.weight(node, b)
+        if c.ndim == len(x.shape) + 1:
+            if c.shape[0] != 1:
+                raise self.fail(node, f"a constant of shape {list(c.shape)} varies along the "
+                                "batch axis")
+            c = c[0]
+        try:
+            shape = tuple(np.broadcast_shapes(x.shape, c.shape))
+        except ValueError:
+            raise self.fail(node, f"constant of shape {list(c.shape)} does not broadcast to "
+                            f"the per-sample shape {list(x.shape)}") from None
+        if shape != x.shape:
+            raise self.fail(node, f"constant of shape {list(c.shape)} would grow the value of "
+                            f"shape {list(x.shape)}")
+        if fn == "div" and np.any(c == 0):
+            raise self.fail(node, "division by a constant with zeros")
+        if c.size == 1:
+            v = _shortest(c.reshape(())) if c.dtype == np.float32 else float(c.reshape(()))
+            self.define(node, f"{fn}({x.name}, value={_fmt(v)})", x.shape)
+            return
+        p = self.prefix(node, None, fn)
+        self.weights[p] = np.ascontiguousarray(c)
+        self.define(node, f"{fn}({x.name}, @{p})", x.shape)
 
     def _binary(self, node: Any, fn: str) -> None:
         if any(self.is_const(i) for i in node.input):
-            self._affine_const(node)
+            self._with_constant(node, fn)
             return
+        if fn == "div":
+            raise self.fail(node, "Div of two computed values is not supported (only by a "
+                            "constant)")
         self.check_attrs(node, {})
         xs = [self.value(node, i) for i in node.input]
         try:
@@ -1875,7 +1917,7 @@ def import_onnx(source: str | os.PathLike[str], pbx_path: str | os.PathLike[str]
     if wpath.parent != out.parent:
         raise InputError(f"the weights file name '{wname}' must not name a folder")
     if validate is None and check:
-        from pbxc.pipeline import check_file
+        from pbxc.graph.frontend import check_file
 
         def validate(staged: Path) -> object:
             return check_file(str(staged))

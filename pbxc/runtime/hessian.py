@@ -30,10 +30,10 @@ import numpy as np
 from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import InputError, UnsupportedOp
 from pbxc.graph.ir import OpNode
-from pbxc.lower.calls import kernel_attrs
+from pbxc.lower.calls import is_linear_form, kernel_attrs, kernel_base
 from pbxc.lower.hessian_plan import HessianPlan, plan_hessian
 from pbxc.lower.plan import path_nodes, size
-from pbxc.ops import AFFINE, SHAPE_ONLY, OpKind
+from pbxc.ops import AFFINE, MAXPOOL, SHAPE_ONLY, OpKind
 from pbxc.runtime.jacobian import Linearization, OpMaps, identity_tangents, linearize
 
 Array = np.ndarray
@@ -91,23 +91,46 @@ def deflinear(kind: OpKind, source: str) -> None:
     SECOND_ORDER_RULES[kind] = SecondOrderRule(forward, reverse, False, source)
 
 
-def defcurved(kind: OpKind, source: str) -> None:
-    """A nonlinear op with kernels ``<op>_jvp2`` and ``<op>_hvp`` (numpy_kernels, second
-    order)."""
-    jvp2 = getattr(K, f"{kind.value}_jvp2")
-    hvp = getattr(K, f"{kind.value}_hvp")
+def _linear_rule(kind: OpKind) -> SecondOrderRule:
+    """The linear rule of ``deflinear``, for a kind whose rule is otherwise curved."""
+    saved = SECOND_ORDER_RULES.get(kind)
+    deflinear(kind, "")
+    rule = SECOND_ORDER_RULES.pop(kind)
+    if saved is not None:
+        SECOND_ORDER_RULES[kind] = saved
+    return rule
+
+
+def defcurved(kind: OpKind, source: str, linear_form: Callable[[OpNode], bool] | None = None
+              ) -> None:
+    """A nonlinear op with kernels ``<base>_jvp2`` and ``<base>_hvp`` (numpy_kernels, second
+    order; ``base`` is the node's kernel family). ``linear_form``: nodes of this kind that
+    are linear (mul by a constant) take the linear rule instead."""
+    linear = _linear_rule(kind)
+
+    def kernels(node: OpNode) -> tuple[Any, Any]:
+        base = kernel_base(node)
+        jvp2, hvp = getattr(K, f"{base}_jvp2", None), getattr(K, f"{base}_hvp", None)
+        if jvp2 is None or hvp is None:
+            raise UnsupportedOp(f"the hessian pass has no rule for op '{node.kind.value}' "
+                                f"(kernel family '{base}')", node.pos)
+        return jvp2, hvp
 
     def forward(maps: OpMaps, node: OpNode, hs: list[Array | None], ts: list[Array],
                 curv: Array | None) -> Array | None:
+        if linear_form is not None and linear_form(node):
+            return linear.forward(maps, node, hs, ts, curv)
         pt = maps.lin.point(maps.model, node)
-        return jvp2(hs, ts, pt.inputs, pt.output, pt.local, curv, pt.params,
-                    **kernel_attrs(node))
+        return kernels(node)[0](hs, ts, pt.inputs, pt.output, pt.local, curv, pt.params,
+                                **kernel_attrs(node))
 
     def reverse(maps: OpMaps, node: OpNode, v: Array, vd: Array | None, ts: list[Array],
                 curv: Array | None) -> list[Array | None]:
+        if linear_form is not None and linear_form(node):
+            return linear.reverse(maps, node, v, vd, ts, curv)
         pt = maps.lin.point(maps.model, node)
-        return list(hvp(v, vd, ts, pt.inputs, pt.output, pt.local, curv, pt.params,
-                        **kernel_attrs(node)))
+        return list(kernels(node)[1](v, vd, ts, pt.inputs, pt.output, pt.local, curv,
+                                     pt.params, **kernel_attrs(node)))
 
     SECOND_ORDER_RULES[kind] = SecondOrderRule(forward, reverse, True, source)
 
@@ -115,9 +138,13 @@ def defcurved(kind: OpKind, source: str) -> None:
 for _kind in sorted(AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT}, key=lambda k: k.value):
     deflinear(_kind, "linear: the second derivative is zero, H passes through W "
                      "(Algorithm 1 of arXiv 2502.14001 with sigma'' = 0)")
-# piecewise linear: at x, the linear map of the window winners; zero second derivative off
-# ties, and ties (the kinks) are reported per sample
-deflinear(OpKind.MAXPOOL2D, "piecewise linear: the winners' gather at x, sigma'' = 0 off ties")
+# piecewise linear: at x, the linear map of the window winners (max pooling) or of the sign
+# pattern (prelu); zero second derivative off the kinks, which are reported per sample
+for _kind in sorted(MAXPOOL, key=lambda k: k.value):
+    deflinear(_kind, "piecewise linear: the winners' gather at x, sigma'' = 0 off ties")
+deflinear(OpKind.PRELU, "piecewise linear: f'(x) = 1 or a at x, f'' = 0 off x = 0")
+defcurved(OpKind.MUL, "the product rule twice: d2(ab) = da db + db da + b d2a + a d2b; mul by "
+                      "a constant is linear", linear_form=is_linear_form)
 defcurved(OpKind.ACTIVATION, "H = f''(z) (W J) (x) (W J) + f'(z) W H (Algorithm 1, second "
                              "order); f'' derived by sympy (pbxc.symbolic.calculus)")
 defcurved(OpKind.SOFTMAX, "d2 s_i(u, w) = s_i[(u_i - s.u)(w_i - s.w) - (s.(u w) - (s.u)(s.w))]"
@@ -185,7 +212,10 @@ def kinks_per_sample(model: Any, lin: Linearization, nodes: list[OpNode]) -> lis
             hits = np.zeros(batch, dtype=np.int64)
             for c in table.kink_points[table.keys[node.name]]:
                 hits += np.count_nonzero((z == z.dtype.type(c)).reshape(batch, -1), axis=1)
-        elif node.kind is OpKind.MAXPOOL2D and node.name in lin.local:
+        elif node.kind is OpKind.PRELU:
+            z = lin.values[node.inputs[0]]
+            hits = np.count_nonzero((z == 0).reshape(batch, -1), axis=1)
+        elif kernel_base(node) == "maxpool2d" and node.name in lin.local:
             hits = _maxpool_ties(node, lin.values[node.inputs[0]], lin.local[node.name])
         else:
             continue
@@ -208,8 +238,11 @@ def piece_sides(model: Any, lin: Linearization, nodes: list[OpNode]) -> dict[str
                 for c in points:
                     count += z > z.dtype.type(c)
                 sides[node.name] = count.reshape(len(z), -1)
-        elif node.kind is OpKind.MAXPOOL2D and node.name in lin.local:
-            idx = lin.local[node.name]
+        elif node.kind is OpKind.PRELU:
+            z = lin.values[node.inputs[0]]
+            sides[node.name] = (z > 0).reshape(len(z), -1)
+        elif node.kind in MAXPOOL and node.name in lin.local:
+            idx = np.asarray(lin.local[node.name])
             sides[node.name] = idx.reshape(len(idx), -1)
     return sides
 

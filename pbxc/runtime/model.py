@@ -308,7 +308,7 @@ class Model:
                     f"{where} has shape {list(arr.shape)}; expected [batch, "
                     f"{', '.join(map(str, info.shape))}]{hint}"))
                 continue
-            if arr.shape[0] == 0:  # one rule for every pass (specs/security_inputs.md)
+            if arr.shape[0] == 0:  # one rule for every pass (specs/security.md, Inputs)
                 problems.append(Diagnostic(f"{where} is an empty batch (shape "
                                            f"{list(arr.shape)}); give at least one sample"))
                 continue

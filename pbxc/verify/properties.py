@@ -129,14 +129,12 @@ def baseline_of(ctx: Context, inputs: Mapping[str, Array], spec: Any) -> dict[st
     """The DFD default: zeros, mean (of the data), a number, or a file (.npy / .npz)."""
     if isinstance(spec, str) and spec not in ("zeros", "mean"):
         path = Path(spec) if Path(spec).is_absolute() else ctx.base_dir / spec
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
+        from pbxc.weights.arrays import ArrayFileError, read_array_file
+
+        try:  # sizes checked before reading (specs/security.md, Inputs)
+            loaded = read_array_file(path, prefer=ctx.wrt)
+        except (ArrayFileError, OSError) as err:
             raise InputError(f"cannot read baseline file '{path}': {err}") from None
-        if not isinstance(loaded, np.ndarray):
-            with loaded:
-                names = list(loaded.files)
-                loaded = loaded[names[0]]
         spec = loaded
     data = None
     if isinstance(spec, str) and spec == "mean":

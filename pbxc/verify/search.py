@@ -146,20 +146,19 @@ def plan_from_model(model: Any, properties: Sequence[str] = (), data: dict[str, 
 
 
 def _load_data(path: Path, key: str | None, name: str, pos: SourcePos | None = None) -> Array:
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"data file not found: '{path}'", pos) from None
-    except (OSError, ValueError) as err:
+    from pbxc.weights.arrays import ArrayFileError, read_array_file
+
+    if not path.is_file():
+        raise InputError(f"data file not found: '{path}'", pos)
+    try:  # sizes checked before reading, only the member used (specs/security.md, Inputs)
+        loaded = read_array_file(path, key, prefer=name)
+    except ArrayFileError as err:
+        raise InputError(f"cannot read '{path}': {err} (with key \"K\")", pos) from None
+    except OSError as err:
         raise InputError(f"cannot read '{path}': {err}", pos) from None
-    if isinstance(loaded, np.ndarray):
-        return np.asarray(loaded, dtype=np.float64)
-    with loaded:
-        files = list(loaded.files)
-        pick = key or (name if name in files else files[0] if len(files) == 1 else None)
-        if pick is None or pick not in files:
-            raise InputError(f"'{path}' has keys {files}; name one with key \"K\"", pos)
-        return np.asarray(loaded[pick], dtype=np.float64)
+    if loaded.dtype.kind not in "fiub":
+        raise InputError(f"'{path}' holds {loaded.dtype} values; expected real numbers", pos)
+    return np.asarray(loaded, dtype=np.float64)
 
 
 # ---------------------------------------------------------------- results

@@ -1,5 +1,5 @@
 """Arrays from .npy, .npz and .safetensors files, read only when asked for and only after every
-size the file declares has been checked (specs/security_inputs.md, "Weight and input files").
+size the file declares has been checked (specs/security.md, Inputs, "Weight and input files").
 
 ``np.load`` of an .npz decompresses any member it is asked for and allocates whatever its
 header claims before reading a byte of data. Here an archive is first read as a directory
@@ -182,6 +182,20 @@ def read_npy(path: Path) -> np.ndarray:
 def is_npy(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(6) == b"\x93NUMPY"
+
+
+def read_array_file(path: Path, key: str | None = None, prefer: str | None = None
+                    ) -> np.ndarray:
+    """One array from an .npy file, or one member of an .npz (``key``; else ``prefer`` if it is
+    there; else the only member), with every check above; only that member is read."""
+    if is_npy(path):
+        return read_npy(path)
+    directory = npz_directory(path)
+    files = list(directory)
+    pick = key or (prefer if prefer in directory else files[0] if len(files) == 1 else None)
+    if pick is None or pick not in directory:
+        raise ArrayFileError(f"it has keys {files}; name one of them")
+    return directory[pick].read()
 
 
 # ---------------------------------------------------------------------------- .safetensors

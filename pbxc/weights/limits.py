@@ -1,4 +1,4 @@
-"""How much memory pbxc may give to what a file asks for (specs/security_inputs.md).
+"""How much memory pbxc may give to what a file asks for (specs/security.md, Inputs).
 
 A file can declare any size: an .npy header that claims 728 TiB, a zip member that claims
 4 GiB in 4 MB, a model whose input is ``float64[100000000000]``. Every such size is checked

@@ -6,7 +6,7 @@ model and runs its forward pass, gradient and DFD on a small batch. The only out
 are success or a :class:`pbxc.PbxError` naming the activation's line, and each case must end
 within the derivation budget (CPU time, plus the time of the passes).
 
-A larger run, on demand (figures in specs/security_inputs.md)::
+A larger run, on demand (figures in specs/security.md, Inputs)::
 
     python tests/property/test_fuzz_activations.py --cases 10000 --seconds 5
 """

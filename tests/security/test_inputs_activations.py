@@ -3,7 +3,7 @@ is derived correctly or refused with an error at its line, within the derivation
 
 Each case runs ``pbxc check`` (which derives every activation) in-process and asserts the exit
 code, the error text and position, that no canary file appeared and that nothing was left in
-the model's folder. The promises are listed in specs/security_inputs.md.
+the model's folder. The promises are listed in specs/security.md, Inputs.
 """
 
 from __future__ import annotations

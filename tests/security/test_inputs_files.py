@@ -2,7 +2,7 @@
 declares is checked before anything is allocated, and lies are refused with an error.
 
 Each case asserts the error text and exit code (or the exception), that no canary file
-appeared and that the folder holds only what the test put there (specs/security_inputs.md).
+appeared and that the folder holds only what the test put there (specs/security.md, Inputs).
 """
 
 from __future__ import annotations
@@ -187,3 +187,19 @@ def test_input_npz_reads_only_the_chosen_key(tmp_path: Path,
     assert code == 0 and "y: [3, 2]" in out, err
     assert peak < 32 << 20
     assert files_in(tmp_path) == ["m.pbx", "w.npz", "x.npz", "y.npz"]
+
+
+def test_verify_block_data_file_is_checked_the_same_way(tmp_path: Path) -> None:
+    # `domain x within 3 std of "d.npz" key "inputs"` reads a data file named by the .pbx
+    from pbxc.verify.search import _load_data
+
+    write_zip(tmp_path / "d.npz", {"inputs.npy": lying_npy((10**6, 4)),
+                                   "other.npy": npy_bytes(np.ones((2, 4)))})
+    with pytest.raises(pbxc.InputError, match=r"key 'inputs' declares shape \[1000000, 4\] of "
+                                              r"float64 .* lies about its size"):
+        _load_data(tmp_path / "d.npz", "inputs", "x")
+    np.savez(tmp_path / "ok.npz", inputs=np.ones((3, 4)), labels=np.zeros(3))
+    np.testing.assert_array_equal(_load_data(tmp_path / "ok.npz", "inputs", "x"), np.ones((3, 4)))
+    with pytest.raises(pbxc.InputError, match=r"has keys \['inputs', 'labels'\]"):
+        _load_data(tmp_path / "ok.npz", None, "x")
+    assert files_in(tmp_path) == ["d.npz", "ok.npz"]

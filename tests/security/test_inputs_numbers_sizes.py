@@ -2,7 +2,7 @@
 at the offending position, before anything is allocated; diagnostics quote the right line.
 
 Each case asserts the exit code, the error text and position, that no canary file appeared and
-that nothing was left in the folder (specs/security_inputs.md).
+that nothing was left in the folder (specs/security.md, Inputs).
 """
 
 from __future__ import annotations

@@ -129,3 +129,17 @@ def test_the_cli_runs_on_a_running_scheduler(client: Any, digits: Path, tmp_path
     out, err = capsys.readouterr()
     assert code == 1 and err.startswith("error: backend 'cupy' is unavailable")
     assert "Traceback" not in err
+
+
+def test_the_cli_starts_local_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x = np.load(REPO / "examples" / "breast_cancer_mlp_reference.npz")["inputs"]
+    np.save(tmp_path / "x.npy", x)
+    mlp = REPO / "examples" / "breast_cancer_mlp.pbx"
+    argv = ["explain", str(mlp), "-m", "dfd", "-i", str(tmp_path / "x.npy"), "--chunk", "64",
+            "--batch-size", "32"]
+    assert main([*argv, "--out", str(tmp_path / "ref.zarr")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "o.zarr"), "--workers", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "dfd on 1 local worker(s): 143 samples in 3 chunks (3 computed)" in out
+    assert "Traceback" not in err
+    assert_same_store(tmp_path / "o.zarr", tmp_path / "ref.zarr")

@@ -190,6 +190,13 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(
         code, _, err = cli(capsys, "explain", MLP, *argv, "-i", data["mlp"], "--out", out)
         assert code == 1 and err.startswith("error: ") and named in err, err
         assert "Traceback" not in err
+    shutil.copy(MLP, tmp_path / "other.pbx")
+    weights = dict(np.load(MLP.with_suffix(".npz")))
+    weights["out.bias"] = weights["out.bias"] + 1
+    np.savez(tmp_path / "breast_cancer_mlp.npz", **weights)
+    code, _, err = cli(capsys, "explain", tmp_path / "other.pbx", "-m", "lrp", "-i",
+                       data["mlp"], "--out", out)
+    assert code == 1 and "model_hash" in err and "model:" in err
     np.save(tmp_path / "fewer.npy", inputs("breast_cancer_mlp", 100))
     code, _, err = cli(capsys, "explain", MLP, "-m", "lrp", "-i", tmp_path / "fewer.npy",
                        "--out", out)
@@ -319,6 +326,15 @@ def test_usage_errors_of_the_data_set_options(capsys: pytest.CaptureFixture[str]
     code, _, err = cli(capsys, "explain", MLP, "-m", "lrp", "-i", data["mlp"],
                        "--out", tmp_path / "o.zarr", "--workers", "0")
     assert code == 2 and "--workers must be at least 1" in err
+    code, _, err = cli(capsys, "explain", MLP, "-m", "hessian", "-i", data["mlp"],
+                       "--out", tmp_path / "o.zarr")
+    assert code == 2 and "runs in memory only" in err
+    (tmp_path / "elsewhere.zarr").mkdir()
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "elsewhere.zarr")
+    code, _, err = cli(capsys, "explain", MLP, "-m", "lrp", "-i", data["mlp"],
+                       "--out", tmp_path / "link.zarr")
+    assert code == 1 and "is a symbolic link" in err
+    assert not any((tmp_path / "elsewhere.zarr").iterdir())
 
 
 def test_an_in_memory_run_imports_neither_dask_nor_zarr(

@@ -168,7 +168,8 @@ def test_linear_ops_get_their_rule_by_construction() -> None:
     for kind in AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT, OpKind.MAXPOOL2D}:
         rule = hess_mod.SECOND_ORDER_RULES[kind]
         assert not rule.curved and rule.source
-    assert {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX} == hess_mod.CURVED_KINDS
+    assert {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX,
+            OpKind.MUL} == hess_mod.CURVED_KINDS
 
 
 def test_a_missing_rule_names_the_pass_and_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -363,3 +364,80 @@ def test_cli_explain_hessian_and_interactions(capsys: pytest.CaptureFixture[str]
     code = main(["explain", pbx, "--method", "gradient", "--input", str(data),
                  "--on", "probabilities"])
     assert code == 2 and "--on and --step apply to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_resnet"])
+def test_convolutions_pooling_batchnorm_residuals_match_torch(name: str) -> None:
+    """The rules by construction (conv, avg/global pooling, batchnorm, residual add, flatten)
+    and max pooling's piecewise-linear rule, through the softmax's curvature."""
+    m = model(name)
+    x = inputs(name, 2)
+    ref = torch_hessians_of(name, 3, x.shape)
+    for mode in ("forward", "reverse"):
+        res = m.hessian(x, target=3, on="probabilities", mode=mode)
+        assert res.hessian.shape == (2, 1, 8, 8, 1, 8, 8)
+        assert _rel(res.hessian, ref) < 1e-10
+
+
+def torch_hessians_of(name: str, target: int, shape: tuple[int, ...]) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import models
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    net = models.load_model(name, EXAMPLES).requires_grad_(False)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(net(v[None])[0], -1)[target]
+
+    x = torch.from_numpy(inputs(name, shape[0]))
+    return torch.func.vmap(torch.func.hessian(f))(x).detach().numpy()
+
+
+PRODUCT = '''model products
+weights "w.npz"
+input x: float64[4]
+a = tanh(linear(x, @fa))
+b = sigmoid(linear(x, @fb))
+g = mul(a, b)
+q = prelu(linear(g, @fc), @pr)
+h = mul(q, 2.0)
+output y = linear(h, @out)
+'''
+
+
+def test_products_prelu_and_constant_scaling_match_torch(write_model: Callable[..., Path],
+                                                         tmp_path: Path) -> None:
+    """mul of two values (the product rule twice), mul by a constant (linear), prelu
+    (piecewise linear), in both plans and in the generated module."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    w = {"fa.weight": rng.normal(size=(5, 4)), "fa.bias": rng.normal(size=5),
+         "fb.weight": rng.normal(size=(5, 4)), "fb.bias": rng.normal(size=5),
+         "fc.weight": rng.normal(size=(3, 5)), "fc.bias": rng.normal(size=3),
+         "pr.weight": np.array([0.2]), "out.weight": rng.normal(size=(2, 3)),
+         "out.bias": rng.normal(size=2)}
+    m = pbxc.load(write_model(PRODUCT, w))
+    x = rng.normal(size=(3, 4))
+    tw = {k: torch.from_numpy(v) for k, v in w.items()}
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(v @ tw["fa.weight"].T + tw["fa.bias"])
+        b = torch.sigmoid(v @ tw["fb.weight"].T + tw["fb.bias"])
+        z = (a * b) @ tw["fc.weight"].T + tw["fc.bias"]
+        q = torch.where(z > 0, z, tw["pr.weight"] * z)
+        return ((2 * q) @ tw["out.weight"].T + tw["out.bias"])[1]
+
+    ref = torch.func.vmap(torch.func.hessian(f))(torch.from_numpy(x)).detach().numpy()
+    for mode in ("forward", "reverse"):
+        assert _rel(m.hessian(x, target=1, mode=mode).hessian, ref) < 1e-12
+    from pbxc.runtime.compile import compile_model
+
+    files = compile_model(m, tmp_path / "out")
+    path = next(f for f in files if str(f).endswith(".py"))
+    spec = importlib.util.spec_from_file_location("products_generated", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert _rel(mod.hessian(x, target=1), ref) < 1e-12

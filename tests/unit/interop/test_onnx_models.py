@@ -19,21 +19,25 @@ that needs every batch norm to follow a convolution and every residual sum to be
 Zennit hooks (ResNet's, through zennit.torchvision's block canonizers). DFD is checked for
 summation to delta on every model and against Captum's DeepLift where Captum's rules are
 exact: no max-pooling (Captum's max-pool multiplier is not the DeepLIFT rule) and only the
-nonlinearities Captum hooks (ReLU6 here: mobilenet_v2).
+nonlinearities Captum hooks: none of the ten qualifies (max-pooling, or ReLU6, Hardswish,
+SiLU, which Captum's DeepLift passes plain gradients through), so the Captum check runs on
+MobileNet-V2 with ReLU, after checking that Captum's own attributions sum to delta there.
 
 A model whose ops are not yet in the .pbx language fails (``xfail(strict=True)`` naming the
 missing ops, computed from pbxc.ops, so the mark lifts itself when the ops land).
-CI: the cheap sizes run by default; vgg11_bn (224x224: TorchScript cannot export its
-adaptive pooling from 1x1 to 7x7) and the largest nets are marked ``slow``.
+CI (240 s on 2 cores): resnet18, squeezenet1_1, the U-Net, the 3-D and the 1-D CNN run by
+default; mobilenet_v2/v3_small, densenet121, efficientnet_b0 and vgg11_bn (at 224x224: the
+TorchScript exporter cannot export its adaptive pooling from 1x1 to 7x7) are marked ``slow``
+(``pytest -m slow tests/unit/interop/test_onnx_models.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +69,29 @@ MODELS: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
     "unet": ((3, 32, 32), ("conv_transpose2d", "upsample")),
     "cnn3d": ((1, 32, 32, 32), ("conv3d", "maxpool3d")),
     "ecg1d": ((1, 1000), ("maxpool1d",)),
+    # for Captum only: torchvision's MobileNet-V2 with nn.ReLU in place of nn.ReLU6, which
+    # Captum's DeepLift does not hook (it back-propagates plain gradients through ReLU6, and
+    # its attributions then miss f(x) - f(0) by several times delta)
+    "mobilenet_v2_relu": ((3, 32, 32), ()),
 }
-SLOW = {"vgg11_bn", "densenet121", "efficientnet_b0", "mobilenet_v3_small"}
+SLOW = {"vgg11_bn", "densenet121", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v2",
+        "mobilenet_v2_relu"}
+ARCHITECTURES = [n for n in MODELS if n != "mobilenet_v2_relu"]
 EXPORTERS = ("torchscript", "dynamo")
-ZENNIT = {"resnet18", "vgg11_bn", "cnn3d", "ecg1d", "squeezenet1_1"}
-CAPTUM = {"mobilenet_v2"}
+ZENNIT = {"resnet18", "cnn3d", "ecg1d", "squeezenet1_1"}
+NOT_ZENNIT = {   # why the Zennit reference is not exact (or too large) for these
+    "vgg11_bn": "its 25088x4096 classifier in float64, four copies (model, folded export, "
+                "import, Zennit twin), exceeds the tests' memory budget",
+    "densenet121": "batch norms follow concatenations (pre-activation), not convolutions: "
+                   "there is no exact fold, and Zennit passes relevance through a BatchNorm",
+    "mobilenet_v2": "its residual sums are Python additions Zennit does not hook (no "
+                    "canonizer in zennit.torchvision)",
+    "mobilenet_v3_small": "residual sums and squeeze-excitation products are Python ops "
+                          "Zennit does not hook",
+    "efficientnet_b0": "residual sums and squeeze-excitation products are Python ops Zennit "
+                       "does not hook",
+    "unet": "torch.cat and nn.Upsample: Zennit has no rule for Upsample",
+}
 EXPORT_SECONDS: dict[tuple[str, str], float] = {}
 
 
@@ -87,8 +109,11 @@ def missing_ops(needs: tuple[str, ...]) -> list[str]:
 
 
 def cases(names: list[str] | None = None) -> list[Any]:
+    """(model, exporter) parameters, marked slow or xfail; used as a module-scoped fixture's
+    params so that pytest runs every test of one model before building the next (one model
+    in memory at a time)."""
     out = []
-    for name in names or list(MODELS):
+    for name in names or ARCHITECTURES:
         missing = missing_ops(MODELS[name][1])
         for exporter in EXPORTERS:
             marks = []
@@ -97,7 +122,7 @@ def cases(names: list[str] | None = None) -> list[Any]:
             if missing:
                 marks.append(pytest.mark.xfail(
                     strict=True, reason=f"waiting for {', '.join(missing)} in the language"))
-            out.append(pytest.param(name, exporter, id=f"{name}-{exporter}", marks=marks))
+            out.append(pytest.param((name, exporter), id=f"{name}-{exporter}", marks=marks))
     return out
 
 
@@ -155,17 +180,25 @@ def build(name: str) -> Any:
         model = cnn3d()
     elif name == "ecg1d":
         model = ecg1d()
+    elif name == "mobilenet_v2_relu":
+        model = tv.models.mobilenet_v2(weights=None, num_classes=10)
+        for module in list(model.modules()):
+            for child_name, child in module.named_children():
+                if isinstance(child, nn.ReLU6):
+                    setattr(module, child_name, nn.ReLU())
     else:
         model = getattr(tv.models, name)(weights=None, num_classes=10)
     gen = torch.Generator().manual_seed(1)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
-        for m in model.modules():   # non-trivial running statistics and affine parameters
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
+        for m in norms:   # non-trivial affine parameters
+            m.weight.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+            m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
+            m.momentum = None   # the running statistics: a cumulative average
+        if norms:   # running statistics of data, so that signals keep their scale
+            model.train()
+            shape = MODELS[name][0]
+            model(torch.randn(4 if name == "vgg11_bn" else 16, *shape, generator=gen))
     return model.eval()
 
 
@@ -186,43 +219,60 @@ def export(model: Any, x: Any, path: Path, exporter: str, optimized: bool = Fals
 
 
 class Imported:
-    """One model, exported and imported: the torch model, the files and the pbxc models."""
+    """One model, exported and imported: the torch model (in float64), the file and the
+    float64 pbxc model; the float32 one and the folded float64 export on demand."""
 
     def __init__(self, name: str, exporter: str, folder: Path) -> None:
-        self.name, self.exporter = name, exporter
-        self.torch = build(name)
+        self.name, self.exporter, self.folder = name, exporter, folder
+        model = build(name)
         shape = MODELS[name][0]
         batch = 1 if name == "vgg11_bn" else 2
         rng = np.random.default_rng(7)
         self.x32 = rng.normal(size=(batch, *shape)).astype(np.float32)
         self.onnx = folder / f"{name}-{exporter}.onnx"
         start = time.perf_counter()
-        export(self.torch, torch.from_numpy(self.x32[:1]), self.onnx, exporter)
+        export(model, torch.from_numpy(self.x32[:1]), self.onnx, exporter)
         EXPORT_SECONDS[(name, exporter)] = time.perf_counter() - start
         self.result = import_onnx(self.onnx, folder / f"{name}_{exporter}.pbx")
         assert self.result.pbx_path is not None
-        self.f32 = pbxc.load(self.result.pbx_path)
         self.f64 = pbxc.load(self.result.pbx_path, dtype="float64")
         self.x64 = self.x32.astype(np.float64)
-        self.twin = self.torch.double()
+        self.twin = model.double()
+        self._folded: Any = None
+
+    def f32(self) -> Any:
+        assert self.result.pbx_path is not None
+        return pbxc.load(self.result.pbx_path)
 
     def torch_forward(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return np.asarray(self.twin(torch.from_numpy(x)).numpy())
 
+    def folded(self) -> Any:
+        """The float64 model exported with the exporter's defaults, which fold each batch
+        norm into its convolution in float64 (to rounding): the network the Zennit twin
+        computes. (pbxc applies its LRP rule to an unfolded batchnorm as a layer of its own,
+        which differs from the folded layer by the stabiliser's share, about epsilon
+        relative.)"""
+        if self._folded is None:
+            path = self.folder / f"{self.name}-{self.exporter}-folded.onnx"
+            export(self.twin, torch.from_numpy(self.x64[:1]), path, self.exporter,
+                   optimized=True)
+            res = import_onnx(path, self.folder / f"{self.name}_{self.exporter}_folded.pbx")
+            assert "batchnorm(" not in res.text and "float64" in res.text
+            assert res.pbx_path is not None
+            self._folded = pbxc.load(res.pbx_path)
+        return self._folded
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Imported]:
-    folder = tmp_path_factory.mktemp("onnx_models")
-    cache: dict[tuple[str, str], Imported] = {}
 
-    def get(name: str, exporter: str) -> Imported:
-        require_ops(name)
-        if (name, exporter) not in cache:
-            cache[(name, exporter)] = Imported(name, exporter, folder)
-        return cache[(name, exporter)]
-
-    return get
+@pytest.fixture(scope="module", params=cases())
+def zoo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    name, exporter = request.param
+    require_ops(name)
+    m = Imported(name, exporter, tmp_path_factory.mktemp(f"{name}-{exporter}"))
+    yield m
+    del m
+    gc.collect()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -246,15 +296,14 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------- forward and gradient
 
 
-@pytest.mark.parametrize(("name", "exporter"), cases())
-def test_forward_matches_onnxruntime_and_torch(name: str, exporter: str,
-                                               zoo: Callable[[str, str], Imported]) -> None:
-    m = zoo(name, exporter)
+def test_forward_matches_onnxruntime_and_torch(zoo: Imported) -> None:
+    m = zoo
     sess = ort.InferenceSession(str(m.onnx))
     feed = sess.get_inputs()[0].name
     theirs = np.concatenate([sess.run(None, {feed: m.x32[i:i + 1]})[0]
                              for i in range(len(m.x32))])   # dynamo files fix batch 1
-    ours = m.f32.forward(m.x32)
+    del sess
+    ours = m.f32().forward(m.x32)
     assert ours.dtype == np.float32 and ours.shape == theirs.shape
     assert rel(ours, theirs) < 1e-5
     ours64 = m.f64.forward(m.x64)
@@ -262,10 +311,8 @@ def test_forward_matches_onnxruntime_and_torch(name: str, exporter: str,
     assert rel(ours64, m.torch_forward(m.x64)) < 1e-10
 
 
-@pytest.mark.parametrize(("name", "exporter"), cases())
-def test_gradient_matches_torch(name: str, exporter: str,
-                                zoo: Callable[[str, str], Imported]) -> None:
-    m = zoo(name, exporter)
+def test_gradient_matches_torch(zoo: Imported) -> None:
+    m = zoo
     ours = m.f64.gradient(m.x64)
     x = torch.from_numpy(m.x64).requires_grad_(True)
     y = m.twin(x).reshape(len(m.x64), -1)
@@ -280,31 +327,30 @@ def test_gradient_matches_torch(name: str, exporter: str,
 # ---------------------------------------------------------------- DFD
 
 
-@pytest.mark.parametrize(("name", "exporter"), cases())
-def test_dfd_sums_to_delta(name: str, exporter: str,
-                           zoo: Callable[[str, str], Imported]) -> None:
-    m = zoo(name, exporter)
+def test_dfd_sums_to_delta(zoo: Imported) -> None:
+    m = zoo
     res = m.f64.dfd(m.x64)
     total = res.attributions[m.f64.input_names[0]].reshape(len(m.x64), -1).sum(axis=1)
     scale = max(1.0, float(np.abs(res.delta).max()))
     assert np.abs(total - res.delta).max() <= 1e-12 * scale
-    assert np.abs(res.delta).max() > 0
+    assert np.abs(res.delta).max() > 1e-3 * np.abs(res.outputs).max()   # a real signal
 
 
-@pytest.mark.parametrize(("name", "exporter"), cases(sorted(CAPTUM)))
-def test_dfd_matches_captum(name: str, exporter: str,
-                            zoo: Callable[[str, str], Imported]) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_dfd_matches_captum(exporter: str, tmp_path: Path) -> None:
     captum_attr = pytest.importorskip("captum.attr", reason="the Captum comparison needs captum")
-    m = zoo(name, exporter)
+    m = Imported("mobilenet_v2_relu", exporter, tmp_path)
     res = m.f64.dfd(m.x64, baseline="zeros")
     x = torch.from_numpy(m.x64)
     theirs = captum_attr.DeepLift(m.twin).attribute(
         x, torch.zeros_like(x), target=torch.from_numpy(res.targets)).detach().numpy()
     ours = res.attributions[m.f64.input_names[0]]
+    n = len(m.x64)
+    assert np.abs(res.delta).max() > 1e-3 * np.abs(res.outputs).max()   # a real signal
+    assert np.abs(theirs.reshape(n, -1).sum(1) - res.delta).max() <= 1e-10 * \
+        np.abs(res.delta).max()   # Captum's own attributions sum to delta here
     assert rel(ours, theirs) < 1e-9
-
-
-# ---------------------------------------------------------------- LRP
 
 
 def fold_batchnorm_exactly(model: Any) -> Any:
@@ -348,42 +394,18 @@ def zennit_composite(name: str, canonizers: list[Any]) -> Any:
     return composites.EpsilonPlus(canonizers=canonizers)
 
 
-@pytest.fixture(scope="module")
-def folded_zoo(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Any]:
-    """The float64 model exported with the exporter's defaults, which fold each batch norm
-    into its convolution in float64 (to rounding): the network the Zennit twin computes.
-    (pbxc applies its LRP rule to an unfolded batchnorm as a layer of its own, which
-    differs from the folded layer by the stabiliser's share, about epsilon relative.)"""
-    folder = tmp_path_factory.mktemp("onnx_folded")
-    cache: dict[tuple[str, str], Any] = {}
-
-    def get(name: str, exporter: str) -> Any:
-        require_ops(name)
-        if (name, exporter) not in cache:
-            model = build(name).double()
-            x = np.random.default_rng(7).normal(size=(1 if name == "vgg11_bn" else 2,
-                                                      *MODELS[name][0]))
-            path = folder / f"{name}-{exporter}.onnx"
-            export(model, torch.from_numpy(x[:1]), path, exporter, optimized=True)
-            res = import_onnx(path, folder / f"{name}_{exporter}.pbx")
-            assert "batchnorm(" not in res.text and "float64" in res.text
-            cache[(name, exporter)] = (model, pbxc.load(folder / f"{name}_{exporter}.pbx"), x)
-        return cache[(name, exporter)]
-
-    return get
-
-
 @pytest.mark.parametrize("composite", ["epsilon", "epsilon-plus"])
-@pytest.mark.parametrize(("name", "exporter"), cases(sorted(ZENNIT)))
-def test_lrp_matches_zennit(name: str, exporter: str, composite: str,
-                            folded_zoo: Callable[[str, str], Any]) -> None:
+def test_lrp_matches_zennit(zoo: Imported, composite: str) -> None:
     try:   # zennit imports torchvision, which may raise more than ImportError
         from zennit.attribution import Gradient
     except Exception as exc:
         pytest.skip(f"the Zennit comparison needs zennit to import: {exc}")
     import copy
 
-    model, imported, x = folded_zoo(name, exporter)
+    name = zoo.name
+    if name not in ZENNIT:
+        pytest.skip(f"{name}: {NOT_ZENNIT.get(name, 'not compared with Zennit')}")
+    imported, x, model = zoo.folded(), zoo.x64, zoo.twin
     assert imported.dtype == np.float64
     ours = imported.lrp(x, composite=composite)
     twin = fold_batchnorm_exactly(copy.deepcopy(model))
@@ -410,7 +432,7 @@ def test_lrp_matches_zennit(name: str, exporter: str, composite: str,
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", ["resnet18", "ecg1d"])
+@pytest.mark.parametrize("name", ["unet", "ecg1d"])
 def test_default_export_matches_onnxruntime(name: str, exporter: str, tmp_path: Path) -> None:
     """The exporters' default (optimised; batch norm folded into the convolutions)."""
     require_ops(name)

@@ -224,7 +224,10 @@ def test_forward_and_jacobian_against_torch(case: Case, tmp_path: Path) -> None:
     if case.slow is not None:
         np.testing.assert_allclose(got_op[0], case.slow(x[0]), rtol=1e-13, atol=1e-14)
     jac = torch.autograd.functional.jacobian(lambda t: net(t[None])[0], _t(x[0])).numpy()
-    for mode in ("forward", "reverse", "auto"):
+    modes = ["forward", "reverse", "auto"]
+    if all(len(n.inputs) <= 1 for n in model.nodes) and "global_avgpool" not in case.expr:
+        modes.append("chain")   # a chain: the matrix-chain plan applies
+    for mode in modes:
         got = model.jacobian(x[:1], mode=mode).jacobian[0]
         np.testing.assert_allclose(got, jac, rtol=1e-12, atol=1e-13, err_msg=mode)
     lanes, _ = reference_jacobian(model, {"x": x[0]}, "logits", "x", float_kit(model))
@@ -494,3 +497,26 @@ def test_dfd_matches_captum_on_linear_round2_ops(tmp_path: Path) -> None:
         np.repeat(x0, 3, axis=0)), target=2).detach().numpy()
     np.testing.assert_allclose(ours.attributions["x"], theirs, rtol=1e-10, atol=1e-12)
     assert ours.summation_error.max() < 1e-12
+
+
+def test_lanes_run_in_mpmath_through_the_round2_ops(tmp_path: Path) -> None:
+    """The verifier's high-precision reference (mpmath lanes) through every round-2 form."""
+    import mpmath
+
+    from pbxc.verify.lanes import mp_kit
+    weights = {"p.weight": np.array([0.25, -0.5]), "c": np.array([[[2.0]], [[0.5]]]),
+               "head.weight": RNG.normal(size=(2, 8)), "head.bias": np.zeros(2)}
+    np.savez(tmp_path / "w.npz", **weights)
+    (tmp_path / "m.pbx").write_text(
+        'model mp\nweights "w.npz"\ninput x: float64[2, 3, 3]\n'
+        "a = upsample(prelu(maxpool2d(pad(x, pads=(0, 1, 0, 1), value=0.1), 2, "
+        "ceil_mode=true), @p), scale=2)\n"
+        'b = upsample(avgpool2d(x, 2, ceil_mode=true), mode="linear", scale=2)\n'
+        "g = unsqueeze(global_avgpool(x), axes=(1, 2))\n"
+        "c = div(sub(mul(add(a, b), g), 0.5), @c)\n"
+        "output y = linear(flatten(adaptive_avgpool2d(c, (2, 2))), @head)\n")
+    model = pbxc.load(tmp_path / "m.pbx")
+    x = RNG.normal(size=(1, 2, 3, 3))
+    with mpmath.workdps(30):
+        jac, _ = reference_jacobian(model, {"x": x[0]}, "y", "x", mp_kit(model, 30))
+    np.testing.assert_allclose(jac, model.jacobian(x).jacobian[0], rtol=1e-13, atol=1e-15)

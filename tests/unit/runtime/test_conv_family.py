@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pbxc.codegen.kernels import conv as C
 
@@ -219,3 +221,54 @@ def test_dense_matrix_scattered_from_the_weights(case: tuple) -> None:
 def test_workspace_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="at least 1 byte"):
         C.set_conv_workspace(0)
+
+
+@st.composite
+def conv_configs(draw: st.DrawFn) -> dict:
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    axis = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2),
+                     st.integers(0, 3), st.integers(0, 3))   # kernel, stride, dilation, pads
+    axes = [draw(axis) for _ in range(dims)]
+    sizes = [draw(st.integers(max(1, (k - 1) * d + 1 - b - e), 7)) for k, _, d, b, e in axes]
+    out_pad = [draw(st.integers(0, max(s, d) - 1)) for _, s, d, _, _ in axes]
+    return {"dims": dims, "groups": groups, "cin": groups * draw(st.integers(1, 2)),
+            "cout": groups * draw(st.integers(1, 2)), "size": tuple(sizes),
+            "kernel": tuple(a[0] for a in axes), "stride": tuple(a[1] for a in axes),
+            "dilation": tuple(a[2] for a in axes), "pads": tuple((a[3], a[4]) for a in axes),
+            "out_pad": tuple(out_pad)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(conv_configs())
+def test_random_configurations_match_torch(cfg: dict) -> None:
+    """Any stride/padding/dilation/groups/output_padding, padding wider than the kernel
+    included: the forward, its adjoint and the transposed convolution against torch."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    d, g = cfg["dims"], cfg["groups"]
+    x = rng.normal(size=(2, cfg["cin"], *cfg["size"]))
+    w = rng.normal(size=(cfg["cout"], cfg["cin"] // g, *cfg["kernel"]))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    xt = torch.tensor(x, requires_grad=True)
+    yt = conv(_torch_pad(xt, cfg["pads"]), torch.tensor(w), stride=cfg["stride"],
+              dilation=cfg["dilation"], groups=g)
+    y = C.conv_nd(x, w, None, cfg["stride"], cfg["pads"], cfg["dilation"], g)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    cot = rng.normal(size=y.shape)
+    yt.backward(torch.tensor(cot))
+    back = C.conv_nd_transpose(cot, w, cfg["size"], cfg["stride"], cfg["pads"],
+                               cfg["dilation"], g)
+    np.testing.assert_allclose(back, xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+    # the transposed convolution, with torch's symmetric padding (begin of each axis)
+    sym = tuple(min(b, (k - 1) * dl // 2) for (b, _), k, dl in
+                zip(cfg["pads"], cfg["kernel"], cfg["dilation"]))
+    conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+    wt = rng.normal(size=(cfg["cin"], cfg["cout"] // g, *cfg["kernel"]))
+    yt = conv_t(torch.tensor(x), torch.tensor(wt), stride=cfg["stride"], padding=sym,
+                output_padding=cfg["out_pad"], groups=g, dilation=cfg["dilation"])
+    got = C.conv_transpose_nd(x, wt, None, cfg["stride"], sym, cfg["out_pad"],
+                              cfg["dilation"], g)
+    np.testing.assert_allclose(got, yt.numpy(), rtol=1e-12, atol=1e-12)
