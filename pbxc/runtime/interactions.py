@@ -130,30 +130,40 @@ def _target_values(y: Array, rows: Array, on: str) -> Array:
     return flat[np.arange(len(flat)), rows]
 
 
-def perturbed_points(x: Array, d: Array) -> tuple[Array, Array, Array]:
-    """For one sample x (n,) and steps d (n,): the points x, x + d_i (i < n) and
-    x + d_i + d_j (i <= j, upper triangle in row-major order), built as x, then
-    p[i] += d_i, then p[j] += d_j; and the pair indices (iu, ju)."""
-    n = x.size
-    iu, ju = np.triu_indices(n)
-    points = np.repeat(x[None], 1 + n + len(iu), axis=0)
-    single = points[1:1 + n]
-    single[np.arange(n), np.arange(n)] += d
-    pair = points[1 + n:]
+def perturbed_points(x: Array, d: Array, features: Array | None = None
+                     ) -> tuple[Array, Array, Array]:
+    """For one sample x (n_all,), steps d (n_all,) and the k chosen features (default: all):
+    the points x, x + d_i (i among them) and x + d_i + d_j (i <= j, upper triangle in
+    row-major order), built as x, then p[i] += d_i, then p[j] += d_j; and the pair indices
+    (iu, ju) into the chosen features."""
+    chosen = np.arange(x.size) if features is None else np.asarray(features)
+    k = chosen.size
+    iu, ju = np.triu_indices(k)
+    points = np.repeat(x[None], 1 + k + len(iu), axis=0)
+    single = points[1:1 + k]
+    single[np.arange(k), chosen] += d[chosen]
+    pair = points[1 + k:]
     rows = np.arange(len(iu))
-    pair[rows, iu] += d[iu]
-    pair[rows, ju] += d[ju]
+    pair[rows, chosen[iu]] += d[chosen[iu]]
+    pair[rows, chosen[ju]] += d[chosen[ju]]
     return points, iu, ju
 
 
 def interactions(model: Any, inputs: Mapping[str, Array], output: str, wrt: str,
                  target: Any = None, on: str = "logits", step: Any = 0.1,
-                 scale: Any = None) -> InteractionResult:
-    """Mixed differences of the target output for every feature pair (see the module doc)."""
+                 scale: Any = None, features: Any = None) -> InteractionResult:
+    """Mixed differences of the target output for every feature pair (see the module doc);
+    ``features``: indices into the flattened input to restrict the pairs to (the matrices
+    are then (B, k, k) over those features, in that order)."""
     x = inputs[wrt]
     batch, in_shape = x.shape[0], x.shape[1:]
-    n = size(in_shape)
-    d = resolve_steps(x, step, scale).reshape(batch, n)
+    n_all = size(in_shape)
+    chosen = np.arange(n_all) if features is None else np.asarray(features, dtype=np.int64)
+    if chosen.ndim != 1 or chosen.size == 0 or chosen.min() < 0 or chosen.max() >= n_all \
+            or len(set(chosen.tolist())) != chosen.size:
+        raise InputError(f"features must be distinct indices in [0, {n_all}), got {features!r}")
+    n = chosen.size
+    d = resolve_steps(x, step, scale).reshape(batch, n_all)
     res = hessian(model, inputs, output, wrt, target, on)
     rows = np.asarray(res.targets)
     nodes = path_nodes(model.graph, wrt, output)
@@ -163,10 +173,10 @@ def interactions(model: Any, inputs: Mapping[str, Array], output: str, wrt: str,
     crossed_nodes: list[dict[str, int]] = []
     values = np.empty(batch, dtype=x.dtype)
     steps = np.empty((batch, n), dtype=x.dtype)
-    flat_x = x.reshape(batch, n)
+    flat_x = x.reshape(batch, n_all)
     for b in range(batch):
-        points, iu, ju = perturbed_points(flat_x[b], d[b])
-        steps[b] = points[1 + np.arange(n), np.arange(n)] - flat_x[b]
+        points, iu, ju = perturbed_points(flat_x[b], d[b], chosen)
+        steps[b] = points[1 + np.arange(n), chosen] - flat_x[b][chosen]
         f = np.empty(per_sample, dtype=x.dtype)
         changed: dict[str, Array] = {}      # node -> per point: a unit changed piece
         reference: dict[str, Array] = {}    # node -> the pieces at x
@@ -197,9 +207,9 @@ def interactions(model: Any, inputs: Mapping[str, Array], output: str, wrt: str,
                 crossed[b][ju, iu] |= hit
                 counts[name] = int(hit.sum())
         crossed_nodes.append(counts)
-    h = res.hessian.reshape(batch, n, n)
+    h = res.hessian.reshape(batch, n_all, n_all)[:, chosen][:, :, chosen]
     taylor = steps[:, :, None] * steps[:, None, :] * h
-    names = _feature_names(model, wrt, n)
+    names = [_feature_names(model, wrt, n_all)[i] for i in chosen]
     kinks = KinkReport(res.kinks.at_x, crossed_nodes)
     return InteractionResult(inter, taylor, inter - taylor, steps, h, values, rows, on,
                              crossed, kinks, names)

@@ -411,13 +411,15 @@ class Model:
 
     def interactions(self, x: np.ndarray | Mapping[str, np.ndarray], *, target: Any = None,
                      step: Any = 0.1, scale: Any = None, output: str | None = None,
-                     wrt: str | None = None, on: str = "logits") -> InteractionResult:
+                     wrt: str | None = None, on: str = "logits",
+                     features: Any = None) -> InteractionResult:
         """Finite-perturbation interactions I_ij = f(x+d_i+d_j) - f(x+d_i) - f(x+d_j) + f(x)
         of the target output, with d_i = step * scale_i along feature i, beside the Taylor
-        term d_i^T H d_j and the residual (specs/hessian.md)."""
+        term d_i^T H d_j and the residual (specs/hessian.md); ``features`` restricts the
+        pairs to those flattened input indices."""
         output, wrt = self._io(output, wrt)
         return interactions(self, self.prepare_inputs(x), output, wrt, target, on, step,
-                            scale)
+                            scale, features)
 
     def kinks_hit(self, x: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, int]:
         """Per activation node, how many units of the batch sit exactly on a kink.

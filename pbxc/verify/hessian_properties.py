@@ -39,6 +39,9 @@ from pbxc.verify.properties import (
 
 Array = np.ndarray
 
+#: taylor_residual fits on the pairs among at most this many features (the largest H rows)
+MAX_TAYLOR_FEATURES = 16
+
 
 def _target_spec(cfg: CheckConfig) -> Any:
     t = cfg.settings.get("target", "predicted")
@@ -249,9 +252,31 @@ def check_taylor_residual(ctx: Context, inputs: dict[str, Array], cfg: CheckConf
     on = str(cfg.settings.get("on", "logits"))
     x = inputs[ctx.wrt]
     eps = float(np.finfo(x.dtype).eps)
+    batch = len(x)
+    out = []
+    for b in range(batch):
+        sample = {k: v[b:b + 1] for k, v in inputs.items()}
+        out += _taylor_residual_sample(model, ctx, sample, cfg, step, halvings, top, on, eps)
+    return out
+
+
+def _taylor_residual_sample(model: Any, ctx: Context, inputs: dict[str, Array],
+                            cfg: CheckConfig, step: float, halvings: int, top: int, on: str,
+                            eps: float) -> list[Outcome]:
+    x = inputs[ctx.wrt]
+    n_all = int(np.prod(x.shape[1:]))
+    features = None
+    if n_all > MAX_TAYLOR_FEATURES:   # the features with the largest Hessian rows
+        try:
+            h = _hessian(ctx, inputs, cfg).hessian.reshape(n_all, n_all)
+        except UnsupportedOp as err:
+            raise Skip(str(err)) from None
+        features = np.sort(np.argsort(-np.abs(h).sum(axis=1), kind="stable")
+                           [:MAX_TAYLOR_FEATURES])
     try:
         results = [model.interactions(inputs, target=_target_spec(cfg), step=step / 2 ** k,
-                                      output=ctx.output, wrt=ctx.wrt, on=on)
+                                      output=ctx.output, wrt=ctx.wrt, on=on,
+                                      features=features)
                    for k in range(halvings + 1)]
     except UnsupportedOp as err:
         raise Skip(str(err)) from None

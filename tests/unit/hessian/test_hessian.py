@@ -441,3 +441,17 @@ def test_products_prelu_and_constant_scaling_match_torch(write_model: Callable[.
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert _rel(mod.hessian(x, target=1), ref) < 1e-12
+
+
+def test_interactions_on_chosen_features() -> None:
+    m, x = model("breast_cancer_smooth_mlp"), inputs("breast_cancer_smooth_mlp", 1)
+    full = m.interactions(x, step=0.05)
+    chosen = [3, 7, 20]
+    sub = m.interactions(x, step=0.05, features=chosen)
+    assert sub.interactions.shape == (1, 3, 3)
+    assert sub.feature_names == [m.feature_names["x"][i] for i in chosen]
+    want = full.interactions[0][np.ix_(chosen, chosen)]
+    np.testing.assert_allclose(sub.interactions[0], want, rtol=1e-9,
+                               atol=1e-12 * np.abs(full.values).max())
+    with pytest.raises(InputError, match="features must be distinct"):
+        m.interactions(x, features=[1, 1])
