@@ -209,6 +209,10 @@ def _mp_values(model: Any, sample: Mapping[str, Array], output: str, kit: Kit) -
     return list(values[output][0].reshape(-1))
 
 
+#: inputs hessian_mp differentiates along at most (each costs two mpmath Jacobians)
+MP_INPUT_LIMIT = 32
+
+
 def check_hessian_mp(ctx: Context, inputs: dict[str, Array], cfg: CheckConfig
                      ) -> list[Outcome]:
     model = ctx.model
@@ -217,6 +221,13 @@ def check_hessian_mp(ctx: Context, inputs: dict[str, Array], cfg: CheckConfig
     if count > limit:
         raise Skip(f"the model has {count:,} weight values; hessian_mp evaluates in mpmath "
                    f"and takes models of at most {limit:,} (raise max_params to insist)")
+    width = int(np.prod(model.input_shapes[ctx.wrt]))
+    max_inputs = int(cfg.settings.get("max_inputs", MP_INPUT_LIMIT))
+    if width > max_inputs:
+        # central differences of the mpmath Jacobian: 2 x inputs mpmath passes per sample
+        raise Skip(f"the input has {width} values; hessian_mp differentiates the mpmath "
+                   f"Jacobian along each and takes inputs of at most {max_inputs} "
+                   "(raise max_inputs to insist)")
     dps = int(cfg.settings["dps"])
     on = str(cfg.settings.get("on", "logits"))
     res = _hessian(ctx, inputs, cfg)
@@ -320,7 +331,8 @@ register(Property("hessian_fd", "the Hessian against central differences of the 
                   search_cap=20))
 register(Property("hessian_mp", "the Hessian against mpmath (small models)", 1e-12,
                   {"target": "predicted", "on": "logits", "dps": 40,
-                   "max_params": MP_PARAM_LIMIT}, check_hessian_mp, search_cap=2,
+                   "max_params": MP_PARAM_LIMIT, "max_inputs": MP_INPUT_LIMIT},
+                  check_hessian_mp, search_cap=2,
                   sample_cap=4))
 register(Property("taylor_residual", "the mixed difference's Taylor residual shrinks as "
                   "O(|d|^3)", 0.5, {"target": "predicted", "on": "logits", "step": 0.02,

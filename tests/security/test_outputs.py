@@ -261,14 +261,14 @@ def test_a_failing_import_leaves_nothing_behind(work: Path, monkeypatch: pytest.
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
     onnx.save(helper.make_model(graph), str(work / "m.onnx"))
     (work / "m.pbx").write_text("the user's old model\n")
-    import pbxc.pipeline
+    import pbxc.graph.frontend
 
     def broken_check(path: str) -> None:
         from pbxc.errors import PbxError
 
         raise PbxError(f"{Path(path).name}: the imported model does not check")
 
-    monkeypatch.setattr(pbxc.pipeline, "check_file", broken_check)
+    monkeypatch.setattr(pbxc.graph.frontend, "check_file", broken_check)
     fails(capsys, ["import", "m.onnx", "-o", "m.pbx"], "the imported model does not check")
     assert (work / "m.pbx").read_text() == "the user's old model\n"
     assert not (work / "m.npz").exists()
