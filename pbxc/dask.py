@@ -21,6 +21,7 @@ the SHA-256 of the model text and its weight files' bytes.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import hashlib
@@ -170,7 +171,7 @@ def cached_model(source: ModelSource) -> Any:
 # ---------------------------------------------------------------- reading samples
 
 
-class Rows:
+class Rows(abc.ABC):
     """Samples of a data set read by row ranges; pickles as its description, never its data."""
 
     shape: tuple[int, ...]
@@ -184,8 +185,9 @@ class Rows:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @abc.abstractmethod
     def read(self, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
+        """Samples ``[start, stop)`` as one NumPy array."""
 
     def __getitem__(self, index: Any) -> np.ndarray:
         """Dask's array protocol: ``index`` is a tuple of slices, sample axis first."""
