@@ -47,6 +47,8 @@ class OpKind(enum.Enum):
     SQUEEZE = "squeeze"
     UNSQUEEZE = "unsqueeze"
     PAD = "pad"
+    # issue 12 (norm): layer normalisation
+    LAYERNORM = "layernorm"
 
 
 # Kind groups, used by passes to share rules.
@@ -267,6 +269,11 @@ SIGNATURES: dict[str, OpSignature] = {
                     summary="softmax over a per-sample axis"),
         OpSignature(OpKind.LOG_SOFTMAX, "log_softmax", attrs=(AttrSpec("axis", AttrType.INT, -1),),
                     summary="log-softmax over a per-sample axis"),
+        # issue 12 (norm): layer normalisation over the trailing `last` per-sample axes
+        OpSignature(OpKind.LAYERNORM, "layernorm", params=_WB, attrs=(
+            AttrSpec("eps", AttrType.FLOAT, 1e-5, minimum=0.0),
+            AttrSpec("last", AttrType.INT, 1, minimum=1),
+        ), summary="(x - mean) / sqrt(var + eps) * weight + bias over the last `last` axes"),
     )
 }
 

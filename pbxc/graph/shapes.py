@@ -379,6 +379,17 @@ def _softmax(ctx: _Ctx) -> Shape:
     return ctx.inputs[0]
 
 
+# issue 12 (norm): layernorm's weight and bias span the normalised trailing axes
+def _layernorm(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    last = int(ctx.node.attr("last"))
+    if last > len(x):
+        raise ctx.fail(f"last={last} exceeds the per-sample rank of {fmt(x)}")
+    for role in ("weight", "bias"):
+        ctx.expect_weight(role, tuple(x[len(x) - last:]))
+    return x
+
+
 SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
     OpKind.LINEAR: _linear,
     OpKind.CONV1D: lambda c: _conv(c, 1),
@@ -414,6 +425,7 @@ SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
     OpKind.SOFTMAX: _softmax,
     OpKind.LOG_SOFTMAX: _softmax,
     OpKind.ACTIVATION: lambda c: c.inputs[0],
+    OpKind.LAYERNORM: _layernorm,   # issue 12 (norm)
 }
 
 

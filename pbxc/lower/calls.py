@@ -130,6 +130,8 @@ def _kernel_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
         return (("axis", int(node.attr("axis")) % max(rank, 1)),)
     if kind is OpKind.BATCHNORM:
         return (("eps", float(node.attr("eps"))),)
+    if kind is OpKind.LAYERNORM:   # issue 12 (norm)
+        return (("eps", float(node.attr("eps"))), ("last", int(node.attr("last"))))
     return ()
 
 

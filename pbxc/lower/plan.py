@@ -65,6 +65,8 @@ def vector_cost(node: OpNode, graph: ModelGraph) -> int:
         return 0
     if kind in (OpKind.ACTIVATION, OpKind.BATCHNORM, OpKind.NORMALIZE):
         return out
+    if kind is OpKind.LAYERNORM:   # issue 12 (norm): two means, a centring, a scaling per vector
+        return 6 * out
     raise UnsupportedOp(f"the jacobian plan has no cost rule for op '{kind.value}'", node.pos)
 
 

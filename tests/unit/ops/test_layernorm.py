@@ -1,0 +1,113 @@
+"""layernorm (issue 12): forward vs torch's layer_norm and a slow loop reference, Jacobian in
+every mode and the gradient vs torch autograd, DFD summation-to-delta through the primitives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pbxc
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+RNG = np.random.default_rng(12)
+
+
+def slow_layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float,
+                   last: int) -> np.ndarray:
+    """One sample, each normalised group by explicit sums (the definition, biased variance)."""
+    lead = x.shape[: x.ndim - last]
+    flat = x.reshape(int(np.prod(lead)) if lead else 1, -1)
+    out = np.empty_like(flat)
+    for i, row in enumerate(flat):
+        n = len(row)
+        mu = sum(float(v) for v in row) / n
+        var = sum((float(v) - mu) ** 2 for v in row) / n
+        out[i] = [(float(v) - mu) / np.sqrt(var + eps) for v in row]
+    return out.reshape(x.shape) * w + b
+
+
+def build(tmp_path: Path, shape: tuple[int, ...], last: int, eps: float = 1e-5,
+          bias: bool = True, dtype: str = "float64"):
+    norm_shape = shape[len(shape) - last:]
+    width = int(np.prod(shape))
+    weights = {"ln.weight": 1.0 + 0.3 * RNG.normal(size=norm_shape),
+               "head.weight": RNG.normal(size=(3, width)) / np.sqrt(width),
+               "head.bias": RNG.normal(size=3) * 0.1}
+    if bias:
+        weights["ln.bias"] = 0.2 * RNG.normal(size=norm_shape)
+    np.savez(tmp_path / "w.npz", **weights)
+    text = (f'model ln\nweights "w.npz"\ninput x: {dtype}[{", ".join(map(str, shape))}]\n'
+            f"h = layernorm(x, @ln, eps={eps}, last={last}{'' if bias else ', bias=false'})\n"
+            "output logits = linear(flatten(h), @head)\n")
+    (tmp_path / "m.pbx").write_text(text)
+    return pbxc.load(tmp_path / "m.pbx"), weights
+
+
+def torch_net(weights: dict[str, np.ndarray], shape: tuple[int, ...], last: int, eps: float):
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in weights.items()}
+
+    def net(x):
+        h = F.layer_norm(x, shape[len(shape) - last:], t["ln.weight"], t.get("ln.bias"), eps)
+        return h.flatten(1) @ t["head.weight"].T + t["head.bias"]
+    return net
+
+
+CASES = [((8,), 1, True), ((4, 6), 1, True), ((3, 4, 5), 2, False), ((2, 3, 4), 3, True)]
+
+
+@pytest.mark.parametrize("shape,last,bias", CASES)
+def test_forward_jacobian_gradient_against_torch(tmp_path: Path, shape, last, bias) -> None:
+    model, weights = build(tmp_path, shape, last, bias=bias)
+    net = torch_net(weights, shape, last, 1e-5)
+    x = RNG.normal(size=(3, *shape)) * 2.0 + 0.5
+    xt = torch.tensor(x)
+    np.testing.assert_allclose(model.forward(x), net(xt).numpy(), rtol=1e-12, atol=1e-12)
+    h = model.evaluate({"x": x})["h"]
+    ns = shape[len(shape) - last:]
+    ref_h = F.layer_norm(xt, ns, torch.tensor(weights["ln.weight"]),
+                         torch.tensor(weights["ln.bias"]) if bias else None, 1e-5).numpy()
+    np.testing.assert_allclose(h, ref_h, rtol=1e-12, atol=1e-12)
+    b = weights.get("ln.bias", np.zeros(ns))
+    np.testing.assert_allclose(h[0], slow_layernorm(x[0], weights["ln.weight"], b, 1e-5, last),
+                               rtol=1e-12, atol=1e-12)
+    jac = torch.func.jacrev(lambda t: net(t[None])[0])(xt[0]).numpy()
+    for mode in ("forward", "reverse", "auto"):
+        got = model.jacobian(x[:1], mode=mode).jacobian[0]
+        np.testing.assert_allclose(got, jac, rtol=1e-10, atol=1e-12, err_msg=mode)
+    grad = model.gradient(x, target=1)
+    xg = xt.clone().requires_grad_(True)
+    net(xg)[:, 1].sum().backward()
+    np.testing.assert_allclose(grad, xg.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,last,bias", CASES)
+def test_dfd_sums_to_delta(tmp_path: Path, shape, last, bias) -> None:
+    model, _ = build(tmp_path, shape, last, bias=bias)
+    x = RNG.normal(size=(4, *shape)) * 3.0
+    x0 = RNG.normal(size=shape) * 0.5
+    res = model.dfd(x, baseline=x0)
+    assert res.summation_error.max() <= 1e-12
+    # the baseline itself: zero contributions
+    same = model.dfd(x0[None], baseline=x0)
+    assert np.abs(same.attributions["x"]).max() <= 1e-12
+
+
+def test_float32_keeps_its_dtype(tmp_path: Path) -> None:
+    model, weights = build(tmp_path, (4, 6), 1, dtype="float32")
+    x = RNG.normal(size=(2, 4, 6)).astype(np.float32)
+    y = model.forward(x)
+    assert y.dtype == np.float32
+    ref = torch_net(weights, (4, 6), 1, 1e-5)(torch.tensor(x, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_shape_error_names_the_axes(tmp_path: Path) -> None:
+    np.savez(tmp_path / "w.npz", **{"ln.weight": np.ones(5)})
+    (tmp_path / "m.pbx").write_text('model ln\nweights "w.npz"\ninput x: float64[4, 6]\n'
+                                    "output y = layernorm(x, @ln, bias=false)\n")
+    with pytest.raises(pbxc.PbxError, match=r"expected \[6\]"):
+        pbxc.load(tmp_path / "m.pbx")
