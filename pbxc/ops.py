@@ -75,7 +75,8 @@ MULTIVARIATE = frozenset({OpKind.SOFTMAX, OpKind.LOG_SOFTMAX})
 # Ops the LRP engine runs a rule on; the others route relevance (specs/lrp.md)
 # (mul takes a rule when it scales by a constant; a product of two values routes relevance)
 LRP_RULE_KINDS = WEIGHTED | UNWEIGHTED_LINEAR | frozenset({
-    OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.BATCHNORM, OpKind.NORMALIZE})
+    OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV, OpKind.BATCHNORM, OpKind.NORMALIZE,
+    OpKind.LAYERNORM})   # issue 12 (norm): layernorm by AttnLRP's identity rule (sigma constant)
 
 
 class AttrType(enum.Enum):

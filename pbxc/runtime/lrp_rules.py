@@ -277,7 +277,8 @@ WEIGHTED_KINDS = frozenset({OpKind.LINEAR}) | CONVOLUTIONS
 CONV_KINDS = CONVOLUTIONS
 NORM_KINDS = UNWEIGHTED_LINEAR | frozenset({OpKind.ADD, OpKind.SUB})
 # per-element affine maps whose weights come from the model (mul and div by a constant)
-AFFINE_KINDS = frozenset({OpKind.BATCHNORM, OpKind.NORMALIZE, OpKind.MUL, OpKind.DIV})
+AFFINE_KINDS = frozenset({OpKind.BATCHNORM, OpKind.NORMALIZE, OpKind.MUL, OpKind.DIV,
+                          OpKind.LAYERNORM})   # issue 12 (norm): AttnLRP identity rule
 RULE_KINDS = WEIGHTED_KINDS | NORM_KINDS | AFFINE_KINDS
 assert RULE_KINDS == LRP_RULE_KINDS
 

@@ -72,3 +72,29 @@ def layernorm_dfd(m, xs, xs0, y, y0, local, p, eps, last):
     m_c = m_c + m_v * ((c + c0) / count)[:, None]
     # c = x - mean(x): linear, its transpose
     return [m_c - m_c.mean(axis=axes, keepdims=True)]
+
+
+# ---- LRP: AttnLRP's identity rule for the normalisation (Achtibat et al., ICML 2024, sec. 3.3):
+# the divisor sqrt(var + eps) is held constant, so the layer is the linear map
+# x -> diag(weight / sigma) (x - mean(x)) plus the bias, and takes the composite's epsilon rule
+# (R_in = x * W^T (R / (z + eps)), z the layer's own output; the ledger books bias and stabiliser).
+def layernorm_lrp_params(p, xs, eps, last):
+    _, r, _ = layernorm_parts(xs[0], eps, last)
+    bias = p.get("bias") if hasattr(p, "get") else None
+    return r * p["weight"], bias
+
+
+def layernorm_lrp_bias(b, z):
+    return b[None]
+
+
+def layernorm_lrp_forward(ins, w, eps, last):
+    x = ins[0]
+    axes = layernorm_axes(x.ndim, last)
+    return (x - x.mean(axis=axes, keepdims=True)) * w
+
+
+def layernorm_lrp_transpose(s, w, xs, eps, last):
+    """The centring is symmetric, so W^T s = centre(w s)."""
+    g = s * w
+    return [g - g.mean(axis=layernorm_axes(g.ndim, last), keepdims=True)]

@@ -111,3 +111,24 @@ def test_weight_shape_error_names_the_axes(tmp_path: Path) -> None:
                                     "output y = layernorm(x, @ln, bias=false)\n")
     with pytest.raises(pbxc.PbxError, match=r"expected \[6\]"):
         pbxc.load(tmp_path / "m.pbx")
+
+
+def test_lrp_identity_rule_and_ledger(tmp_path: Path) -> None:
+    """AttnLRP (Achtibat et al. 2024): sigma held constant. Under LRP-0 throughout, the input's
+    relevance is then x times the gradient of the network with sigma detached (torch)."""
+    shape, last = (4, 6), 1
+    model, weights = build(tmp_path, shape, last)
+    x = RNG.normal(size=(2, *shape))
+    for composite in ("epsilon", "lrp0", "epsilon-plus"):
+        res = model.lrp(x, composite=composite, target=1)
+        assert res.ledger.conservation_error.max() < 1e-12, composite
+        assert res.ledger.max_layer_error < 1e-12, composite
+    t = {k: torch.tensor(v) for k, v in weights.items()}
+    xt = torch.tensor(x).requires_grad_(True)
+    mu = xt.mean(-1, keepdim=True)
+    sigma = torch.sqrt(((xt - mu) ** 2).mean(-1, keepdim=True) + 1e-5).detach()
+    h = (xt - mu) / sigma * t["ln.weight"] + t["ln.bias"]
+    (h.flatten(1) @ t["head.weight"].T + t["head.bias"])[:, 1].sum().backward()
+    expected = (xt * xt.grad).detach().numpy()
+    got = model.lrp(x, composite="lrp0", target=1).relevance["x"]
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
