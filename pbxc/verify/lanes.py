@@ -245,6 +245,8 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
             return np.concatenate([s[None], s[None] * (t - mean_t)])
         logs = shifted - _log(kit, e.sum(axis=axis, keepdims=True))
         return np.concatenate([logs[None], t - mean_t])
+    if kind is OpKind.LAYERNORM:   # issue 12 (norm): the quotient rule, written independently
+        return _layernorm_lanes(x, p, kit.const(np.float64(attrs["eps"])), attrs["last"], kit)
     if kind is OpKind.ACTIVATION:
         z = x[0]
         slope = kit.derivative(node, z)
@@ -254,6 +256,23 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
         return np.concatenate([kit.activation(node, z)[None], slope[None] * x[1:]])
     raise UnsupportedOp(f"the verifier's reference evaluator has no rule for op "
                         f"'{kind.value}'", node.pos)
+
+
+def _layernorm_lanes(x: Array, p: Mapping[str, Array], eps: Any, last: int, kit: Kit) -> Array:
+    """y = c / sigma * w + b, c = v - mean(v), sigma = sqrt(mean(c^2) + eps) on the value lane;
+    dy = (dc / sigma - c dsigma / sigma^2) w with dsigma = mean(c dc) / sigma on the others."""
+    axes = tuple(range(x.ndim - last, x.ndim))
+    count = int(np.prod(x.shape[x.ndim - last:]))
+    v, t = x[0], x[1:]
+    c = v - v.sum(axis=tuple(a - 1 for a in axes), keepdims=True) / count
+    sigma = kit.sqrt((c * c).sum(axis=tuple(a - 1 for a in axes), keepdims=True) / count + eps)
+    dc = t - t.sum(axis=axes, keepdims=True) / count
+    dsigma = (c[None] * dc).sum(axis=axes, keepdims=True) / count / sigma[None]
+    y = c / sigma * p["weight"]
+    if "bias" in p:
+        y = y + p["bias"]
+    dy = (dc / sigma[None] - c[None] * dsigma / (sigma * sigma)[None]) * p["weight"]
+    return np.concatenate([y[None], dy])
 
 
 def _index(whole: int, rest: list[Any]) -> tuple[Any, ...]:

@@ -132,3 +132,30 @@ def test_lrp_identity_rule_and_ledger(tmp_path: Path) -> None:
     expected = (xt * xt.grad).detach().numpy()
     got = model.lrp(x, composite="lrp0", target=1).relevance["x"]
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_verify_lanes_and_compiled_module_agree(tmp_path: Path) -> None:
+    import importlib.util
+
+    from pbxc.runtime.compile import compile_model
+    from pbxc.verify.lanes import float_kit, reference_jacobian
+    model, _ = build(tmp_path, (3, 4, 5), 2)
+    x = RNG.normal(size=(2, 3, 4, 5))
+    lanes, _ = reference_jacobian(model, {"x": x[0]}, "logits", "x", float_kit(model))
+    np.testing.assert_allclose(lanes, model.jacobian(x[:1]).jacobian[0], rtol=1e-12,
+                               atol=1e-13)
+    files = compile_model(model, tmp_path / "out")
+    spec = importlib.util.spec_from_file_location("gen_layernorm", files[0])
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    np.testing.assert_allclose(gen.forward(x)["logits"], model.forward(x), rtol=1e-14)
+    np.testing.assert_allclose(gen.gradient(x), model.gradient(x), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(gen.jacobian(x), model.jacobian(x).jacobian, rtol=1e-13,
+                               atol=1e-15)
+    contributions, _ = gen.dfd(x, baseline=0.1)
+    np.testing.assert_allclose(contributions, model.dfd(x, baseline=0.1).attributions["x"],
+                               rtol=1e-12, atol=1e-14)
+    relevance, _ = gen.lrp(x, composite="epsilon")
+    np.testing.assert_allclose(relevance, model.lrp(x, composite="epsilon").relevance["x"],
+                               rtol=1e-12, atol=1e-14)
