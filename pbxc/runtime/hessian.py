@@ -151,6 +151,9 @@ defcurved(OpKind.SOFTMAX, "d2 s_i(u, w) = s_i[(u_i - s.u)(w_i - s.w) - (s.(u w) 
                           " (specs/hessian.md, checked by sympy)")
 defcurved(OpKind.LOG_SOFTMAX, "d2 log s_i(u, w) = -(s.(u w) - (s.u)(s.w)) (specs/hessian.md, "
                               "checked by sympy)")
+# issue 12 (norm): layernorm's exact second derivatives (pbxc/codegen/kernels/norm.py)
+defcurved(OpKind.LAYERNORM, "n = c r: d2n(p, q) = dc_p dr_q + dc_q dr_p + c d2r(p, q), "
+                            "d2r = 3 r^5 (c.dc_p)(c.dc_q)/N^2 - r^3 (dc_p.dc_q)/N")
 CURVED_KINDS = frozenset(k for k, r in SECOND_ORDER_RULES.items() if r.curved)
 
 

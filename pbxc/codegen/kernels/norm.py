@@ -98,3 +98,45 @@ def layernorm_lrp_transpose(s, w, xs, eps, last):
     """The centring is symmetric, so W^T s = centre(w s)."""
     g = s * w
     return [g - g.mean(axis=layernorm_axes(g.ndim, last), keepdims=True)]
+
+
+# ---- second order (the Hessian pass, pbxc/runtime/hessian.py). With n = c r, c = centre(x),
+# r = (mean(c^2) + eps)^(-1/2): dc = centre(t), dr = -r^2 mean(n dc), and
+# d2n(p, q) = dc_p dr_q + dc_q dr_p + c d2r(p, q),
+# d2r(p, q) = 3 r^5 mean(c dc_p) mean(c dc_q) - r^3 mean(dc_p dc_q) (differentiating dr again).
+def layernorm_jvp2(hs, ts, xs, y, local, curv, p, eps, last):
+    c, r, _ = layernorm_parts(xs[0], eps, last)
+    t = ts[0]
+    batch, m = t.shape[:2]
+    axes = layernorm_axes(t.ndim, last)
+    dc = t - t.mean(axis=axes, keepdims=True)
+    c, r = c[:, None], r[:, None]
+    proj = (c * dc).mean(axis=axes, keepdims=True)          # mean(c dc_p), (B, M, ...)
+    dr = -(r ** 3) * proj
+    pair_dc = dc[:, :, None] * dr[:, None, :] + dc[:, None, :] * dr[:, :, None]
+    cross = (dc[:, :, None] * dc[:, None, :]).mean(axis=tuple(a + 1 for a in axes),
+                                                   keepdims=True)
+    d2r = 3 * r[:, None] ** 5 * proj[:, :, None] * proj[:, None, :] - r[:, None] ** 3 * cross
+    out = (pair_dc + c[:, None] * d2r) * p["weight"]
+    out = out.reshape(batch, m * m, *t.shape[2:])
+    if hs[0] is not None:
+        out = out + layernorm_jvp([hs[0]], xs, y, local, p, eps, last)
+    return out
+
+
+def layernorm_hvp(v, vd, ts, xs, y, local, curv, p, eps, last):
+    """The tangent along t of the VJP a = r (u - mean(u) - n mean(u n)), u = v w."""
+    c, r, _ = layernorm_parts(xs[0], eps, last)
+    n, r = (c * r)[:, None], r[:, None]
+    t = ts[0]
+    axes = layernorm_axes(t.ndim, last)
+    u = v * p["weight"]
+    dc = t - t.mean(axis=axes, keepdims=True)
+    dn = r * (dc - n * (n * dc).mean(axis=axes, keepdims=True))
+    dr = -(r ** 2) * (n * dc).mean(axis=axes, keepdims=True)
+    un = (u * n).mean(axis=axes, keepdims=True)
+    out = dr * (u - u.mean(axis=axes, keepdims=True) - n * un) \
+        - r * (dn * un + n * (u * dn).mean(axis=axes, keepdims=True))
+    if vd is not None:
+        out = out + layernorm_vjp(vd, xs, y, local, p, eps, last)[0]
+    return [out]

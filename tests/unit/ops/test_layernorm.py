@@ -159,3 +159,15 @@ def test_verify_lanes_and_compiled_module_agree(tmp_path: Path) -> None:
     relevance, _ = gen.lrp(x, composite="epsilon")
     np.testing.assert_allclose(relevance, model.lrp(x, composite="epsilon").relevance["x"],
                                rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape,last", [((4, 3), 1), ((2, 3, 2), 2)])
+def test_hessian_against_torch_func(tmp_path: Path, shape, last) -> None:
+    model, weights = build(tmp_path, shape, last)
+    net = torch_net(weights, shape, last, 1e-5)
+    x = RNG.normal(size=(2, *shape))
+    for mode in ("forward", "reverse"):
+        got = model.hessian(x, target=1, mode=mode).hessian
+        for b in range(2):
+            ref = torch.func.hessian(lambda t: net(t[None])[0, 1])(torch.tensor(x[b])).numpy()
+            np.testing.assert_allclose(got[b], ref, rtol=1e-10, atol=1e-12, err_msg=mode)
