@@ -807,10 +807,10 @@ def log_softmax_hvp(v, vd, ts, xs, y, local, curv, p, axis):
 # Round 2 (issue 11): one module per family under pbxc/codegen/kernels; ``pbxc compile``
 # copies their source after this module's (pbxc.codegen.kernels.FAMILIES).
 from pbxc.codegen.kernels.elementwise import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.norm import *  # noqa: E402,F403  family (issue 12: norm)
 from pbxc.codegen.kernels.pooling import *  # noqa: E402,F403  family
 from pbxc.codegen.kernels.resize import *  # noqa: E402,F403  family
 from pbxc.codegen.kernels.shape import *  # noqa: E402,F403  family
-from pbxc.codegen.kernels.norm import *  # noqa: E402,F403  family (issue 12: norm)
 
 
 def _pairs_product(ta, tb, lrp):
