@@ -171,3 +171,34 @@ def test_hessian_against_torch_func(tmp_path: Path, shape, last) -> None:
         for b in range(2):
             ref = torch.func.hessian(lambda t: net(t[None])[0, 1])(torch.tensor(x[b])).numpy()
             np.testing.assert_allclose(got[b], ref, rtol=1e-10, atol=1e-12, err_msg=mode)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=8, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), dims=st.lists(st.integers(1, 5), min_size=1,
+                                                               max_size=3),
+                  data=st.data(), scale=st.floats(0.01, 100.0),
+                  eps=st.sampled_from([1e-5, 1e-12, 0.1]))
+def test_dfd_summation_property_on_random_layernorm_models(seed, dims, data, scale,
+                                                           eps) -> None:
+    """Random shapes, groups, input scales and eps: DFD through the primitives sums to delta."""
+    import tempfile
+    last = data.draw(st.integers(1, len(dims)))
+    rng = np.random.default_rng(seed)
+    shape = tuple(dims)
+    with tempfile.TemporaryDirectory() as d:
+        global RNG
+        saved, RNG = RNG, rng
+        try:
+            model, _ = build(Path(d), shape, last, eps=eps)
+        finally:
+            RNG = saved
+        x = rng.normal(size=(3, *shape)) * scale
+        x0 = rng.normal(size=shape) * scale * 0.3
+        res = model.dfd(x, baseline=x0)
+        out = model.forward(x)
+        bound = 1e-12 * max(1.0, float(np.abs(out).max()))
+        assert res.summation_error.max() <= bound
