@@ -74,31 +74,33 @@ def matmul_dfd(m, xs, xs0, y, y0, local, p):
 
 def matmul_relevance(relevance, xs, y, mode="uniform", epsilon=1e-6):
     """LRP through C = A B (batched, relevance (B, ..., n, m)). Returns
-    ``(r_a, r_b, stabiliser)``: the factors' relevance and what the stabiliser absorbed,
-    for the ledger, so that sum(r_a) + sum(r_b) + stabiliser = sum(relevance) exactly.
+    ``(r_a, r_b, stabiliser)``: the factors' relevance and, per sample, what the stabiliser
+    absorbed, for the ledger: sum(r_a) + sum(r_b) + stabiliser = sum(relevance) exactly.
 
-    The product is written as a sum of terms z_nkm = A_nk B_km, each term taking the share
-    z_nkm / (C_nm + eps sign(C_nm)) of R_nm (the epsilon rule, Bach et al. 2015, eq. 58).
-    ``"uniform"``: each term's share split half and half between its two factors (AttnLRP's
-    uniform rule for bilinear products, Achtibat et al. ICML 2024, Prop. 3.3 / eq. 14; LXT's
-    ``matmul`` with ``inplace=False`` does the same, its epsilon 1e-6 and sign(0) = +1).
+    The product is a sum of terms z_nkm = A_nk B_km. ``"uniform"``: AttnLRP's uniform epsilon
+    rule for bilinear products (Achtibat et al. ICML 2024, Prop. 3.3 / eq. 14): each term
+    hands z_nkm R_nm / (2 C_nm + eps sign(C_nm)) to A_nk and the same to B_km, i.e. half of
+    its epsilon share to each factor (LXT's ``matmul_fn`` with the denominator 2C + eps; LXT
+    adds +eps whatever the sign, we use eps sign(C), sign(0) = +1, as pbxc's epsilon rule).
     ``"constant0"`` / ``"constant1"``: that operand is a constant (CP-LRP, attention weights
-    as constants, Ali et al. 2022), all of each term's share goes to the other operand.
+    as constants, Ali et al. ICML 2022), each term's whole epsilon share
+    z_nkm R_nm / (C_nm + eps sign(C_nm)) (Bach et al. 2015, eq. 58) goes to the other one.
     """
     a, b = _tn_factors(xs, 1)
     z = np.matmul(a, b)
     sign = np.where(z >= 0, 1.0, -1.0).astype(z.dtype)
-    s = relevance / (z + epsilon * sign)
+    if mode == "uniform":
+        s = relevance / (2 * z + z.dtype.type(epsilon) * sign)
+    elif mode in ("constant0", "constant1"):
+        s = relevance / (z + z.dtype.type(epsilon) * sign)
+    else:
+        raise ValueError(f"matmul_relevance: unknown mode '{mode}'")
     ra = _tn_reduce(a * np.matmul(s, _tn_swap(b)), 1, xs[0].shape[1:])
     rb = _tn_reduce(b * np.matmul(_tn_swap(a), s), 1, xs[1].shape[1:])
-    if mode == "uniform":
-        ra, rb = ra / 2, rb / 2
-    elif mode == "constant0":
+    if mode == "constant0":
         ra = np.zeros_like(ra)
     elif mode == "constant1":
         rb = np.zeros_like(rb)
-    else:
-        raise ValueError(f"matmul_relevance: unknown mode '{mode}'")
     rest = relevance.reshape(relevance.shape[0], -1).sum(axis=1) \
         - ra.reshape(ra.shape[0], -1).sum(axis=1) - rb.reshape(rb.shape[0], -1).sum(axis=1)
     return ra, rb, rest
