@@ -226,3 +226,42 @@ def reduction_relevance(relevance, xs, axes, keepdims, epsilon=0.0):
     rest = relevance.reshape(relevance.shape[0], -1).sum(axis=1) \
         - r.reshape(r.shape[0], -1).sum(axis=1)
     return r, rest
+
+
+# ---- second order (the Hessian pass, specs/hessian.md): matmul is bilinear, the rest linear
+def _tn_pairs(ta, tb):
+    """(B, M, M, *out): ta[p] @ tb[q] for every ordered pair, through matmul_forward."""
+    batch, m = ta.shape[:2]
+    a = np.broadcast_to(ta[:, :, None], (batch, m, m, *ta.shape[2:]))
+    b = np.broadcast_to(tb[:, None, :], (batch, m, m, *tb.shape[2:]))
+    out = matmul_forward([a.reshape(batch * m * m, *ta.shape[2:]),
+                          b.reshape(batch * m * m, *tb.shape[2:])], None)
+    return out.reshape(batch, m, m, *out.shape[1:])
+
+
+def matmul_jvp2(hs, ts, xs, y, local, curv, p):
+    """d2(AB)(t_p, t_q) = tA_p tB_q + tA_q tB_p, plus hA B + A hB (the bilinear product rule
+    twice, as mul's: Abe & Asai's Algorithm 1 to second order, arXiv 2502.14001)."""
+    cross = _tn_pairs(ts[0], ts[1])
+    cross = cross + np.swapaxes(cross, 1, 2)
+    m = ts[0].shape[1]
+    out = cross.reshape(cross.shape[0], m * m, *cross.shape[3:])
+    if hs[0] is not None or hs[1] is not None:
+        full = [h if h is not None else np.zeros((t.shape[0], m * m, *t.shape[2:]), t.dtype)
+                for h, t in zip(hs, ts)]
+        out = out + matmul_jvp(full, xs, y, local, p)
+    return out
+
+
+def matmul_hvp(v, vd, ts, xs, y, local, curv, p):
+    """The tangent of [v B^T, A^T v] along (tA, tB): [vd B^T + v tB^T, A^T vd + tA^T v],
+    each summed back over the broadcast leading axes."""
+    batch, m = ts[0].shape[:2]
+    reps = np.broadcast_to(v, (batch, m, *v.shape[2:])).reshape(batch * m, 1, *v.shape[2:])
+    fake = [t.reshape(batch * m, *t.shape[2:]) for t in ts]
+    # matmul_vjp(v, [tA, tB]) = [v tB^T, tA^T v]: the a-slot's and the b-slot's tangents
+    va, vb = matmul_vjp(reps, fake, y, local, p)
+    out = [va.reshape(batch, m, *xs[0].shape[1:]), vb.reshape(batch, m, *xs[1].shape[1:])]
+    if vd is not None:
+        out = [o + g for o, g in zip(out, matmul_vjp(vd, xs, y, local, p))]
+    return out
