@@ -67,6 +67,14 @@ def vector_cost(node: OpNode, graph: ModelGraph) -> int:
         return out
     if kind is OpKind.LAYERNORM:   # issue 12 (norm): two means, a centring, a scaling per vector
         return 6 * out
+    # issue 12 (helper tensor): tensor ops
+    if kind is OpKind.MATMUL:   # dA B + A dB: each output sums k products of each term
+        a = graph.shape_of(node.inputs[0])
+        return 2 * out * a[-1]
+    if kind in (OpKind.TRANSPOSE, OpKind.SLICE, OpKind.SELECT):
+        return out
+    if kind in (OpKind.MEAN, OpKind.SUM):
+        return sum(ins)
     raise UnsupportedOp(f"the jacobian plan has no cost rule for op '{kind.value}'", node.pos)
 
 

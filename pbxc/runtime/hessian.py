@@ -33,7 +33,7 @@ from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import is_linear_form, kernel_attrs, kernel_base
 from pbxc.lower.hessian_plan import HessianPlan, plan_hessian
 from pbxc.lower.plan import path_nodes, size
-from pbxc.ops import AFFINE, MAXPOOL, SHAPE_ONLY, OpKind
+from pbxc.ops import AFFINE, INDEXING, MAXPOOL, REDUCTIONS, SHAPE_ONLY, OpKind
 from pbxc.runtime.jacobian import Linearization, OpMaps, identity_tangents, linearize
 
 Array = np.ndarray
@@ -154,6 +154,11 @@ defcurved(OpKind.LOG_SOFTMAX, "d2 log s_i(u, w) = -(s.(u w) - (s.u)(s.w)) (specs
 # issue 12 (norm): layernorm's exact second derivatives (pbxc/codegen/kernels/norm.py)
 defcurved(OpKind.LAYERNORM, "n = c r: d2n(p, q) = dc_p dr_q + dc_q dr_p + c d2r(p, q), "
                             "d2r = 3 r^5 (c.dc_p)(c.dc_q)/N^2 - r^3 (dc_p.dc_q)/N")
+# issue 12 (helper tensor): indexing and reductions are linear; matmul is bilinear
+for _kind in sorted(INDEXING | REDUCTIONS, key=lambda k: k.value):
+    deflinear(_kind, "linear: transpose/slice/select/mean/sum, zero second derivative")
+defcurved(OpKind.MATMUL, "bilinear: d2(AB)(u, w) = uA wB + wA uB, plus hA B + A hB (the "
+                         "product rule twice, as mul's)")
 CURVED_KINDS = frozenset(k for k, r in SECOND_ORDER_RULES.items() if r.curved)
 
 

@@ -7,4 +7,6 @@ code. Top-level names are unique across all of them (tests/unit/runtime/test_fam
 a family's private helpers carry its prefix.
 """
 
-FAMILIES = ("pooling", "resize", "elementwise", "shape", "norm")
+FAMILIES = ("pooling", "resize", "elementwise", "shape",
+            "tensor",  # issue 12 (tensor ops)
+            "norm")  # issue 12 (norm: layernorm)
