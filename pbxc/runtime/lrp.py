@@ -17,7 +17,7 @@ per layer and for the whole network. See ``specs/lrp.md``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,8 +219,10 @@ def tensor_relevance(node: OpNode, xs: list[Array], out: Array, relevance: Array
     if node.kind in REDUCTIONS:
         r, stab = K.reduction_relevance(relevance, xs, epsilon=TENSOR_EPSILON, **attrs)
         return [r], stab, "epsilon"
-    fn = {OpKind.TRANSPOSE: K.transpose_relevance, OpKind.SLICE: K.slice_relevance,
-          OpKind.SELECT: K.select_relevance}[node.kind]
+    routes: dict[OpKind, Callable[..., list[Array]]] = {
+        OpKind.TRANSPOSE: K.transpose_relevance, OpKind.SLICE: K.slice_relevance,
+        OpKind.SELECT: K.select_relevance}
+    fn = routes[node.kind]
     return fn(relevance, xs, **attrs), zero, "route"
 
 

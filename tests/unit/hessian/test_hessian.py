@@ -168,8 +168,8 @@ def test_linear_ops_get_their_rule_by_construction() -> None:
     for kind in AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT, OpKind.MAXPOOL2D}:
         rule = hess_mod.SECOND_ORDER_RULES[kind]
         assert not rule.curved and rule.source
-    assert {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX,
-            OpKind.MUL} == hess_mod.CURVED_KINDS
+    assert {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX, OpKind.MUL,
+            OpKind.MATMUL, OpKind.LAYERNORM} == hess_mod.CURVED_KINDS
 
 
 def test_a_missing_rule_names_the_pass_and_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
