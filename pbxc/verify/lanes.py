@@ -15,13 +15,12 @@ It shares nothing with the runtime's passes but the weights and the activation e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import mpmath
-import math
-
 import numpy as np
 import sympy
 
