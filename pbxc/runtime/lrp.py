@@ -219,7 +219,7 @@ def tensor_relevance(node: OpNode, xs: list[Array], out: Array, relevance: Array
     if node.kind in REDUCTIONS:
         r, stab = K.reduction_relevance(relevance, xs, epsilon=TENSOR_EPSILON, **attrs)
         return [r], stab, "epsilon"
-    fn = {OpKind.TRANSPOSE: K.transpose_relevance, OpKind.SLICE: K.slice_relevance,
+    fn: Any = {OpKind.TRANSPOSE: K.transpose_relevance, OpKind.SLICE: K.slice_relevance,
           OpKind.SELECT: K.select_relevance}[node.kind]
     return fn(relevance, xs, **attrs), zero, "route"
 
