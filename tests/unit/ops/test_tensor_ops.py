@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def build(tmp_path: Path, dtype: str = "float64") -> pbxc.Model:
     return pbxc.load(tmp_path / "m.pbx")
 
 
-def torch_net(x: object) -> object:
+def torch_net(x: Any) -> Any:
     """The same block in torch, one sample [T, D]."""
     w = {k: torch.tensor(v, dtype=torch.float64) for k, v in WEIGHTS.items()}
     q, k, v = (x @ w[f"{n}.weight"].T + w[f"{n}.bias"] for n in "qkv")
@@ -210,7 +211,7 @@ def test_matmul_uniform_matches_lxt() -> None:
 def test_broadcast_matmul_and_reductions_against_torch(tmp_path: Path) -> None:
     """Leading axes broadcast ([2, 3, 4] @ [4, 5]); keepdims and negative axes."""
     w = RNG.normal(size=(5, 4))
-    np.savez(tmp_path / "w.npz", **{"lin.weight": w})
+    np.savez(tmp_path / "w.npz", lin_weight=w)
     (tmp_path / "b.pbx").write_text(
         'model b\nweights "w.npz"\ninput x: float64[2, 3, 4]\n'
         "m = transpose(x, perm=(0, 2, 1))\n"             # [2, 4, 3]
@@ -218,7 +219,7 @@ def test_broadcast_matmul_and_reductions_against_torch(tmp_path: Path) -> None:
         "output y = flatten(sum(mean(p, axes=(-1,), keepdims=true), axes=(0, 2)))\n")
     model = pbxc.load(tmp_path / "b.pbx")
 
-    def net(t: object) -> object:
+    def net(t: Any) -> Any:
         p = t @ t.permute(0, 2, 1)[-1]
         return p.mean(-1, keepdim=True).sum((0, 2))
 
