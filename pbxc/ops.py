@@ -47,6 +47,14 @@ class OpKind(enum.Enum):
     SQUEEZE = "squeeze"
     UNSQUEEZE = "unsqueeze"
     PAD = "pad"
+    # issue 12 (helper tensor): tensor ops for transformers (SYNTAX-12.md)
+    MATMUL = "matmul"
+    TRANSPOSE = "transpose"
+    SLICE = "slice"
+    SELECT = "select"
+    MEAN = "mean"
+    SUM = "sum"
+    CONSTANT = "constant"
 
 
 # Kind groups, used by passes to share rules.
@@ -70,6 +78,10 @@ POOLING = MAXPOOL | AVGPOOL | ADAPTIVE_AVGPOOL | frozenset({OpKind.GLOBAL_AVGPOO
 SHAPE_ONLY = frozenset({OpKind.FLATTEN, OpKind.RESHAPE, OpKind.SQUEEZE, OpKind.UNSQUEEZE})
 MERGE = frozenset({OpKind.ADD, OpKind.CONCAT})
 MULTIVARIATE = frozenset({OpKind.SOFTMAX, OpKind.LOG_SOFTMAX})
+# issue 12 (helper tensor): ops that move values without arithmetic (LRP routes relevance,
+# DFD and the Hessian pass take them as linear maps), and linear reductions
+INDEXING = frozenset({OpKind.TRANSPOSE, OpKind.SLICE, OpKind.SELECT})
+REDUCTIONS = frozenset({OpKind.MEAN, OpKind.SUM})
 # Ops the LRP engine runs a rule on; the others route relevance (specs/lrp.md)
 # (mul takes a rule when it scales by a constant; a product of two values routes relevance)
 LRP_RULE_KINDS = WEIGHTED | UNWEIGHTED_LINEAR | frozenset({
@@ -263,6 +275,30 @@ SIGNATURES: dict[str, OpSignature] = {
         OpSignature(OpKind.NORMALIZE, "normalize", params=(
             ParamSpec("mean", "mean"), ParamSpec("std", "std"),
         ), summary="(x - mean) / std, e.g. a saved standardisation of raw features"),
+        # issue 12 (helper tensor): tensor ops (SYNTAX-12.md)
+        OpSignature(OpKind.MATMUL, "matmul", min_inputs=2, max_inputs=2,
+                    summary="a [..., n, k] @ b [..., k, m] of two values; leading axes broadcast"),
+        OpSignature(OpKind.TRANSPOSE, "transpose", attrs=(
+            AttrSpec("perm", AttrType.INTS, required=True, arity=0, minimum=0),),
+            summary="permute the per-sample axes; perm a permutation of 0..rank-1"),
+        OpSignature(OpKind.SLICE, "slice", attrs=(
+            AttrSpec("axis", AttrType.INT, required=True),
+            AttrSpec("start", AttrType.INT, None),
+            AttrSpec("stop", AttrType.INT, None),
+            AttrSpec("step", AttrType.INT, 1, minimum=1),
+        ), summary="x[start:stop:step] on one per-sample axis (Python slice semantics)"),
+        OpSignature(OpKind.SELECT, "select", attrs=(
+            AttrSpec("axis", AttrType.INT, required=True),
+            AttrSpec("index", AttrType.INT, required=True),
+        ), summary="pick one index of a per-sample axis and drop the axis"),
+        OpSignature(OpKind.MEAN, "mean", attrs=(
+            AttrSpec("axes", AttrType.INTS, None, arity=0),
+            AttrSpec("keepdims", AttrType.BOOL, False),
+        ), summary="mean over per-sample axes (all of them by default)"),
+        OpSignature(OpKind.SUM, "sum", attrs=(
+            AttrSpec("axes", AttrType.INTS, None, arity=0),
+            AttrSpec("keepdims", AttrType.BOOL, False),
+        ), summary="sum over per-sample axes (all of them by default)"),
         OpSignature(OpKind.SOFTMAX, "softmax", attrs=(AttrSpec("axis", AttrType.INT, -1),),
                     summary="softmax over a per-sample axis"),
         OpSignature(OpKind.LOG_SOFTMAX, "log_softmax", attrs=(AttrSpec("axis", AttrType.INT, -1),),

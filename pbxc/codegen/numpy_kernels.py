@@ -810,6 +810,7 @@ from pbxc.codegen.kernels.elementwise import *  # noqa: E402,F403  family
 from pbxc.codegen.kernels.pooling import *  # noqa: E402,F403  family
 from pbxc.codegen.kernels.resize import *  # noqa: E402,F403  family
 from pbxc.codegen.kernels.shape import *  # noqa: E402,F403  family
+from pbxc.codegen.kernels.tensor import *  # noqa: E402,F403  family (issue 12)
 
 
 def _pairs_product(ta, tb, lrp):

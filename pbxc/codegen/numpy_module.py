@@ -25,12 +25,16 @@ from pbxc.errors import PbxError
 from pbxc.errors import source_lines as split_source_lines
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.calls import dfd_by_vjp, is_linear_form, kernel_attrs, kernel_base, kernel_name
-from pbxc.ops import AFFINE, MAXPOOL, SHAPE_ONLY, OpKind
+from pbxc.ops import AFFINE, INDEXING, MAXPOOL, REDUCTIONS, SHAPE_ONLY, OpKind
 
 #: ops whose second derivative is zero: the Hessian pass applies their VJP to the cotangent's
 #: tangent (the runtime's deflinear rules, pbxc.runtime.hessian); max pooling is piecewise linear
 HESSIAN_LINEAR = frozenset(AFFINE | SHAPE_ONLY | MAXPOOL | {OpKind.ADD, OpKind.CONCAT,
-                                                             OpKind.PRELU})
+                                                             OpKind.PRELU}
+                           | INDEXING | REDUCTIONS)  # issue 12 (helper tensor)
+
+#: the stabiliser of the tensor ops' LRP rules (issue 12), as pbxc.runtime.lrp.TENSOR_EPSILON
+TENSOR_EPSILON = 1e-6
 
 #: the kernels' import of the numeric prelude, which the generated module holds verbatim
 PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
@@ -290,6 +294,19 @@ class NumpyModuleRenderer:
                 out.append(f"    _r0, _ = lrp_maxpool({r}, E[{var(node.inputs[0], 'v')!r}], "
                            f"E[{var(node.name, 'l')!r}], {geometry})")
                 out.append("    _r = [_r0]")
+            # issue 12 (helper tensor): the runtime's rules (pbxc.runtime.lrp.tensor_relevance)
+            elif node.kind is OpKind.MATMUL:
+                out.append(f"    _ra, _rb, _s = matmul_relevance({r}, {xs}, "
+                           f"E[{var(node.name, 'v')!r}], 'uniform', {TENSOR_EPSILON!r})")
+                out.append("    _r = [_ra, _rb]")
+                out.append("    stabiliser = stabiliser + _s")
+            elif node.kind in REDUCTIONS:
+                out.append(f"    _r0, _s = reduction_relevance({r}, {xs}{_attrs(node)}, "
+                           f"epsilon={TENSOR_EPSILON!r})")
+                out.append("    _r = [_r0]")
+                out.append("    stabiliser = stabiliser + _s")
+            elif node.kind in INDEXING:
+                out.append(f"    _r = {node.kind.value}_relevance({r}, {xs}{_attrs(node)})")
             elif node.kind in SHAPE_ONLY:
                 out.append(f"    _r = [{r}.reshape(E[{var(node.inputs[0], 'v')!r}].shape)]")
             elif node.kind in (OpKind.ACTIVATION, OpKind.PRELU):
@@ -344,7 +361,8 @@ class NumpyModuleRenderer:
     def hvp_body(self, output: str, wrt: str) -> list[str]:
         """g_ and d_ from ``g_<output>`` / ``d_<output>`` back to ``d_<wrt>``."""
         live = self._live(output, wrt)
-        curved = {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX, OpKind.MUL}
+        curved = {OpKind.ACTIVATION, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX, OpKind.MUL,
+                  OpKind.MATMUL}
         out = []
         assigned = {output}
         for node in reversed(self.nodes):

@@ -379,7 +379,79 @@ def _softmax(ctx: _Ctx) -> Shape:
     return ctx.inputs[0]
 
 
+# ---- issue 12 (helper tensor): tensor ops
+def _matmul(ctx: _Ctx) -> Shape:
+    a, b = ctx.inputs
+    na, nb = ctx.node.inputs
+    if len(a) < 2 or len(b) < 2:
+        raise ctx.fail(f"expects two values of rank >= 2 per sample ([..., n, k] and "
+                       f"[..., k, m]), got '{na}' {fmt(a)} and '{nb}' {fmt(b)}")
+    if a[-1] != b[-2]:
+        raise ctx.fail(f"inner sizes differ: '{na}' is {fmt(a)} ([..., n, k], k = {a[-1]}) but "
+                       f"'{nb}' is {fmt(b)} ([..., k, m], k = {b[-2]})")
+    try:
+        lead = tuple(np.broadcast_shapes(a[:-2], b[:-2]))
+    except ValueError:
+        raise ctx.fail(f"leading axes of '{na}' {fmt(a)} and '{nb}' {fmt(b)} do not "
+                       "broadcast") from None
+    return (*lead, a[-2], b[-1])
+
+
+def _transpose(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    perm = tuple(ctx.node.attr("perm"))
+    if sorted(perm) != list(range(len(x))):
+        raise ctx.fail(f"perm {perm} is not a permutation of 0..{len(x) - 1} for the "
+                       f"per-sample shape {fmt(x)} of '{ctx.node.inputs[0]}'")
+    return tuple(x[i] for i in perm)
+
+
+def _slice(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    axis = _axis(ctx, len(x))
+    start, stop, step = (ctx.node.attr(k) for k in ("start", "stop", "step"))
+    n = len(range(*slice(start, stop, step).indices(x[axis])))
+    if n == 0:
+        raise ctx.fail(f"slice {start}:{stop}:{step} of axis {axis} (size {x[axis]}) of "
+                       f"'{ctx.node.inputs[0]}' {fmt(x)} is empty")
+    return (*x[:axis], n, *x[axis + 1:])
+
+
+def _select(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    axis = _axis(ctx, len(x))
+    index = ctx.node.attr("index")
+    if not -x[axis] <= index < x[axis]:
+        raise ctx.fail(f"index {index} is out of range for axis {axis} of size {x[axis]} of "
+                       f"'{ctx.node.inputs[0]}' {fmt(x)}")
+    return (*x[:axis], *x[axis + 1:])
+
+
+def reduction_axes(node: OpNode, rank: int) -> tuple[int, ...]:
+    """The reduced per-sample axes of mean/sum, non-negative and sorted (all if omitted)."""
+    axes = node.attr("axes")
+    if axes is None:
+        return tuple(range(rank))
+    return tuple(sorted(int(a) % rank for a in axes))
+
+
+def _reduce(ctx: _Ctx) -> Shape:
+    x = ctx.inputs[0]
+    axes = ctx.node.attr("axes")
+    drop = set(_axes(ctx, len(x), tuple(axes))) if axes is not None else set(range(len(x)))
+    if ctx.node.attr("keepdims"):
+        return tuple(1 if i in drop else d for i, d in enumerate(x))
+    return tuple(d for i, d in enumerate(x) if i not in drop)
+
+
 SHAPE_RULES: dict[OpKind, Callable[[_Ctx], Shape]] = {
+    # issue 12 (helper tensor)
+    OpKind.MATMUL: _matmul,
+    OpKind.TRANSPOSE: _transpose,
+    OpKind.SLICE: _slice,
+    OpKind.SELECT: _select,
+    OpKind.MEAN: _reduce,
+    OpKind.SUM: _reduce,
     OpKind.LINEAR: _linear,
     OpKind.CONV1D: lambda c: _conv(c, 1),
     OpKind.CONV2D: lambda c: _conv(c, 2),
@@ -450,7 +522,9 @@ def _check_weight(key: str, role: str, node: OpNode, store: WeightStore,
 
 
 #: ops whose kernels depend on their inputs' shapes (broadcasting) or on derived settings
-_RECORD_INPUTS = frozenset({OpKind.ADD, OpKind.SUB, OpKind.MUL})
+_RECORD_INPUTS = frozenset({OpKind.ADD, OpKind.SUB, OpKind.MUL,
+                            # issue 12 (helper tensor): axes are normalised against the input
+                            OpKind.SLICE, OpKind.SELECT, OpKind.MEAN, OpKind.SUM})
 
 
 def _with_inputs(node: OpNode, ctx: _Ctx) -> OpNode:

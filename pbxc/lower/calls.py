@@ -18,7 +18,9 @@ from pbxc.ops import (
     AVGPOOL,
     CONV_TRANSPOSED,
     CONVOLUTIONS,
+    INDEXING,
     MAXPOOL,
+    REDUCTIONS,
     SHAPE_ONLY,
     OpKind,
 )
@@ -27,7 +29,8 @@ from pbxc.ops import (
 PASSES = ("forward", "local", "jvp", "vjp", "dfd")
 
 #: Ops whose DFD multipliers are their weights (seed 004, eq. 7): the DFD rule is the VJP.
-DFD_BY_VJP = frozenset(AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT})
+DFD_BY_VJP = frozenset(AFFINE | SHAPE_ONLY | {OpKind.ADD, OpKind.CONCAT}
+                       | INDEXING | REDUCTIONS)  # issue 12 (helper tensor)
 
 
 def _pool_fast_2d(node: OpNode) -> bool:
@@ -103,9 +106,32 @@ def _round2_attrs(node: OpNode) -> tuple[tuple[str, Any], ...] | None:
         return (("inverse", kind is OpKind.DIV), ("value", node.attr("value")))
     if base == "product":
         return (("lrp", node.attr("lrp") or "gate"),)
+    # issue 12 (helper tensor): tensor ops, per-sample axes made non-negative
+    if kind in (OpKind.TRANSPOSE, OpKind.SLICE, OpKind.SELECT, OpKind.MEAN, OpKind.SUM):
+        return _tensor_attrs(node)
     if kind is OpKind.PAD:
         return (("pads", tuple(node.attr("pad_pairs"))), ("value", float(node.attr("value"))))
     return None
+
+
+def _tensor_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
+    """Literal attributes of transpose/slice/select/mean/sum (issue 12, helper tensor)."""
+    kind = node.kind
+    if kind is OpKind.TRANSPOSE:
+        return (("perm", tuple(int(i) for i in node.attr("perm"))),)
+    in_shape = tuple((node.attr("in_shapes") or ((),))[0])
+    rank = len(in_shape)
+    if kind in (OpKind.MEAN, OpKind.SUM):
+        axes = node.attr("axes")
+        norm = tuple(range(rank)) if axes is None else tuple(sorted(int(a) % rank for a in axes))
+        return (("axes", norm), ("keepdims", bool(node.attr("keepdims"))))
+    axis = int(node.attr("axis")) % rank
+    if kind is OpKind.SELECT:
+        return (("axis", axis), ("index", int(node.attr("index")) % in_shape[axis]))
+    start, stop, step = slice(node.attr("start"), node.attr("stop"),
+                              node.attr("step")).indices(in_shape[axis])
+    return (("axis", axis), ("start", start), ("stop", stop if stop >= 0 else None),
+            ("step", step))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -53,6 +53,11 @@ _VJP_READS: dict[OpKind, Reads] = {
     OpKind.ACTIVATION: LOCAL,
     OpKind.SOFTMAX: Reads(output=True),
     OpKind.LOG_SOFTMAX: Reads(output=True),
+    # issue 12 (helper tensor): matmul's VJP reads both factors; transpose only permutes;
+    # slice/select/mean/sum read their input's shape (scatter into, or expand to, it)
+    OpKind.MATMUL: Reads(inputs=True),
+    OpKind.TRANSPOSE: NOTHING,
+    **{k: Reads(inputs=True) for k in (OpKind.SLICE, OpKind.SELECT, OpKind.MEAN, OpKind.SUM)},
 }
 
 BACKWARD_READS: dict[str, dict[OpKind, Reads]] = {
@@ -64,6 +69,11 @@ BACKWARD_READS: dict[str, dict[OpKind, Reads]] = {
         OpKind.MAXPOOL2D: Reads(inputs=True, local=True),
         **{k: NOTHING for k in SHAPE_ONLY | {OpKind.ACTIVATION, OpKind.CONCAT,
                                              OpKind.SOFTMAX, OpKind.LOG_SOFTMAX}},
+        # issue 12 (helper tensor): matmul's epsilon rules read a, b (z is recomputed);
+        # reductions and the scatters read their input; transpose only permutes
+        **{k: Reads(inputs=True) for k in (OpKind.MATMUL, OpKind.SLICE, OpKind.SELECT,
+                                           OpKind.MEAN, OpKind.SUM)},
+        OpKind.TRANSPOSE: NOTHING,
     },
     # affine ops by their VJP (seed 004 eq. 7); activations by the multiplier computed in the
     # forward pass; max pooling and softmax read the values at both points

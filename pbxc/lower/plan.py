@@ -65,6 +65,14 @@ def vector_cost(node: OpNode, graph: ModelGraph) -> int:
         return 0
     if kind in (OpKind.ACTIVATION, OpKind.BATCHNORM, OpKind.NORMALIZE):
         return out
+    # issue 12 (helper tensor): tensor ops
+    if kind is OpKind.MATMUL:   # dA B + A dB: each output sums k products of each term
+        a = graph.shape_of(node.inputs[0])
+        return 2 * out * a[-1]
+    if kind in (OpKind.TRANSPOSE, OpKind.SLICE, OpKind.SELECT):
+        return out
+    if kind in (OpKind.MEAN, OpKind.SUM):
+        return sum(ins)
     raise UnsupportedOp(f"the jacobian plan has no cost rule for op '{kind.value}'", node.pos)
 
 

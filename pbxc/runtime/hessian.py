@@ -33,7 +33,7 @@ from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import is_linear_form, kernel_attrs, kernel_base
 from pbxc.lower.hessian_plan import HessianPlan, plan_hessian
 from pbxc.lower.plan import path_nodes, size
-from pbxc.ops import AFFINE, MAXPOOL, SHAPE_ONLY, OpKind
+from pbxc.ops import AFFINE, INDEXING, MAXPOOL, REDUCTIONS, SHAPE_ONLY, OpKind
 from pbxc.runtime.jacobian import Linearization, OpMaps, identity_tangents, linearize
 
 Array = np.ndarray
@@ -151,6 +151,11 @@ defcurved(OpKind.SOFTMAX, "d2 s_i(u, w) = s_i[(u_i - s.u)(w_i - s.w) - (s.(u w) 
                           " (specs/hessian.md, checked by sympy)")
 defcurved(OpKind.LOG_SOFTMAX, "d2 log s_i(u, w) = -(s.(u w) - (s.u)(s.w)) (specs/hessian.md, "
                               "checked by sympy)")
+# issue 12 (helper tensor): indexing and reductions are linear; matmul is bilinear
+for _kind in sorted(INDEXING | REDUCTIONS, key=lambda k: k.value):
+    deflinear(_kind, "linear: transpose/slice/select/mean/sum, zero second derivative")
+defcurved(OpKind.MATMUL, "bilinear: d2(AB)(u, w) = uA wB + wA uB, plus hA B + A hB (the "
+                         "product rule twice, as mul's)")
 CURVED_KINDS = frozenset(k for k, r in SECOND_ORDER_RULES.items() if r.curved)
 
 

@@ -27,7 +27,7 @@ from pbxc.codegen import numpy_kernels as K
 from pbxc.errors import UnsupportedOp
 from pbxc.graph.ir import OpNode
 from pbxc.lower.calls import is_linear_form, kernel_attrs, kernel_base
-from pbxc.ops import LRP_COMPOSITES, MAXPOOL, SHAPE_ONLY, OpKind
+from pbxc.ops import INDEXING, LRP_COMPOSITES, MAXPOOL, REDUCTIONS, SHAPE_ONLY, OpKind
 from pbxc.runtime.jacobian import dense_matrix, linearize, release
 from pbxc.runtime.lrp_rules import (
     COMPOSITES,
@@ -195,6 +195,33 @@ def _route(node: OpNode, xs: list[Array], out: Array, relevance: Array) -> list[
         cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
         return list(np.split(relevance, cuts, axis=axis))
     raise unsupported(node)
+
+
+# ---- issue 12 (helper tensor): matmul of two values, indexing, reductions
+TENSOR_LRP = INDEXING | REDUCTIONS | frozenset({OpKind.MATMUL})
+#: the stabiliser of the product and reduction rules (LXT's default for matmul and mean)
+TENSOR_EPSILON = 1e-6
+
+
+def tensor_relevance(node: OpNode, xs: list[Array], out: Array, relevance: Array,
+                     mode: str = "uniform") -> tuple[list[Array], Array, str]:
+    """Relevance through a tensor op, what its stabiliser absorbed (per sample) and the label.
+
+    matmul: AttnLRP's uniform epsilon rule (Achtibat et al. 2024, Prop. 3.3), or CP-LRP's
+    ``constant0``/``constant1`` (K.matmul_relevance); mean/sum: the epsilon rule of a linear
+    layer (Bach et al. 2015, eq. 58; the weights 1/n cancel); transpose/slice/select route
+    relevance (slice and select scatter it back into zeros)."""
+    attrs = kernel_attrs(node)
+    zero = np.zeros(relevance.shape[0], dtype=relevance.dtype)
+    if node.kind is OpKind.MATMUL:
+        ra, rb, stab = K.matmul_relevance(relevance, xs, out, mode, TENSOR_EPSILON)
+        return [ra, rb], stab, f"matmul-{mode}"
+    if node.kind in REDUCTIONS:
+        r, stab = K.reduction_relevance(relevance, xs, epsilon=TENSOR_EPSILON, **attrs)
+        return [r], stab, "epsilon"
+    fn = {OpKind.TRANSPOSE: K.transpose_relevance, OpKind.SLICE: K.slice_relevance,
+          OpKind.SELECT: K.select_relevance}[node.kind]
+    return fn(relevance, xs, **attrs), zero, "route"
 
 
 def unsupported(node: OpNode, why: str = "") -> UnsupportedOp:
@@ -378,6 +405,8 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
             r0, ties[node.name] = K.maxpool_relevance(r_out, xs[0], lin.local[node.name],
                                                       **kernel_attrs(node))
             r_in, label = [r0], "winner-take-all"
+        elif node.kind in TENSOR_LRP:   # issue 12 (helper tensor)
+            r_in, stab, label = tensor_relevance(node, xs, values[node.name], r_out)
         elif node.kind in ROUTED:
             r_in = _route(node, xs, values[node.name], r_out)
         elif node.kind in OUTPUT_ONLY:

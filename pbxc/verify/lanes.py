@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mpmath
+import math
+
 import numpy as np
 import sympy
 
@@ -363,6 +365,37 @@ def _lift(a: Array, rank: int, lead: int = 1) -> Array:
     return a.reshape(*a.shape[:lead], *(1,) * (rank - len(per)), *per)
 
 
+# ---- issue 12 (helper tensor): tensor ops on lanes, from their definitions (plain indexing,
+# the product rule written out; attributes read from the node, not from the kernels' lowering)
+def _tensor_lanes(node: OpNode, xs: list[Array], kit: Kit) -> Array | None:
+    kind, x = node.kind, xs[0]
+    if kind is OpKind.MATMUL:
+        rank = len(node.shape or ())
+        a, b = (_lift(v, rank) for v in xs)
+        shape = (x.shape[0], *(node.shape or ()))
+        value = np.broadcast_to(np.matmul(a[0], b[0])[None], (1, *shape[1:]))
+        tangents = np.broadcast_to(np.matmul(a[1:], b[0]) + np.matmul(a[0], b[1:]),
+                                   (shape[0] - 1, *shape[1:]))
+        return np.concatenate([value, tangents]).copy()
+    if kind is OpKind.TRANSPOSE:
+        return np.ascontiguousarray(np.transpose(x, (0, *(1 + int(i) for i in node.attr("perm")))))
+    if kind in (OpKind.SLICE, OpKind.SELECT):
+        rank = x.ndim - 1
+        axis = int(node.attr("axis")) % rank
+        key: Any = int(node.attr("index")) if kind is OpKind.SELECT else slice(
+            node.attr("start"), node.attr("stop"), node.attr("step"))
+        return np.ascontiguousarray(x[(slice(None),) * (1 + axis) + (key,)])
+    if kind in (OpKind.MEAN, OpKind.SUM):
+        rank = x.ndim - 1
+        axes = node.attr("axes")
+        picked = tuple(range(rank)) if axes is None else tuple(int(a) % rank for a in axes)
+        total = x.sum(axis=tuple(1 + a for a in picked), keepdims=bool(node.attr("keepdims")))
+        if kind is OpKind.MEAN:
+            total = total / kit.const(np.float64(math.prod(x.shape[1 + a] for a in picked)))
+        return np.asarray(total).reshape(x.shape[0], *(node.shape or ()))
+    return None
+
+
 def _round2(node: OpNode, xs: list[Array], p: Mapping[str, Array], kit: Kit,
             attrs: Mapping[str, Any]) -> Array | None:
     """The round-2 ops (issue 11) on lanes, from their definitions."""
@@ -390,6 +423,9 @@ def _round2(node: OpNode, xs: list[Array], p: Mapping[str, Array], kit: Kit,
         a = a.reshape(()) if a.size == 1 or z.ndim < 1 else a.reshape(-1, *(1,) * (z.ndim - 1))
         slope = np.where(z > 0, kit.const(np.float64(1)), np.broadcast_to(a, z.shape))
         return np.concatenate([(slope * z)[None], slope[None] * x[1:]])
+    tensor = _tensor_lanes(node, xs, kit)   # issue 12 (helper tensor)
+    if tensor is not None:
+        return tensor
     if kind not in (OpKind.ADD, OpKind.SUB, OpKind.MUL, OpKind.DIV):
         return None
     rank = len(node.shape or ())

@@ -7,4 +7,5 @@ code. Top-level names are unique across all of them (tests/unit/runtime/test_fam
 a family's private helpers carry its prefix.
 """
 
-FAMILIES = ("pooling", "resize", "elementwise", "shape")
+FAMILIES = ("pooling", "resize", "elementwise", "shape",
+            "tensor")  # issue 12 (tensor ops)

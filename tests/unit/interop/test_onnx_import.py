@@ -21,7 +21,8 @@ from pbxc.interop import convert_onnx, import_onnx  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[3]
-EXAMPLES = ["breast_cancer_mlp", "digits_cnn", "digits_resnet", "wine_swish_mlp"]
+EXAMPLES = ["breast_cancer_mlp", "breast_cancer_smooth_mlp", "digits_cnn", "digits_resnet",
+            "wine_swish_mlp"]
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
