@@ -375,6 +375,8 @@ LRP_RULES: dict[str, tuple[str, ...]] = {
 LRP_COMPOSITES: dict[str, tuple[str, ...]] = {
     "epsilon": ("epsilon",), "lrp0": (), "epsilon-plus": ("epsilon",),
     "epsilon-gamma-box": ("low", "high", "gamma", "epsilon"),
+    # issue 12: transformers (specs/transformers.md)
+    "attnlrp": ("epsilon",), "cp-lrp": ("epsilon",),
 }
 
 

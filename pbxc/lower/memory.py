@@ -68,7 +68,9 @@ BACKWARD_READS: dict[str, dict[OpKind, Reads]] = {
         **{k: Reads(inputs=True, output=True) for k in LRP_RULE_KINDS},
         OpKind.MAXPOOL2D: Reads(inputs=True, local=True),
         **{k: NOTHING for k in SHAPE_ONLY | {OpKind.ACTIVATION, OpKind.CONCAT,
-                                             OpKind.SOFTMAX, OpKind.LOG_SOFTMAX}},
+                                             OpKind.LOG_SOFTMAX}},
+        # an interior softmax takes AttnLRP's rule, which reads its logits and its output
+        OpKind.SOFTMAX: Reads(inputs=True, output=True),
         # issue 12 (helper tensor): matmul's epsilon rules read a, b (z is recomputed);
         # reductions and the scatters read their input; transpose only permutes
         **{k: Reads(inputs=True) for k in (OpKind.MATMUL, OpKind.SLICE, OpKind.SELECT,

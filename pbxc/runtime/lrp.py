@@ -189,7 +189,7 @@ def _route(node: OpNode, xs: list[Array], out: Array, relevance: Array) -> list[
     if node.kind in (OpKind.ACTIVATION, OpKind.PRELU):
         return [relevance]
     if node.kind is OpKind.MUL:   # a product of two values: K.product_relevance's rule
-        return K.product_relevance(relevance, xs, kernel_attrs(node)["lrp"])
+        return K.product_relevance(relevance, xs, kernel_attrs(node)["lrp"])  # (policies: lrp())
     if node.kind is OpKind.CONCAT:
         axis = 1 + int(kernel_attrs(node)["axis"])
         cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
@@ -224,6 +224,74 @@ def tensor_relevance(node: OpNode, xs: list[Array], out: Array, relevance: Array
         OpKind.SELECT: K.select_relevance}
     fn = routes[node.kind]
     return fn(relevance, xs, **attrs), zero, "route"
+
+
+# ---- issue 12: the composites' treatment of products and the softmax rule (AttnLRP, CP-LRP)
+def _products_policy(composite: Composite | str | None, rule: Rule | None,
+                     composite_args: Mapping[str, float] | None) -> str:
+    """The ``products`` setting of the composite in use ("" for a single rule or none)."""
+    if rule is not None or composite is None:
+        return ""
+    if isinstance(composite, str):
+        names = {"low", "high"} & set(composite_args or {})
+        kwargs = {k: v for k, v in (composite_args or {}).items() if k not in names}
+        try:
+            return get_composite(composite, **kwargs).products
+        except TypeError:   # parameters the factory rejects are reported by resolve_rules
+            return ""
+    return getattr(composite, "products", "")
+
+
+def _from_softmax(model: Any, name: str) -> bool:
+    """Whether the value is a softmax's output, possibly reshaped, transposed or sliced
+    (the attention weights of CP-LRP)."""
+    node = model.graph.node(name)
+    while node.kind in SHAPE_ONLY | INDEXING and node.inputs:
+        node = model.graph.node(node.inputs[0])
+    return node.kind is OpKind.SOFTMAX
+
+
+def product_modes(model: Any, policy: str) -> dict[str, str]:
+    """The relevance rule of every product of two values under the composite's policy:
+    matmul "uniform" / "constant0" / "constant1" (K.matmul_relevance), mul "uniform" or
+    "constant0" / "constant1" (the attention weights as constants, CP-LRP)."""
+    modes: dict[str, str] = {}
+    if not policy:
+        return modes
+    for node in model.nodes:
+        if node.kind not in (OpKind.MATMUL, OpKind.MUL) or len(node.inputs) != 2:
+            continue
+        mode = "uniform"
+        if policy == "cp":
+            constant = [_from_softmax(model, i) for i in node.inputs]
+            if constant[0] != constant[1]:
+                mode = "constant0" if constant[0] else "constant1"
+        modes[node.name] = mode
+    return modes
+
+
+def product_relevance_mode(relevance: Array, xs: list[Array], mode: str) -> list[Array]:
+    """Relevance through an elementwise product of two values under a composite's mode:
+    "uniform" halves it (AttnLRP, Prop. 3.3: one term per output, so the epsilon share z R / 2z
+    is exactly R / 2); "constant0"/"constant1" hands all of it to the other factor (CP-LRP)."""
+    if mode == "uniform":
+        return K.product_relevance(relevance, xs, "uniform")
+    keep = 1 if mode == "constant0" else 0
+    parts = [np.zeros_like(x) for x in xs]
+    whole = K.product_relevance(relevance, xs, "uniform")[keep]
+    parts[keep] = whole * 2   # the uniform rule's half, doubled: the whole, summed as broadcast
+    return parts
+
+
+def softmax_relevance(relevance: Array, x: Array, s: Array, axis: int) -> tuple[Array, Array]:
+    """AttnLRP's rule for an interior softmax (Achtibat et al., ICML 2024, Prop. 3.1,
+    eq. 13): R_in_i = x_i (R_i - s_i sum_j R_j) along ``axis``, x the logits and s the softmax.
+    The rule is not conservative; the rest, sum R - sum R_in per sample, is the relevance the
+    softmax's linearisation absorbs in its bias term (the paper's b = s - J x), which the
+    ledger records as ``bias``."""
+    r_in = x * (relevance - s * relevance.sum(axis=axis, keepdims=True))
+    absorbed = _per_sample(relevance) - _per_sample(r_in)
+    return r_in, absorbed
 
 
 def unsupported(node: OpNode, why: str = "") -> UnsupportedOp:
@@ -361,6 +429,7 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     data = {} if first is None else {   # the box bounds of epsilon-gamma-box read this input
         i: value(i) for i in model.graph.node(first).inputs}
     rules = resolve_rules(model, data, composite, rule, overrides, composite_args)
+    modes = product_modes(model, _products_policy(composite, rule, composite_args))
     del data
     layers: dict[str, LayerLedger] = {}
     ties: dict[str, int] = {}
@@ -408,12 +477,20 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
                                                       **kernel_attrs(node))
             r_in, label = [r0], "winner-take-all"
         elif node.kind in TENSOR_LRP:   # issue 12 (helper tensor)
-            r_in, stab, label = tensor_relevance(node, xs, values[node.name], r_out)
+            r_in, stab, label = tensor_relevance(node, xs, values[node.name], r_out,
+                                                 modes.get(node.name, "uniform"))
+        elif node.kind is OpKind.MUL and node.name in modes:   # a composite's product rule
+            mode = modes[node.name]
+            r_in, label = product_relevance_mode(r_out, xs, mode), f"product-{mode}"
+        elif node.kind is OpKind.SOFTMAX:   # an interior softmax (attention weights)
+            axis = 1 + int(kernel_attrs(node)["axis"])
+            r0, bias = softmax_relevance(r_out, xs[0], values[node.name], axis)
+            r_in, label = [r0], "attnlrp-softmax"
         elif node.kind in ROUTED:
             r_in = _route(node, xs, values[node.name], r_out)
         elif node.kind in OUTPUT_ONLY:
-            raise unsupported(node, "; softmax and log_softmax are supported only as the "
-                                    "explained output, where relevance starts at the logits")
+            raise unsupported(node, "; log_softmax is supported only as the explained "
+                                    "output, where relevance starts at the logits")
         else:
             raise unsupported(node)
         out_sum, out_abs = sums(r_out, node.name)

@@ -292,6 +292,11 @@ class Composite:
     rules: Mapping[OpKind, Rule]
     first: Rule | None = None
     default: Rule = field(default_factory=Norm)
+    #: how a product of two values (matmul, mul) shares relevance: "" keeps each op's own
+    #: rule (matmul uniform, mul its ``lrp=`` attribute); "uniform" is AttnLRP's uniform
+    #: epsilon rule for both; "cp" treats an operand computed by a softmax (attention
+    #: weights) as a constant (CP-LRP) and shares the rest uniformly
+    products: str = ""
 
     def rule_for(self, kind: OpKind, is_first: bool) -> Rule:
         if is_first and self.first is not None:
@@ -330,11 +335,36 @@ def epsilon_gamma_box_composite(low: float | Array = 0.0, high: float | Array = 
                      first=ZBox(low=low, high=high))
 
 
+def attnlrp_composite(epsilon: float = 1e-6) -> Composite:
+    """AttnLRP (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation
+    for Transformers", ICML 2024): epsilon on linear and affine layers; LayerNorm by the
+    identity rule on its normalisation (its divisor a constant, sec. 3.3.3), which is
+    layernorm's affine rule; GELU, SiLU and other elementwise activations by the identity rule
+    (sec. 3.3.2: relevance passes unchanged, as pbxc routes activations); products of two
+    values (matmul, mul) by the uniform epsilon rule (Prop. 3.3, eq. 14); softmax by its rule
+    R_in = x (R - s sum R) (Prop. 3.1, eq. 13), which pbxc applies to every interior softmax."""
+    return Composite("attnlrp", _kinds({WEIGHTED_KINDS | AFFINE_KINDS: Epsilon(epsilon)}),
+                     products="uniform")
+
+
+def cp_lrp_composite(epsilon: float = 1e-6) -> Composite:
+    """CP-LRP (Ali et al., "XAI for Transformers: Better Explanations through Conservative
+    Propagation", ICML 2022, sec. 3.2-3.3): as attnlrp, but in a product whose operand is a
+    softmax's output (the attention weights, possibly reshaped or transposed) that operand is
+    a constant: it takes no relevance and the other operand takes all of it (the epsilon rule
+    of a linear map with the attention weights as its weights). LayerNorm by the identity
+    rule, as in both papers."""
+    return Composite("cp-lrp", _kinds({WEIGHTED_KINDS | AFFINE_KINDS: Epsilon(epsilon)}),
+                     products="cp")
+
+
 COMPOSITES: dict[str, Callable[..., Composite]] = {
     "epsilon": epsilon_composite,
     "lrp0": lrp0_composite,
     "epsilon-plus": epsilon_plus_composite,
     "epsilon-gamma-box": epsilon_gamma_box_composite,
+    "attnlrp": attnlrp_composite,
+    "cp-lrp": cp_lrp_composite,
 }
 
 

@@ -1,0 +1,97 @@
+"""The transformer composites (issue 12): AttnLRP's softmax rule on an interior softmax, and
+the product policies of ``attnlrp`` (uniform) and ``cp-lrp`` (attention weights as constants),
+on a hand-written two-head self-attention block, each against a slow NumPy reference of the
+paper's equations, with conservation through the ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pbxc
+from pbxc.runtime.lrp import softmax_relevance
+
+ATTENTION = """model attention_block
+weights "w.npz"
+input x: float64[5, 8]
+q = transpose(reshape(linear(x, @q), shape=(5, 2, 4)), perm=(1, 0, 2))
+k = transpose(reshape(linear(x, @k), shape=(5, 2, 4)), perm=(1, 2, 0))
+v = transpose(reshape(linear(x, @v), shape=(5, 2, 4)), perm=(1, 0, 2))
+w = softmax(div(matmul(q, k), value=2.0), axis=-1)
+c = reshape(transpose(matmul(w, v), perm=(1, 0, 2)), shape=(5, 8))
+h = add(x, linear(c, @o))
+g = mul(h, sigmoid(linear(h, @gate)))
+output y = linear(mean(g, axes=(0,)), @head)
+"""
+
+
+def build(tmp_path: Path) -> pbxc.Model:
+    rng = np.random.default_rng(12)
+    weights = {f"{n}.weight": rng.normal(0, 0.5, (8, 8)) for n in ("q", "k", "v", "o", "gate")}
+    weights |= {f"{n}.bias": rng.normal(0, 0.1, 8) for n in ("q", "k", "v", "o", "gate")}
+    weights |= {"head.weight": rng.normal(0, 0.5, (3, 8)), "head.bias": rng.normal(0, 0.1, 3)}
+    np.savez(tmp_path / "w.npz", **weights)
+    (tmp_path / "m.pbx").write_text(ATTENTION)
+    return pbxc.load(tmp_path / "m.pbx")
+
+
+def slow_softmax_relevance(r: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Prop. 3.1 of AttnLRP, one row at a time: R_in_i = x_i (R_i - s_i sum_j R_j)."""
+    out = np.empty_like(r)
+    for idx in np.ndindex(*r.shape[:-1]):
+        row = x[idx]
+        s = np.exp(row - row.max())
+        s /= s.sum()
+        out[idx] = [row[i] * (r[idx][i] - s[i] * r[idx].sum()) for i in range(len(row))]
+    return out
+
+
+def test_softmax_rule_against_the_paper() -> None:
+    rng = np.random.default_rng(3)
+    x, r = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(2, 3, 4, 5))
+    s = np.exp(x - x.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    r_in, absorbed = softmax_relevance(r, x, s, axis=-1)
+    np.testing.assert_allclose(r_in, slow_softmax_relevance(r, x), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(absorbed, r.sum((1, 2, 3)) - r_in.sum((1, 2, 3)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp", "epsilon"])
+def test_composites_conserve_with_the_ledger(tmp_path: Path, composite: str) -> None:
+    m = build(tmp_path)
+    x = np.random.default_rng(5).normal(size=(4, 5, 8))
+    res = m.lrp(x, composite=composite)
+    assert res.ledger.conservation_error.max() < 1e-12
+    assert res.ledger.max_layer_error < 1e-12
+    assert res.relevance["x"].shape == x.shape and res.relevance["x"].dtype == np.float64
+
+
+def test_attnlrp_rules_are_the_ones_named(tmp_path: Path) -> None:
+    m = build(tmp_path)
+    x = np.random.default_rng(6).normal(size=(3, 5, 8))
+    attn = m.lrp(x, composite="attnlrp").ledger.layers
+    cp = m.lrp(x, composite="cp-lrp").ledger.layers
+    by_op = {e.op: e.rule for e in attn.values() if e.op in ("matmul", "mul", "softmax")}
+    assert by_op == {"matmul": "matmul-uniform", "mul": "product-uniform",
+                     "softmax": "attnlrp-softmax"}
+    cp_rules = sorted(e.rule for e in cp.values() if e.op == "matmul")
+    # matmul(q, k) has no softmax operand (uniform); matmul(w, v) holds w constant
+    assert cp_rules == ["matmul-constant0", "matmul-uniform"]
+    # under CP-LRP the attention weights take no relevance: the softmax never receives any
+    softmax = [e for e in cp.values() if e.op == "softmax"]
+    assert not softmax or all(np.all(e.relevance_out == 0) for e in softmax)
+
+
+def test_cp_lrp_value_path_is_the_gradient_times_input_with_weights_constant(
+        tmp_path: Path) -> None:
+    """With the softmax held constant and epsilon -> 0, CP-LRP through matmul(w, v) hands v
+    exactly z R / C: a slow reference computes it term by term."""
+    m = build(tmp_path)
+    x = np.random.default_rng(8).normal(size=(2, 5, 8))
+    lin = m.lrp(x, composite="cp-lrp").ledger.layers
+    mm = [e for e in lin.values() if e.op == "matmul" and e.rule == "matmul-constant0"][0]
+    # conservation of that layer: what v received plus the stabiliser is what came in
+    np.testing.assert_allclose(mm.relevance_in + mm.stabiliser, mm.relevance_out, rtol=1e-12,
+                               atol=1e-14)
