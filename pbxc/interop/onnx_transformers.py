@@ -1,0 +1,192 @@
+"""ONNX import of the ops transformers export to (issue 12).
+
+A mixin of :class:`pbxc.interop.onnx_import.Converter`: each ``op_<Name>`` maps one ONNX node
+to the per-sample ops of the issue-12 contract (``transpose``, ``matmul``, ``slice``,
+``select``, ``mean``/``sum``, ``layernorm``, ``constant``). ONNX axes include the batch axis
+(axis 0); pbxc's exclude it, so every axis is converted and an op that moves or reduces the
+batch axis is an error naming the node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+INT64_MAX = 2 ** 63 - 1
+
+
+class TransformerOps:
+    """Handlers for Transpose, MatMul of two values, Gather (scalar index), Slice, Split,
+    ReduceMean/ReduceSum over per-sample axes and LayerNormalization."""
+
+    # ---- helpers provided by Converter (declared for readers and mypy)
+    fail: Any
+    value: Any
+    define: Any
+    alias: Any
+    const: Any
+    check_attrs: Any
+    axis: Any
+    shape_of: Any
+    weight: Any
+    prefix: Any
+    weights: dict[str, np.ndarray]
+    opset: int
+    consts: dict[str, np.ndarray]
+
+    def op_Transpose(self, node: Any) -> None:
+        a = self.check_attrs(node, {"perm": None})
+        x = self.value(node, node.input[0])
+        full = len(x.shape) + 1
+        perm = [int(p) for p in a.get("perm", list(range(full))[::-1])]
+        if sorted(perm) != list(range(full)):
+            raise self.fail(node, f"perm {perm} is not a permutation of 0..{full - 1}")
+        if perm[0] != 0:
+            raise self.fail(node, f"Transpose with perm {perm} moves the batch axis (axis 0), "
+                            "which pbxc keeps first and implicit")
+        per_sample = [p - 1 for p in perm[1:]]
+        if per_sample == list(range(full - 1)):
+            self.alias(node.output[0], x)
+            return
+        shape = tuple(x.shape[p] for p in per_sample)
+        self.define(node, f"transpose({x.name}, perm=({', '.join(map(str, per_sample))}"
+                    f"{',' if len(per_sample) == 1 else ''}))", self.shape_of(node, shape))
+
+    def matmul_values(self, node: Any) -> None:
+        """``MatMul`` of two computed values (attention's Q K^T and A V): ``matmul(a, b)``."""
+        a = self.value(node, node.input[0])
+        b = self.value(node, node.input[1])
+        if len(a.shape) < 2 or len(b.shape) < 2:
+            raise self.fail(node, f"MatMul of values of per-sample shapes {list(a.shape)} and "
+                            f"{list(b.shape)}: both need rank >= 2 per sample")
+        if a.shape[-1] != b.shape[-2]:
+            raise self.fail(node, f"MatMul shapes {list(a.shape)} and {list(b.shape)} do not "
+                            "fit ([..., n, k] x [..., k, m])")
+        try:
+            lead = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+        except ValueError:
+            raise self.fail(node, f"leading axes of {list(a.shape)} and {list(b.shape)} do "
+                            "not broadcast") from None
+        self.define(node, f"matmul({a.name}, {b.name})",
+                    self.shape_of(node, (*lead, a.shape[-2], b.shape[-1])))
+
+    def op_Gather(self, node: Any) -> None:
+        a = self.check_attrs(node, {"axis": None})
+        x = self.value(node, node.input[0])
+        idx = np.asarray(self.const(node, node.input[1]))
+        if idx.ndim != 0:
+            raise self.fail(node, f"Gather with indices of shape {list(idx.shape)} is not "
+                            "supported (only a scalar index: select)")
+        ax = self.axis(node, int(a.get("axis", 0)), len(x.shape))
+        n = x.shape[ax]
+        i = int(idx)
+        if not -n <= i < n:
+            raise self.fail(node, f"index {i} is out of range for an axis of size {n}")
+        shape = tuple(d for k, d in enumerate(x.shape) if k != ax % len(x.shape))
+        self.define(node, f"select({x.name}, axis={ax}, index={i % n})", self.shape_of(node, shape))
+
+    def _slice_expr(self, name: str, ax: int, start: int, stop: int | None) -> str:
+        stop_text = "" if stop is None else f", stop={stop}"
+        return f"slice({name}, axis={ax}, start={start}{stop_text})"
+
+    def op_Slice(self, node: Any) -> None:
+        self.check_attrs(node, {})
+        x = self.value(node, node.input[0])
+        ins = list(node.input) + [""] * (5 - len(node.input))
+        starts = [int(v) for v in self.const(node, ins[1]).reshape(-1)]
+        ends = [int(v) for v in self.const(node, ins[2]).reshape(-1)]
+        axes = ([int(v) for v in self.const(node, ins[3]).reshape(-1)] if ins[3]
+                else list(range(len(starts))))
+        steps = [int(v) for v in self.const(node, ins[4]).reshape(-1)] if ins[4] else [1] * len(starts)
+        cur, shape = x, list(x.shape)
+        cuts = []
+        for s, e, ax_onnx, st in zip(starts, ends, axes, steps):
+            if st != 1:
+                raise self.fail(node, f"Slice step {st} is not supported (step 1)")
+            ax = self.axis(node, ax_onnx, len(x.shape))
+            n = shape[ax]
+            s0, e0, _ = slice(s, e, st).indices(n)
+            if e0 <= s0:
+                raise self.fail(node, f"Slice [{s}:{e}] of an axis of size {n} is empty")
+            if s0 == 0 and e0 >= n:
+                continue
+            shape[ax] = e0 - s0
+            cuts.append((ax, s0, None if e0 >= n else e0, tuple(shape)))
+        if not cuts:
+            self.alias(node.output[0], x)
+            return
+        for k, (ax, s0, e0, shp) in enumerate(cuts):
+            last = k == len(cuts) - 1
+            tensor = node.output[0] if last else f"{node.output[0]}__slice{k}"
+            self.define(node, self._slice_expr(cur.name, ax, s0, e0),
+                        self.shape_of(node, shp) if last else shp, tensor=tensor)
+            cur = self.values[tensor]
+
+    values: dict[str, Any]
+
+    def op_Split(self, node: Any) -> None:
+        a = self.check_attrs(node, {"axis": None, "num_outputs": None})
+        x = self.value(node, node.input[0])
+        ax = self.axis(node, int(a.get("axis", 0)), len(x.shape))
+        n = x.shape[ax]
+        outs = list(node.output)
+        if len(node.input) > 1 and node.input[1]:
+            sizes = [int(v) for v in self.const(node, node.input[1]).reshape(-1)]
+        else:
+            k = len(outs)
+            step = -(-n // k)
+            sizes = [min(step, n - i * step) for i in range(k)]
+        if sum(sizes) != n or len(sizes) != len(outs):
+            raise self.fail(node, f"split sizes {sizes} do not cover an axis of size {n}")
+        start = 0
+        for o, size in zip(outs, sizes):
+            shape = list(x.shape)
+            shape[ax] = size
+            stop = start + size
+            if o:
+                self.define(node, self._slice_expr(x.name, ax, start, None if stop >= n else stop),
+                            tuple(shape), tensor=o)
+            start = stop
+
+    def reduce_axes(self, node: Any, kind: str) -> None:
+        """``mean``/``sum`` over per-sample axes; reducing the batch axis is an error."""
+        a = self.check_attrs(node, {"axes": None, "keepdims": (0, 1),
+                                    "noop_with_empty_axes": (0,)})
+        x = self.value(node, node.input[0])
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.const(node, node.input[1]).reshape(-1).tolist()
+        rank = len(x.shape)
+        per = sorted({self.axis(node, int(v), rank) % rank for v in axes}) if axes else None
+        if per is None:
+            raise self.fail(node, f"{node.op_type} over every axis reduces the batch axis")
+        keep = bool(a.get("keepdims", 1))
+        shape = tuple((1 if k in per else d) for k, d in enumerate(x.shape) if keep or k not in per)
+        setting = f", axes=({', '.join(map(str, per))}{',' if len(per) == 1 else ''})"
+        self.define(node, f"{kind}({x.name}{setting}{', keepdims=true' if keep else ''})",
+                    self.shape_of(node, shape))
+
+    def op_ReduceSum(self, node: Any) -> None:
+        self.reduce_axes(node, "sum")
+
+    def op_LayerNormalization(self, node: Any) -> None:
+        a = self.check_attrs(node, {"axis": None, "epsilon": None, "stash_type": (1,)})
+        x = self.value(node, node.input[0])
+        rank = len(x.shape)
+        ax = self.axis(node, int(a.get("axis", -1)), rank)
+        last = -ax
+        trailing = x.shape[rank - last:]
+        w = np.asarray(self.weight(node, node.input[1]))
+        p = self.prefix(node, node.input[1], "layernorm")
+        self.weights[f"{p}.weight"] = np.ascontiguousarray(np.broadcast_to(w, trailing))
+        if len(node.input) > 2 and node.input[2]:
+            b = np.asarray(self.weight(node, node.input[2]))
+            self.weights[f"{p}.bias"] = np.ascontiguousarray(np.broadcast_to(b, trailing))
+        eps = float(a.get("epsilon", 1e-5))
+        eps_text = repr(float(np.float32(eps))) if w.dtype == np.float32 else repr(eps)
+        if len([o for o in node.output if o]) > 1:
+            raise self.fail(node, "the Mean/InvStdDev outputs of LayerNormalization are not "
+                            "supported")
+        self.define(node, f"layernorm({x.name}, @{p}, eps={eps_text}"
+                    f"{'' if last == 1 else f', last={last}'})", self.shape_of(node, x.shape))
