@@ -184,7 +184,8 @@ class TransformerOps:
             b = np.asarray(self.weight(node, node.input[2]))
             self.weights[f"{p}.bias"] = np.ascontiguousarray(np.broadcast_to(b, trailing))
         eps = float(a.get("epsilon", 1e-5))
-        eps_text = repr(float(np.float32(eps))) if w.dtype == np.float32 else repr(eps)
+        # ONNX stores float attributes as float32: write the shortest text of that float32
+        eps_text = repr(float(str(np.float32(eps))))
         if len([o for o in node.output if o]) > 1:
             raise self.fail(node, "the Mean/InvStdDev outputs of LayerNormalization are not "
                             "supported")
