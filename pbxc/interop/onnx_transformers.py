@@ -100,7 +100,7 @@ class TransformerOps:
                 else list(range(len(starts))))
         steps = [int(v) for v in self.const(node, ins[4]).reshape(-1)] if ins[4] else [1] * len(starts)
         cur, shape = x, list(x.shape)
-        cuts = []
+        cuts: list[tuple[int, int, int | None, tuple[int, ...]]] = []
         for s, e, ax_onnx, st in zip(starts, ends, axes, steps):
             if st != 1:
                 raise self.fail(node, f"Slice step {st} is not supported (step 1)")
@@ -116,10 +116,10 @@ class TransformerOps:
         if not cuts:
             self.alias(node.output[0], x)
             return
-        for k, (ax, s0, e0, shp) in enumerate(cuts):
+        for k, (cut_axis, cut_start, cut_stop, shp) in enumerate(cuts):
             last = k == len(cuts) - 1
             tensor = node.output[0] if last else f"{node.output[0]}__slice{k}"
-            self.define(node, self._slice_expr(cur.name, ax, s0, e0),
+            self.define(node, self._slice_expr(cur.name, cut_axis, cut_start, cut_stop),
                         self.shape_of(node, shp) if last else shp, tensor=tensor)
             cur = self.values[tensor]
 
