@@ -704,6 +704,11 @@ class Converter(TransformerOps):
                     found[id(n)] = ("standardize", div)
                     self.skip.add(id(div))
                     self.alias_out[div.output[0]] = n.output[0]
+            if n.op_type == "Div":   # issue 12: a decomposed LayerNorm
+                ln = self.match_layernorm(n)
+                if ln is not None:
+                    take(ln[0], "layernorm", ln[1], ln[2])
+                    continue
             if n.op_type == "Erf":
                 m = self.match_gelu_erf(n)
                 if m is not None:

@@ -34,6 +34,7 @@ class TransformerOps:
     weights: dict[str, np.ndarray]
     opset: int
     consts: dict[str, np.ndarray]
+    dtype: str
 
     def op_Transpose(self, node: Any) -> None:
         a = self.check_attrs(node, {"perm": None})
@@ -190,4 +191,96 @@ class TransformerOps:
             raise self.fail(node, "the Mean/InvStdDev outputs of LayerNormalization are not "
                             "supported")
         self.define(node, f"layernorm({x.name}, @{p}, eps={eps_text}"
+                    f"{'' if last == 1 else f', last={last}'})", self.shape_of(node, x.shape))
+
+    # ---- canonicalisation: LayerNorm decomposed by an exporter (or written by hand)
+    producer: dict[str, Any]
+    only_consumer: Any
+    producer_of: Any
+    is_const: Any
+    consumers: dict[str, list[Any]]
+
+    def _reduce_axes_of(self, node: Any) -> list[int] | None:
+        for a in node.attribute:
+            if a.name == "axes":
+                return list(a.ints)
+        if len(node.input) > 1 and node.input[1] and self.is_const(node.input[1]):
+            return [int(v) for v in self.consts[node.input[1]].reshape(-1)]
+        return None
+
+    def match_layernorm(self, div: Any) -> tuple[Any, dict[str, Any], list[Any]] | None:
+        """``(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) [* w] [+ b]`` over trailing
+        axes (keepdims), the form `torch.onnx.export` writes below opset 17 and users write
+        by hand: returns (final node, data, matched nodes) for one ``layernorm``."""
+        sqrt = self.producer_of(div.input[1], "Sqrt")
+        d = div.input[0]
+        sub = self.producer_of(d, "Sub")
+        if sqrt is None or sub is None or self.only_consumer(div.input[1]) is None:
+            return None
+        add_eps = self.producer_of(sqrt.input[0], "Add")
+        if add_eps is None or self.only_consumer(sqrt.input[0]) is None:
+            return None
+        eps_in = [i for i in add_eps.input if self.is_const(i)]
+        var_in = [i for i in add_eps.input if not self.is_const(i)]
+        if len(eps_in) != 1 or len(var_in) != 1 or self.consts[eps_in[0]].size != 1:
+            return None
+        var = self.producer_of(var_in[0], "ReduceMean")
+        if var is None or self.only_consumer(var_in[0]) is None:
+            return None
+        sq = self.producer.get(var.input[0])
+        if sq is None or self.only_consumer(var.input[0]) is None:
+            return None
+        if sq.op_type == "Pow":
+            if sq.input[0] != d or not self.is_const(sq.input[1]) or \
+                    float(self.consts[sq.input[1]].reshape(-1)[0]) != 2.0:
+                return None
+        elif not (sq.op_type == "Mul" and list(sq.input) == [d, d]):
+            return None
+        mean = self.producer_of(sub.input[1], "ReduceMean")
+        x = sub.input[0]
+        if mean is None or mean.input[0] != x or len(self.consumers.get(d, [])) != 2:
+            return None
+        axes_mean, axes_var = self._reduce_axes_of(mean), self._reduce_axes_of(var)
+        if not axes_mean or axes_mean != axes_var:
+            return None
+        if any(a.name == "keepdims" and a.i == 0 for n in (mean, var) for a in n.attribute):
+            return None
+        inner = [mean, sub, sq, var, add_eps, sqrt, div]
+        final, weight, bias = div, None, None
+        mul = self.only_consumer(div.output[0])
+        if mul is not None and mul.op_type == "Mul" and \
+                sum(self.is_const(i) for i in mul.input) == 1:
+            weight = next(i for i in mul.input if self.is_const(i))
+            final = mul
+            inner.append(mul)
+            add = self.only_consumer(mul.output[0])
+            if add is not None and add.op_type == "Add" and \
+                    sum(self.is_const(i) for i in add.input) == 1:
+                bias = next(i for i in add.input if self.is_const(i))
+                final = add
+                inner.append(add)
+        data = {"x": x, "axes": axes_mean, "eps": eps_in[0], "weight": weight, "bias": bias,
+                "first": mean}
+        return final, data, inner
+
+    def pattern_layernorm(self, node: Any, data: dict[str, Any]) -> None:
+        x = self.value(node, data["x"])
+        rank = len(x.shape)
+        axes = sorted(self.axis(data["first"], int(a), rank) % rank for a in data["axes"])
+        if axes != list(range(rank - len(axes), rank)):
+            raise self.fail(data["first"], f"a LayerNorm pattern over axes {data['axes']} (not "
+                            "the trailing axes) is not supported")
+        trailing = x.shape[rank - len(axes):]
+        eps_arr = self.consts[data["eps"]]
+        eps = float(str(eps_arr.reshape(())) if eps_arr.dtype == np.float32
+                    else eps_arr.reshape(()))
+        p = self.prefix(node, data["weight"], "layernorm")
+        w = (np.asarray(self.weight(node, data["weight"])) if data["weight"]
+             else np.ones(trailing, dtype=self.dtype))
+        self.weights[f"{p}.weight"] = np.ascontiguousarray(np.broadcast_to(w, trailing))
+        if data["bias"]:
+            b = np.asarray(self.weight(node, data["bias"]))
+            self.weights[f"{p}.bias"] = np.ascontiguousarray(np.broadcast_to(b, trailing))
+        last = len(axes)
+        self.define(node, f"layernorm({x.name}, @{p}, eps={eps!r}"
                     f"{'' if last == 1 else f', last={last}'})", self.shape_of(node, x.shape))

@@ -231,3 +231,36 @@ def test_multihead_attention_export_is_refused_at_the_batch_move(tmp_path: Path,
     m = export(Attn(), torch.randn(1, 8, 16), tmp_path / "a.onnx", dynamo, 18)
     with pytest.raises(UnsupportedOp, match=r"\(Transpose\).*moves the batch axis"):
         convert_onnx(m)
+
+
+class HandLayerNorm(nn.Module):
+    """LayerNorm written out (as exporters decompose it before opset 17 and as users write
+    it): the canonicalisation rebuilds one `layernorm`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+        self.b = nn.Parameter(torch.linspace(-1.0, 1.0, 16))
+
+    def forward(self, x: Any) -> Any:
+        mu = x.mean(-1, keepdim=True)
+        d = x - mu
+        var = (d ** 2).mean(-1, keepdim=True)
+        return d / torch.sqrt(var + 1e-5) * self.w + self.b
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_decomposed_layernorm_is_rebuilt(tmp_path: Path, dynamo: bool) -> None:
+    torch.manual_seed(0)
+    model = HandLayerNorm().double()
+    m = export(model, torch.randn(2, 8, 16, dtype=torch.float64), tmp_path / "l.onnx", dynamo, 18)
+    res = convert_onnx(m)
+    lines = body(res.text)
+    assert len(lines) == 1 and lines[0].startswith("output y = layernorm(x, @"), res.text
+    # the eps the file holds, exactly: the dynamo exporter writes 1e-5 rounded to float32
+    # (then cast to double), the TorchScript exporter the double 1e-5
+    eps = "eps=9.999999747378752e-06" if dynamo else "eps=1e-05"
+    assert eps in lines[0], res.text
+    (wk,) = [k for k in res.weights if k.endswith(".weight")]
+    assert res.weights[wk].dtype == np.float64
+    np.testing.assert_array_equal(res.weights[wk], model.w.detach().numpy())
