@@ -1401,9 +1401,10 @@ class Converter(TransformerOps):
     def op_Concat(self, node: Any) -> None:
         a = self.check_attrs(node, {"axis": None})
         ins = [i for i in node.input if i]
-        if any(i in self.consts for i in ins):
-            raise self.fail(node, "Concat of a value with a constant is not supported")
-        xs = [self.value(node, i) for i in ins]
+        if all(i in self.consts or i in self.batch_consts for i in ins):
+            raise self.fail(node, "Concat of constants only should have been folded")
+        xs = [self.constant_operand(node, i) if i in self.consts or i in self.batch_consts
+              else self.value(node, i) for i in ins]   # issue 12: the class token
         rank = len(xs[0].shape)
         ax = self.axis(node, int(a["axis"]), rank)
         if any(len(v.shape) != rank for v in xs):

@@ -193,6 +193,38 @@ class TransformerOps:
         self.define(node, f"layernorm({x.name}, @{p}, eps={eps_text}"
                     f"{'' if last == 1 else f', last={last}'})", self.shape_of(node, x.shape))
 
+    batch_consts: dict[str, tuple[np.ndarray, np.ndarray]]
+    emit: Any
+    fresh: Any
+
+    def constant_operand(self, node: Any, name: str) -> Any:
+        """A constant beside values (the class token of a Concat, often an ``Expand`` over the
+        batch): the same for every sample, written ``constant(@p)``."""
+        from pbxc.interop.onnx_import import Value
+
+        if name in self.batch_consts:
+            first, second = self.batch_consts[name]
+            if first.ndim < 1 or second.ndim != first.ndim or \
+                    not np.array_equal(first[0], second[0]) or \
+                    not all(np.array_equal(first[0], r) for r in first) or \
+                    not all(np.array_equal(second[0], r) for r in second):
+                raise self.fail(node, f"input '{name}' varies with the batch")
+            c = first[0]
+        else:
+            c = self.consts[name]
+            # a fixed batch (the dynamo exporter's example batch): every row must be equal
+            if c.ndim < 1 or not all(np.array_equal(c[0], r) for r in c):
+                raise self.fail(node, f"constant '{name}' of shape {list(c.shape)} differs "
+                                "along the batch axis")
+            c = c[0]
+        self.consts.setdefault(f"{name}__per_sample", c)
+        w = np.asarray(self.weight(node, f"{name}__per_sample"))
+        p = self.prefix(node, None, "constant")
+        self.weights[p] = np.ascontiguousarray(w)
+        v = Value(self.fresh(p), tuple(w.shape), tuple(w.shape))
+        self.emit(v.name, f"constant(@{p})")
+        return v
+
     # ---- canonicalisation: LayerNorm decomposed by an exporter (or written by hand)
     producer: dict[str, Any]
     only_consumer: Any
