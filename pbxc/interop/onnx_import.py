@@ -30,6 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from pbxc.errors import Diagnostic, InputError, UnsupportedOp
+from pbxc.interop.onnx_transformers import TransformerOps
 from pbxc.outputs import write_files
 
 SUPPORTED_OPS = (
@@ -39,6 +40,8 @@ SUPPORTED_OPS = (
     "LogSoftmax", "MatMul", "MaxPool", "Mish", "Mul", "Pad", "PRelu", "ReduceMean", "Relu",
     "Reshape", "Resize", "Selu", "Shape", "Sigmoid", "Softmax", "Softplus", "Squeeze", "Sub",
     "Tanh", "Unsqueeze", "ai.onnx.ml.Scaler", "ai.onnx.ml.ZipMap",
+    # issue 12 (transformers, pbxc/interop/onnx_transformers.py)
+    "Transpose", "Gather", "Slice", "Split", "ReduceSum", "LayerNormalization",
     # patterns: x * Sigmoid(x), x * Sigmoid(b x) (silu, swish); the erf and tanh forms of
     # GELU; x * Tanh(Softplus(x)) (mish); Where(Greater(x, t), x, Softplus(x)) (thresholded
     # softplus); any node computing constants or shapes only (folded)
@@ -196,7 +199,7 @@ def validate_model(model: Any) -> None:
         raise InputError(diags)
 
 
-class Converter:
+class Converter(TransformerOps):
     def __init__(self, model: Any, name: str, dtype: str | None = None,
                  outputs: Sequence[str] | None = None) -> None:
         import onnx
@@ -701,6 +704,11 @@ class Converter:
                     found[id(n)] = ("standardize", div)
                     self.skip.add(id(div))
                     self.alias_out[div.output[0]] = n.output[0]
+            if n.op_type == "Div":   # issue 12: a decomposed LayerNorm
+                ln = self.match_layernorm(n)
+                if ln is not None:
+                    take(ln[0], "layernorm", ln[1], ln[2])
+                    continue
             if n.op_type == "Erf":
                 m = self.match_gelu_erf(n)
                 if m is not None:
@@ -1004,8 +1012,10 @@ class Converter:
 
     def op_MatMul(self, node: Any) -> None:
         if not self.is_const(node.input[1]):
-            raise self.fail(node, "MatMul of two computed values is not supported (the second "
-                            "operand must be a constant weight)")
+            if self.is_const(node.input[0]):
+                raise self.fail(node, "MatMul of a constant by a value is not supported")
+            self.matmul_values(node)   # issue 12: attention's products
+            return
         self._matmul(node, None)
 
     def pattern_matmul_add(self, node: Any, add: Any) -> None:
@@ -1232,8 +1242,8 @@ class Converter:
         full = len(x.shape) + 1
         got = sorted(int(ax) % full for ax in (axes or []))
         if got != list(range(2, full)) or len(x.shape) < 2:
-            raise self.fail(node, f"ReduceMean over axes {axes} is not supported (only over "
-                            "every spatial axis, i.e. a global average pool)")
+            self.reduce_axes(node, "mean")   # issue 12: mean over per-sample axes
+            return
         self._global_pool(node, x, bool(a.get("keepdims", 1)))
 
     def op_Resize(self, node: Any) -> None:
@@ -1391,9 +1401,10 @@ class Converter:
     def op_Concat(self, node: Any) -> None:
         a = self.check_attrs(node, {"axis": None})
         ins = [i for i in node.input if i]
-        if any(i in self.consts for i in ins):
-            raise self.fail(node, "Concat of a value with a constant is not supported")
-        xs = [self.value(node, i) for i in ins]
+        if all(i in self.consts or i in self.batch_consts for i in ins):
+            raise self.fail(node, "Concat of constants only should have been folded")
+        xs = [self.constant_operand(node, i) if i in self.consts or i in self.batch_consts
+              else self.value(node, i) for i in ins]   # issue 12: the class token
         rank = len(xs[0].shape)
         ax = self.axis(node, int(a["axis"]), rank)
         if any(len(v.shape) != rank for v in xs):
