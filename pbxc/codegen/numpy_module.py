@@ -98,6 +98,9 @@ class LrpPlan:
     # per composite, the nodes whose z^B bounds are fixed numbers (from the .pbx lrp block)
     fixed_bounds: Mapping[str, frozenset[str]] = field(default_factory=dict)
     default: str = "epsilon"
+    # composites the generated module does not implement (the transformer composites, whose
+    # product and softmax rules run in pbxc only): name -> why; asking for one raises
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 def _print_rules(rules: Mapping[str, tuple[Any, float, str]],
@@ -143,6 +146,9 @@ def render_lrp_entry(plan: LrpPlan, input_name: str,
     names = sorted({n for rules in plan.rules.values() for n in rules})
     out = ["", "def _lrp_rules(composite, low, high):",
            '    """Each node\'s rule as (groups, epsilon, placement); see lrp_rule_step."""']
+    for composite, why in plan.refused.items():
+        out.append(f"    if composite == {py_literal(composite)}:")
+        out.append(f"        raise {calls.bad_argument}({py_literal(why)})")
     for composite, rules in plan.rules.items():
         out.append(f"    if composite == {py_literal(composite)}:")
         fixed = plan.fixed_bounds.get(composite, frozenset())

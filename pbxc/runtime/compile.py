@@ -87,8 +87,13 @@ def lrp_plan(model: Model) -> LrpPlan:
     start = output.inputs[0] if output.kind in OUTPUT_ONLY else output.name
     first = next((n for n in model.nodes if n.kind in WEIGHTED_KINDS), None)
     rules = {}
+    refused = {}
     for name in COMPOSITES:
         composite = get_composite(name)
+        if composite.products:   # attnlrp, cp-lrp: pbxc.runtime.lrp's product_modes
+            refused[name] = (f"composite {name!r} is not compiled into this module: its "
+                             "product and softmax rules run in pbxc itself (model.lrp)")
+            continue
         by_node = resolve_rules(model, {}, composite, None, None)
         rules[name] = {node: (rule.groups_data(), rule.epsilon, rule.placement)
                        for node, rule in by_node.items()}
@@ -100,6 +105,10 @@ def lrp_plan(model: Model) -> LrpPlan:
         default = "model"
         file_composite, args, overrides = file_rules(model.graph.lrp_block)
         composite = get_composite(file_composite or "epsilon", **args)
+        if composite.products:
+            refused[default] = (f"the model's lrp block asks for composite "
+                                f"{composite.name!r}, which is not compiled into this module: "
+                                "its product and softmax rules run in pbxc itself")
         by_node = resolve_rules(model, {}, composite, None, overrides)
         rules[default] = {node: (rule.groups_data(), rule.epsilon, rule.placement)
                           for node, rule in by_node.items()}
@@ -109,7 +118,7 @@ def lrp_plan(model: Model) -> LrpPlan:
         fixed[default] = frozenset(n for n, r in by_node.items()
                                    if isinstance(r, ZBox) and n not in free)
     return LrpPlan(start, rules, first.inputs[0] if first is not None else None, fixed,
-                   default)
+                   default, refused)
 
 
 def compile_model(model: Model, out_dir: str | Path, target: str = "numpy", *,

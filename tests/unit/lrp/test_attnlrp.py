@@ -94,3 +94,29 @@ def test_cp_lrp_value_path_conserves(tmp_path: Path) -> None:
     # conservation of that layer: what v received plus the stabiliser is what came in
     np.testing.assert_allclose(mm.relevance_in + mm.stabiliser, mm.relevance_out, rtol=1e-12,
                                atol=1e-14)
+
+
+def test_compiled_module_refuses_the_transformer_composites(tmp_path: Path) -> None:
+    """The standalone module does not implement the product and softmax rules: asking it for
+    attnlrp or cp-lrp is an error naming the composite, never a silent epsilon."""
+    import importlib.util
+
+    from pbxc.runtime.compile import compile_model
+
+    m = build(tmp_path)
+    compile_model(m, tmp_path / "out")
+    spec = importlib.util.spec_from_file_location("attention_block",
+                                                  tmp_path / "out" / "attention_block.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = np.random.default_rng(9).normal(size=(2, 5, 8))
+    for name in ("attnlrp", "cp-lrp"):
+        with pytest.raises(ValueError, match=f"composite '{name}' is not compiled"):
+            module.lrp(x, composite=name)
+    compiled, interpreted = module.forward(x), m.forward(x)
+    if isinstance(compiled, dict):
+        compiled = compiled["y"]
+    if isinstance(interpreted, dict):
+        interpreted = interpreted["y"]
+    np.testing.assert_allclose(compiled, interpreted, rtol=1e-12)
