@@ -650,6 +650,10 @@ def dfd(x, baseline=0.0, target=None, dtype=None):
 
 def _lrp_rules(composite, low, high):
     """Each node's rule as (groups, epsilon, placement); see lrp_rule_step."""
+    if composite == 'attnlrp':
+        raise KernelArgumentError("composite 'attnlrp' is not compiled into this module: its product and softmax rules run in pbxc itself (model.lrp)")
+    if composite == 'cp-lrp':
+        raise KernelArgumentError("composite 'cp-lrp' is not compiled into this module: its product and softmax rules run in pbxc itself (model.lrp)")
     if composite == 'epsilon':
         return {
             's': (((1.0, ((1.0, ('same', None), ('same', None), ('same', None)),)),), 1e-06, 'sign'),
