@@ -12,11 +12,16 @@ import pytest
 
 import pbxc
 from pbxc.runtime.cupy_backend import load_cuda_module
-from pbxc.runtime.lrp_rules import COMPOSITES
+from pbxc.runtime.lrp_rules import COMPOSITES, get_composite
 
 from .conftest import EXAMPLES, MODELS, inputs_for, rel
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
+# float32 LRP divides by z + eps with eps 1e-6, and z of batch-normed layers (digits_resnet) come
+# near 0: there the two summation orders (the shim's loops, OpenBLAS's kernels) part by up to
+# 1.2e-4 (epsilon) and 4.1e-3 (epsilon-gamma-box's ledger) of the start relevance, measured on
+# an AMD EPYC with OpenBLAS 0.3.31's Haswell kernels (1e-5 held on the earlier machine)
+TOL_LRP32 = 1e-2
 _MODULES: dict[str, Any] = {}
 
 
@@ -48,6 +53,10 @@ def compare_all(module: Any, ref: Any, x: np.ndarray) -> dict[str, float]:
     errors["dfd delta"] = rel(delta, expect.delta)
     errors["dfd summation"] = rel(contributions.reshape(len(x), -1).sum(axis=1), delta)
     for composite in COMPOSITES:
+        if get_composite(composite).products:   # attnlrp, cp-lrp: refused by name
+            with pytest.raises(Exception, match=f"composite '{composite}' is not compiled"):
+                module.lrp(x, composite=composite, dtype=dtype)
+            continue
         relevance, ledger = module.lrp(x, composite=composite, dtype=dtype)
         expect_lrp = ref.lrp(x, composite=composite)
         errors[f"lrp {composite}"] = rel(relevance, expect_lrp.relevance[wrt])
@@ -69,8 +78,12 @@ def test_every_pass_agrees_with_numpy(name: str, dtype: str, shim_dir: Path, nee
     x = inputs_for(ref, batch=5).astype(dtype)
     errors = compare_all(module, ref, x)
     print(f"\n{name} {dtype}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    bad = {k: v for k, v in errors.items()
-           if not v <= (TOL[dtype] if "summation" not in k else 10 * TOL[dtype])}
+    def bar(key: str) -> float:
+        if dtype == "float32" and key.startswith("lrp"):
+            return TOL_LRP32
+        return TOL[dtype] if "summation" not in key else 10 * TOL[dtype]
+
+    bad = {k: v for k, v in errors.items() if not v <= bar(k)}
     assert not bad, f"{name} {dtype}: {bad}"
 
 

@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parents[3]
 DIGITS = REPO / "examples" / "digits_cnn.pbx"
 
 
+@pytest.fixture(autouse=True)
+def one_blas_thread() -> Iterator[None]:
+    """The workers run one BLAS thread each (distributed sets OMP/OPENBLAS_NUM_THREADS=1); the
+    in-process references run one too. Some OpenBLAS builds (measured: 0.3.31 DYNAMIC_ARCH on
+    an AMD EPYC) split a GEMM across threads in a way that changes the last bits, so the stores
+    are bit-identical at equal thread counts (specs/dask.md)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
     # the workers import pbxc as this process does (PYTHONPATH travels with them)
