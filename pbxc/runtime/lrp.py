@@ -453,8 +453,11 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
         r_out = relevance.pop(node.name, None) if node.kind is not OpKind.INPUT else None
         if r_out is None:
             continue
-        xs = [value(i) for i in node.inputs] if node.kind in RULE_KINDS or \
-            node.kind in MAXPOOL else [values[i] for i in node.inputs]
+        # the ops whose rules read their inputs get them through value(): a cheap activation's
+        # output the memory plan recomputes (memory.recomputed) is not in ``values``
+        reads_inputs = node.kind in RULE_KINDS or node.kind in MAXPOOL or \
+            node.kind in TENSOR_LRP or node.kind is OpKind.SOFTMAX
+        xs = [value(i) if reads_inputs else values[i] for i in node.inputs]
         zero = np.zeros(batch, dtype=r_out.dtype)
         bias, stab = zero, zero
         label = "route"

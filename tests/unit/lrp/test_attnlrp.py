@@ -120,3 +120,30 @@ def test_compiled_module_refuses_the_transformer_composites(tmp_path: Path) -> N
     if isinstance(interpreted, dict):
         interpreted = interpreted["y"]
     np.testing.assert_allclose(compiled, interpreted, rtol=1e-12)
+
+
+RELU_ATTENTION = """model relu_attention
+weights "w.npz"
+input x: float64[3, 4]
+q = relu(linear(x, @q, bias=false))
+k = relu(linear(x, @k, bias=false))
+s = softmax(relu(matmul(q, transpose(k, perm=(1, 0)))), axis=-1)
+v = relu(linear(x, @v, bias=false))
+c = mean(relu(matmul(s, v)), axes=(0,))
+output y = linear(c, @h, bias=false)
+"""
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp", "epsilon"])
+def test_recomputed_relu_outputs_reach_matmul_softmax_and_mean(tmp_path: Path,
+                                                               composite: str) -> None:
+    """LRP's memory plan recomputes cheap activations' outputs instead of keeping them; the
+    tensor ops and the softmax rule read them through that recomputation (a regression: they
+    read the released value)."""
+    rng = np.random.default_rng(0)
+    weights = {f"{n}.weight": rng.normal(size=(4, 4)) for n in "qkv"}
+    np.savez(tmp_path / "w.npz", **weights, **{"h.weight": rng.normal(size=(2, 4))})
+    (tmp_path / "m.pbx").write_text(RELU_ATTENTION)
+    res = pbxc.load(tmp_path / "m.pbx").lrp(rng.normal(size=(2, 3, 4)), composite=composite)
+    assert res.ledger.conservation_error.max() < 1e-12
+    assert res.ledger.max_layer_error < 1e-12
