@@ -38,6 +38,10 @@ MANIFEST = "manifest.json"
 #: the manifest's ``generator`` of directories pbxc wrote
 GENERATOR = "pbxc"
 
+#: what :func:`pbxc_directory_problem` says of a directory whose files vanish while it reads
+#: them (another process is swapping its own output in)
+BEING_REPLACED = "another process is replacing it"
+
 #: fills an open binary file (its return value is ignored)
 Writer = Callable[[IO[bytes]], object]
 
@@ -256,6 +260,8 @@ def pbxc_directory_problem(path: Path) -> str | None:
     None. It is when its manifest names pbxc and lists exactly its files with their hashes."""
     try:
         entries = {e.name: e for e in os.scandir(path)}
+    except FileNotFoundError:
+        return BEING_REPLACED
     except OSError as err:
         return _describe(err)
     if not entries:
@@ -264,6 +270,8 @@ def pbxc_directory_problem(path: Path) -> str | None:
         return "it has no manifest.json"
     try:
         manifest = json.loads(Path(path, MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return BEING_REPLACED
     except (OSError, ValueError):
         return "its manifest.json is not pbxc's"
     if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR:
@@ -280,8 +288,11 @@ def pbxc_directory_problem(path: Path) -> str | None:
         entry = entries[name]
         if not entry.is_file(follow_symlinks=False):
             return f"'{name}' is not a regular file"
-        if _sha256(Path(path, name)) != digest:
-            return f"'{name}' was changed since pbxc wrote it"
+        try:
+            if _sha256(Path(path, name)) != digest:
+                return f"'{name}' was changed since pbxc wrote it"
+        except OSError:        # it went while being read: another process is replacing it
+            return BEING_REPLACED
     return None
 
 
@@ -333,6 +344,13 @@ def _refuse_directory(path: Path, force: bool) -> None:
                               "directory pbxc wrote; choose another directory")
         return
     problem = pbxc_directory_problem(path)
+    if problem == BEING_REPLACED:
+        if _lstat(path) is None:                      # it went: nothing there to lose
+            return
+        problem = pbxc_directory_problem(path)        # it came back: judge what is there now
+        if problem == BEING_REPLACED:
+            raise OutputError(f"cannot write '{path}': another process is writing it at the "
+                              "same moment; it keeps that output")
     if problem is None:
         return
     if force and "changed since" in problem:

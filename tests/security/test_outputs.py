@@ -203,6 +203,30 @@ def test_concurrent_compiles_into_one_directory_both_end_cleanly(work: Path) -> 
         no_debris(work)
 
 
+def test_a_pbxc_directory_replaced_while_it_is_checked_ends_cleanly(
+        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race the stress run found: another process moves the old output aside while this
+    one hashes its files (the file vanishes mid-check). That was a FileNotFoundError
+    traceback; now the check sees the directory gone and writes, or refuses with an error."""
+    import pbxc.outputs as outputs
+
+    assert main(["compile", "small.pbx", "-o", "out"]) == 0
+    real = outputs._sha256
+    calls = []
+
+    def other_process_swaps(path: Path) -> str:
+        calls.append(path)
+        if len(calls) == 1:                 # the other process renames the old output away
+            os.rename(work / "out", work / "moved")
+        return real(path)
+
+    monkeypatch.setattr(outputs, "_sha256", other_process_swaps)
+    assert main(["compile", "small.pbx", "-o", "out"]) == 0
+    assert pbxc_directory_problem(work / "out") is None
+    assert listing(work / "out") == ["manifest.json", "small.py", "weights.npz"]
+    assert outputs.pbxc_directory_problem(work / "moved") is None   # untouched, whole
+
+
 def test_a_directory_appearing_mid_compile_is_never_deleted(work: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
