@@ -1704,13 +1704,33 @@ class Converter(TransformerOps):
             raise self.fail(node, "Div of two computed values is not supported (only by a "
                             "constant)")
         self.check_attrs(node, {})
-        xs = [self.value(node, i) for i in node.input]
+        names = list(node.input)
+        if fn == "mul":   # the gated signal first: mul's LRP rule gives it the relevance
+            names.sort(key=self._is_gate)
+        xs = [self.value(node, i) for i in names]
         try:
             shape = tuple(np.broadcast_shapes(*(v.shape for v in xs)))
         except ValueError:
             raise self.fail(node, f"shapes {[list(v.shape) for v in xs]} do not "
                             "broadcast") from None
         self.define(node, f"{fn}({', '.join(v.name for v in xs)})", self.shape_of(node, shape))
+
+    #: ops a gate ends with (squeeze-and-excitation: Sigmoid in EfficientNet, HardSigmoid in
+    #: MobileNet-V3), and the shape-only ops that may follow it before the product
+    GATE_ENDS = frozenset({"Sigmoid", "HardSigmoid"})
+    GATE_SHAPE_OPS = frozenset({"Reshape", "Unsqueeze", "Flatten", "Identity", "Expand"})
+
+    def _is_gate(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a gate (a sigmoid, maybe reshaped). In a product of two
+        values mul's "gate" rule tells the gate by its smaller, broadcast shape; on a 1x1
+        feature map (MobileNet-V3 at 32x32) both factors have the output's shape and it
+        takes the first, so the importer writes the gated signal first."""
+        n = self.producer.get(tensor)
+        for _ in range(8):
+            if n is None or n.op_type not in self.GATE_SHAPE_OPS:
+                break
+            n = self.producer.get(n.input[0])
+        return n is not None and n.op_type in self.GATE_ENDS
 
     def op_Add(self, node: Any) -> None:
         self._binary(node, "add")

@@ -297,6 +297,37 @@ def test_squeeze_unsqueeze_are_reshapes(tmp_path: Path) -> None:
     assert rel(load(res, tmp_path).forward(x), ort_run(model, {"x": x})[0]) < 1e-6
 
 
+def test_a_squeeze_excitation_gate_on_a_1x1_map_is_written_second(tmp_path: Path) -> None:
+    """On a 1x1 feature map (MobileNet-V3 at 32x32) the SE gate and the signal have the same
+    shape, so mul's "gate" LRP rule cannot tell them apart by shape; torch writes
+    ``scale * x``, and the importer puts the gated signal first. Relevance then reaches the
+    input through the signal only: the SE branch (pool, 1x1 convs, hardsigmoid) gets none."""
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.normal(size=(4, 4, 1, 1)).astype(np.float32),
+             "w2": rng.normal(size=(4, 4, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="/relu"),
+             helper.make_node("GlobalAveragePool", ["a"], ["p"], name="/se/pool"),
+             helper.make_node("Conv", ["p", "w1"], ["c1"], name="/se/fc1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="/se/relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="/se/fc2"),
+             helper.make_node("HardSigmoid", ["c2"], ["s"], alpha=1 / 6, name="/se/gate"),
+             helper.make_node("Mul", ["s", "a"], ["y"], name="/se/mul")]
+    model = make_model(nodes, [vi("x", ["N", 4, 1, 1])], [vi("y", ["N", 4, 1, 1])], inits)
+    res = convert_onnx(model, weights_file="w.npz")
+    mul = next(line for line in res.text.splitlines() if "mul(" in line)
+    signal, gate = mul.split("mul(")[1].rstrip(")").split(", ")[:2]
+    assert (signal, gate) == ("relu", "se_gate"), mul
+    m = load(res, tmp_path, dtype="float64")
+    x = rng.normal(size=(3, 4, 1, 1)) + 1.0
+    assert rel(m.forward(x), ort_run(model, {"x": x.astype(np.float32)})[0]) < 1e-6
+    result = m.lrp(x, composite="epsilon")
+    branch = {n: float(np.abs(e.relevance_out).max()) for n, e in result.ledger.layers.items()
+              if n.startswith("se_") and "mul" not in n}
+    assert branch and all(r == 0 for r in branch.values()), branch
+    assert np.abs(result.relevance["x"].sum((1, 2, 3)) - result.ledger.start).max() < 1e-6
+    assert result.ledger.conservation_error.max() < 1e-12
+
+
 # ---------------------------------------------------------------- patterns
 
 
