@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pbxc
-from pbxc.runtime.lrp import softmax_relevance
+from pbxc.runtime.lrp import get_composite, softmax_relevance
 
 ATTENTION = """model attention_block
 weights "w.npz"
@@ -74,9 +74,9 @@ def test_attnlrp_rules_are_the_ones_named(tmp_path: Path) -> None:
     attn = m.lrp(x, composite="attnlrp").ledger.layers
     cp = m.lrp(x, composite="cp-lrp").ledger.layers
     by_op = {e.op: e.rule for e in attn.values() if e.op in ("matmul", "mul", "softmax")}
-    assert by_op == {"matmul": "matmul-uniform", "mul": "product-uniform",
-                     "softmax": "attnlrp-softmax"}
-    cp_rules = sorted(e.rule for e in cp.values() if e.op == "matmul")
+    assert by_op == {"matmul": "matmul-uniform(epsilon=1e-06, placement=sign)",
+                     "mul": "product-uniform", "softmax": "attnlrp-softmax"}
+    cp_rules = sorted(e.rule.split("(")[0] for e in cp.values() if e.op == "matmul")
     # matmul(q, k) has no softmax operand (uniform); matmul(w, v) holds w constant
     assert cp_rules == ["matmul-constant0", "matmul-uniform"]
     # under CP-LRP the attention weights take no relevance: the softmax never receives any
@@ -90,10 +90,46 @@ def test_cp_lrp_value_path_conserves(tmp_path: Path) -> None:
     m = build(tmp_path)
     x = np.random.default_rng(8).normal(size=(2, 5, 8))
     lin = m.lrp(x, composite="cp-lrp").ledger.layers
-    mm = next(e for e in lin.values() if e.op == "matmul" and e.rule == "matmul-constant0")
+    mm = next(e for e in lin.values() if e.op == "matmul" and e.rule.startswith("matmul-constant0"))
     # conservation of that layer: what v received plus the stabiliser is what came in
     np.testing.assert_allclose(mm.relevance_in + mm.stabiliser, mm.relevance_out, rtol=1e-12,
                                atol=1e-14)
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp", "epsilon"])
+def test_matmul_and_mean_stabiliser_is_the_composites_epsilon(tmp_path: Path,
+                                                             composite: str) -> None:
+    """The composite's epsilon (not a fixed 1e-6) stabilises matmul and mean; the ledger
+    books it as those layers' stabiliser and names it in the rule label."""
+    m = build(tmp_path)
+    x = np.random.default_rng(7).normal(size=(2, 5, 8))
+    small = m.lrp(x, composite=composite).ledger.layers
+    big = m.lrp(x, composite=get_composite(composite, epsilon=0.5)).ledger.layers
+    for name, entry in big.items():
+        if entry.op not in ("matmul", "mean") or not np.any(entry.relevance_out):
+            continue   # (under cp-lrp, matmul(q, k) receives nothing)
+        assert entry.rule.endswith("(epsilon=0.5, placement=sign)"), entry.rule
+        assert small[name].rule.endswith("(epsilon=1e-06, placement=sign)")
+        # a larger epsilon absorbs more: the stabiliser's share grows by orders of magnitude
+        assert np.abs(entry.stabiliser).max() > 1e3 * np.abs(small[name].stabiliser).max()
+        assert entry.conservation_error.max() < 1e-12
+    slides = m.lrp(x, composite=get_composite(
+        composite, epsilon=0.5, **({"placement": "slides"} if composite != "epsilon" else {})))
+    assert slides.ledger.conservation_error.max() < 1e-12
+
+
+def test_lrp0_rule_gives_matmul_no_stabiliser(tmp_path: Path) -> None:
+    """One rule for every layer (LRP-0) sets the tensor ops' epsilon too: nothing absorbed."""
+    from pbxc.runtime.lrp import LRP0
+
+    m = build(tmp_path)
+    res = m.lrp(np.random.default_rng(8).normal(size=(2, 5, 8)), rule=LRP0())
+    for entry in res.ledger.layers.values():
+        if entry.op in ("matmul", "mean"):
+            assert entry.rule.endswith("(epsilon=0, placement=sign)")
+            # R - (R / z) z: zero up to rounding
+            assert np.all(np.abs(entry.stabiliser) <= 1e-14 * entry.magnitude)
+    assert res.ledger.conservation_error.max() < 1e-12
 
 
 def test_compiled_module_refuses_the_transformer_composites(tmp_path: Path) -> None:
