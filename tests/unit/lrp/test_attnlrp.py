@@ -6,6 +6,7 @@ paper's equations, with conservation through the ledger."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,30 +133,91 @@ def test_lrp0_rule_gives_matmul_no_stabiliser(tmp_path: Path) -> None:
     assert res.ledger.conservation_error.max() < 1e-12
 
 
-def test_compiled_module_refuses_the_transformer_composites(tmp_path: Path) -> None:
-    """The standalone module does not implement the product and softmax rules: asking it for
-    attnlrp or cp-lrp is an error naming the composite, never a silent epsilon."""
+PRENORM = """model prenorm
+weights "w.npz"
+input x: float64[5, 8]
+a = layernorm(x, @ln1, eps=1e-5)
+q = transpose(reshape(linear(a, @q), shape=(5, 2, 4)), perm=(1, 0, 2))
+k = transpose(reshape(linear(a, @k), shape=(5, 2, 4)), perm=(1, 2, 0))
+v = transpose(reshape(linear(a, @v), shape=(5, 2, 4)), perm=(1, 0, 2))
+w = softmax(div(matmul(q, k), value=2.0), axis=-1)
+h = add(x, linear(reshape(transpose(matmul(w, v), perm=(1, 0, 2)), shape=(5, 8)), @o))
+m = linear(gelu(linear(layernorm(h, @ln2, eps=1e-5), @fc1)), @fc2)
+g = mul(add(h, m), sigmoid(linear(h, @gate)), lrp="uniform")
+output y = softmax(linear(sum(g, axes=(0,)), @head), axis=-1)
+"""
+
+
+def build_prenorm(tmp_path: Path, block: str = "") -> pbxc.Model:
+    rng = np.random.default_rng(13)
+    weights = {f"{n}.weight": rng.normal(0, 0.5, (8, 8)) for n in ("q", "k", "v", "o", "gate")}
+    weights |= {f"{n}.bias": rng.normal(0, 0.1, 8) for n in ("q", "k", "v", "o", "gate")}
+    weights |= {f"{n}.weight": 1 + rng.normal(0, 0.2, 8) for n in ("ln1", "ln2")}
+    weights |= {f"{n}.bias": rng.normal(0, 0.2, 8) for n in ("ln1", "ln2")}
+    weights |= {"fc1.weight": rng.normal(0, 0.5, (16, 8)), "fc1.bias": rng.normal(0, 0.1, 16),
+                "fc2.weight": rng.normal(0, 0.5, (8, 16)), "fc2.bias": rng.normal(0, 0.1, 8),
+                "head.weight": rng.normal(0, 0.5, (3, 8)), "head.bias": rng.normal(0, 0.1, 3)}
+    np.savez(tmp_path / "w.npz", **weights)
+    (tmp_path / "m.pbx").write_text(PRENORM + block)
+    return pbxc.load(tmp_path / "m.pbx")
+
+
+def compiled(model: pbxc.Model, out: Path) -> Any:
     import importlib.util
 
     from pbxc.runtime.compile import compile_model
 
-    m = build(tmp_path)
-    compile_model(m, tmp_path / "out")
-    spec = importlib.util.spec_from_file_location("attention_block",
-                                                  tmp_path / "out" / "attention_block.py")
+    compile_model(model, out)
+    spec = importlib.util.spec_from_file_location(model.name, out / f"{model.name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    x = np.random.default_rng(9).normal(size=(2, 5, 8))
-    for name in ("attnlrp", "cp-lrp"):
-        with pytest.raises(ValueError, match=f"composite '{name}' is not compiled"):
-            module.lrp(x, composite=name)
-    compiled, interpreted = module.forward(x), m.forward(x)
-    if isinstance(compiled, dict):
-        compiled = compiled["y"]
-    if isinstance(interpreted, dict):
-        interpreted = interpreted["y"]
-    np.testing.assert_allclose(compiled, interpreted, rtol=1e-12)
+    return module
+
+
+def assert_module_matches(module: Any, model: pbxc.Model, x: np.ndarray, composite: Any,
+                          name: str | None = None) -> None:
+    relevance, ledger = module.lrp(x) if name is None else module.lrp(x, composite=name)
+    res = model.lrp(x, composite=composite)
+    scale = np.abs(res.relevance["x"]).max()
+    np.testing.assert_allclose(relevance, res.relevance["x"], rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(ledger["start"], res.ledger.start, rtol=1e-12)
+    np.testing.assert_allclose(ledger["bias"], res.ledger.bias, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(ledger["stabiliser"], res.ledger.stabiliser, rtol=0,
+                               atol=1e-12 * scale)
+    total = ledger["inputs"] + ledger["bias"] + ledger["stabiliser"]
+    np.testing.assert_allclose(total, ledger["start"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("builder", [build, build_prenorm])
+def test_compiled_module_runs_the_transformer_composites(tmp_path: Path, builder: Any) -> None:
+    """The standalone NumPy module runs attnlrp and cp-lrp (matmul, elementwise products,
+    interior softmax, mean/sum, layernorm, GELU) and every other composite, as model.lrp
+    does, to 1e-12: relevance and the ledger's bias (the softmax's share included) and
+    stabiliser."""
+    m = builder(tmp_path)
+    module = compiled(m, tmp_path / "out")
+    x = np.random.default_rng(9).normal(size=(3, 5, 8))
+    for name in ("attnlrp", "cp-lrp", "epsilon", "lrp0", "epsilon-plus"):
+        assert_module_matches(module, m, x, name, name)
+    res = m.lrp(x, composite="attnlrp")
+    assert any(e.op == "softmax" and np.any(e.bias) for e in res.ledger.layers.values())
+    ours, theirs = module.forward(x), m.forward(x)
+    ours = ours["y"] if isinstance(ours, dict) else ours
+    theirs = theirs["y"] if isinstance(theirs, dict) else theirs
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+
+
+def test_compiled_module_takes_the_lrp_block_composite(tmp_path: Path) -> None:
+    """An lrp block asking for cp-lrp with its epsilon is the compiled module's default."""
+    m = build_prenorm(tmp_path, "lrp {\n  composite cp_lrp(0.01)\n}\n")
+    module = compiled(m, tmp_path / "out")
+    x = np.random.default_rng(10).normal(size=(2, 5, 8))
+    assert_module_matches(module, m, x, get_composite("cp-lrp", epsilon=0.01))
+    assert_module_matches(module, m, x, None)   # model.lrp() without arguments: the block
+    res = m.lrp(x)
+    assert any(e.rule.startswith("matmul-constant0(epsilon=0.01") for e in
+               res.ledger.layers.values())
 
 
 RELU_ATTENTION = """model relu_attention
