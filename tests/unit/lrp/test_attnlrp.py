@@ -1,7 +1,9 @@
 """The transformer composites (issue 12): AttnLRP's softmax rule on an interior softmax, and
 the product policies of ``attnlrp`` (uniform) and ``cp-lrp`` (attention weights as constants),
 on a hand-written two-head self-attention block, each against a slow NumPy reference of the
-paper's equations, with conservation through the ledger."""
+paper's equations, with conservation through the ledger; the composite's epsilon as the
+matmul and mean stabiliser; the standalone NumPy module running them as model.lrp does.
+(Whole blocks against LXT: test_attnlrp_lxt.py.)"""
 
 from __future__ import annotations
 
@@ -245,3 +247,22 @@ def test_recomputed_relu_outputs_reach_matmul_softmax_and_mean(tmp_path: Path,
     res = pbxc.load(tmp_path / "m.pbx").lrp(rng.normal(size=(2, 3, 4)), composite=composite)
     assert res.ledger.conservation_error.max() < 1e-12
     assert res.ledger.max_layer_error < 1e-12
+
+
+def test_placement_is_checked_and_float32_stays_float32(tmp_path: Path) -> None:
+    from pbxc.runtime.lrp import LrpConfigError
+
+    with pytest.raises(LrpConfigError, match="placement"):
+        get_composite("attnlrp", placement="middle")
+    with pytest.raises(LrpConfigError, match="epsilon"):
+        get_composite("cp-lrp", epsilon=-1.0)
+    build_prenorm(tmp_path)
+    m32 = pbxc.load(tmp_path / "m.pbx", dtype="float32")
+    x = np.random.default_rng(11).normal(size=(2, 5, 8)).astype(np.float32)
+    module = compiled(m32, tmp_path / "out")
+    for name in ("attnlrp", "cp-lrp"):
+        res = m32.lrp(x, composite=name)
+        relevance, _ = module.lrp(x, composite=name)
+        assert res.relevance["x"].dtype == np.float32 and relevance.dtype == np.float32
+        np.testing.assert_allclose(relevance, res.relevance["x"], rtol=0,
+                                   atol=1e-5 * np.abs(relevance).max())
