@@ -4,6 +4,8 @@
                            [--sections passes hessian]
     python bench/passes.py --models resnet18,resnet50,densenet121 [--size 224]
         [--batches 1 32] [--passes gradient,lrp,dfd] [--max-gb 10]   (see bench/cnn.py)
+    python bench/passes.py --models vit [--batches 1 32] [--dtypes float32 float64] [--quick]
+        (a ViT-like transformer: pbxc attnlrp and DFD beside LXT and Captum; bench/vit.py)
 
 Models: the 784-512-512-512-10 tanh MLP (seeded weights) and the shipped digits CNN. Peers
 that are not installed are reported as such (torch, jax, captum, zennit). The FLOP-bound
@@ -38,6 +40,7 @@ from common import (
     median_time,
     mlp_weights,
 )
+from vit import run_vit
 
 from pbxc.lower.plan import plan_jacobian, vector_cost
 from pbxc.ops import WEIGHTED
@@ -315,8 +318,9 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["passes", "hessian"],
                         choices=["passes", "hessian"],
                         help="which sections to run (default: both)")
-    parser.add_argument("--models", help="torchvision CNNs instead of the MLP and digits "
-                        "sections, comma-separated: " + ",".join(MODELS))
+    parser.add_argument("--models", help="torchvision CNNs or the ViT (bench/vit.py) instead "
+                        "of the MLP and digits sections, comma-separated: "
+                        + ",".join([*MODELS, "vit"]))
     parser.add_argument("--size", type=int, default=224, help="image side for --models")
     parser.add_argument("--passes", default=",".join(CNN_PASSES), help="passes for --models")
     parser.add_argument("--max-gb", type=float, default=10.0,
@@ -328,12 +332,17 @@ def main() -> None:
                         help="hessian section: the 30-64-32-2 and/or the 784-512x3-10 MLP")
     args = parser.parse_args()
     if args.models:
-        unknown = sorted(set(args.models.split(",")) - set(MODELS))
+        names = args.models.split(",")
+        unknown = sorted(set(names) - set(MODELS) - {"vit"})
         if unknown:
-            parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+            parser.error(f"unknown models {unknown}; choose from {[*MODELS, 'vit']}")
         batches = args.batches if args.batches != [1, 32, 256] else [1, 32]
-        run_models(args.models.split(","), args.size, batches, args.dtypes,
-                   args.passes.split(","), args.max_gb, 1 if args.quick else 3, args.timeout)
+        cnns = [n for n in names if n != "vit"]
+        if cnns:
+            run_models(cnns, args.size, batches, args.dtypes, args.passes.split(","),
+                       args.max_gb, 1 if args.quick else 3, args.timeout)
+        if "vit" in names:   # issue 12: bench/vit.py
+            run_vit(batches, args.dtypes, args.max_gb, 2 if args.quick else 5, args.timeout)
         return
     if "passes" in args.sections:
         run(args.batches, args.dtypes, args.quick)

@@ -429,6 +429,19 @@ def softmax_vjp(v, xs, y, local, p, axis):
     return [softmax_tangent(y[:, None], v, 2 + axis)]  # the Jacobian is symmetric
 
 
+def softmax_relevance(relevance, xs, y, axis):
+    """AttnLRP's rule for an interior softmax (Achtibat et al., ICML 2024, Prop. 3.1,
+    eq. 13): R_in_i = x_i (R_i - s_i sum_j R_j) along the per-sample ``axis``, x the logits
+    and s = y the softmax. Not conservative: returns ([R_in], absorbed) with absorbed =
+    sum R - sum R_in per sample, the relevance of the bias term of the softmax's
+    linearisation (the paper's b = s - J x), which the ledger books as the layer's bias."""
+    x = xs[0]
+    r_in = x * (relevance - y * relevance.sum(axis=1 + axis, keepdims=True))
+    absorbed = (relevance.reshape(len(relevance), -1).sum(axis=1)
+                - r_in.reshape(len(r_in), -1).sum(axis=1))
+    return [r_in], absorbed
+
+
 def log_softmax_forward(xs, p, axis):
     return log_softmax(xs[0], 1 + axis)
 

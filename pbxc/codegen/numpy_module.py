@@ -33,9 +33,6 @@ HESSIAN_LINEAR = frozenset(AFFINE | SHAPE_ONLY | MAXPOOL | {OpKind.ADD, OpKind.C
                                                              OpKind.PRELU}
                            | INDEXING | REDUCTIONS)  # issue 12 (helper tensor)
 
-#: the stabiliser of the tensor ops' LRP rules (issue 12), as pbxc.runtime.lrp.TENSOR_EPSILON
-TENSOR_EPSILON = 1e-6
-
 #: the kernels' import of the numeric prelude, which the generated module holds verbatim
 PRELUDE_IMPORT = re.compile(r"^from pbxc\.symbolic\.numeric import .*\n", re.M)
 #: the kernels' imports of the op families, whose sources surround the kernels' verbatim
@@ -98,9 +95,14 @@ class LrpPlan:
     # per composite, the nodes whose z^B bounds are fixed numbers (from the .pbx lrp block)
     fixed_bounds: Mapping[str, frozenset[str]] = field(default_factory=dict)
     default: str = "epsilon"
-    # composites the generated module does not implement (the transformer composites, whose
-    # product and softmax rules run in pbxc only): name -> why; asking for one raises
+    # composites the generated module does not implement (the CUDA module's transformer
+    # composites, whose product and softmax rules run in pbxc only): name -> why; asking for
+    # one raises
     refused: Mapping[str, str] = field(default_factory=dict)
+    # the NumPy module's rules that are not a Rule on the engine, per composite: node ->
+    # (mode, epsilon, placement) of each matmul, mean/sum and product of two values
+    # (pbxc.runtime.compile.tensor_rules); None where the module has no such table (CUDA)
+    tensor: Mapping[str, Mapping[str, tuple[str, float, str]]] | None = None
 
 
 def _print_rules(rules: Mapping[str, tuple[Any, float, str]],
@@ -155,8 +157,21 @@ def render_lrp_entry(plan: LrpPlan, input_name: str,
         out.append(f"        return {_print_rules(rules, fixed)}".replace("\n", "\n    "))
     out.append(f"    raise {calls.bad_argument}('unknown composite %r; compiled: %s' % ("
                f"composite, {py_literal(', '.join(sorted(plan.rules)))}))")
+    tensor_arg, tensor_call = "", ""
+    if plan.tensor is not None:
+        out += ["", "", "def _lrp_tensor_rules(composite):",
+                '    """Each matmul, mean/sum and product of two values as (mode, epsilon, '
+                'placement)."""']
+        for composite, table in plan.tensor.items():
+            rows = "".join(f"\n        {py_literal(n)}: {py_literal(t)}," for n, t in
+                           table.items())
+            out.append(f"    if composite == {py_literal(composite)}:")
+            out.append(f"        return {{{rows}\n    }}".replace("\n", "\n    "))
+        out.append("    return {}")
+        tensor_arg, tensor_call = ", tensor", ", _lrp_tensor_rules(composite)"
     relevance = var(plan.start, 'R')
-    out += ["", "", f"def _lrp_backward({calls.backward_params}, {relevance}, rules):",
+    out += ["", "", f"def _lrp_backward({calls.backward_params}, {relevance}, rules"
+            f"{tensor_arg}):",
             *lrp_body(plan.start, set(names)),
             f"    return {var(input_name, 'R')}, bias, stabiliser", "", ""]
     bounds = (f"    if low is None:\n        low = float(E[{var(plan.bounds_from, 'v')!r}]"
@@ -185,7 +200,8 @@ def render_lrp_entry(plan: LrpPlan, input_name: str,
         bounds,
         f"    relevance, bias, stabiliser = _lrp_backward({calls.backward_params}, "
         "seed.reshape(logits.shape),",
-        "                                                 _lrp_rules(composite, low, high))",
+        "                                                 _lrp_rules(composite, low, high)"
+        f"{tensor_call})",
         "    reached = relevance.reshape(len(relevance), -1).sum(axis=1)",
         "    return relevance, {'start': seed.sum(axis=1), 'inputs': reached, 'bias': bias,",
         "                       'stabiliser': stabiliser}",
@@ -293,7 +309,8 @@ class NumpyModuleRenderer:
                            f"E[{var(node.name, 'l')!r}]{_attrs(node)})")
                 out.append("    _r = [_r0]")
             elif node.kind is OpKind.MUL:   # a product of two values (rules above take the rest)
-                out.append(f"    _r = product_relevance({r}, {xs}{_attrs(node)})")
+                out.append(f"    _r = product_mode_relevance({r}, {xs}, "
+                           f"tensor[{py_literal(node.name)}][0])")
             elif node.kind in MAXPOOL:
                 geometry = ", ".join(f"{k}={py_literal(attrs[k])}" for k in ("kernel", "stride",
                                                                     "padding"))
@@ -303,14 +320,19 @@ class NumpyModuleRenderer:
             # issue 12 (helper tensor): the runtime's rules (pbxc.runtime.lrp.tensor_relevance)
             elif node.kind is OpKind.MATMUL:
                 out.append(f"    _ra, _rb, _s = matmul_relevance({r}, {xs}, "
-                           f"E[{var(node.name, 'v')!r}], 'uniform', {TENSOR_EPSILON!r})")
+                           f"E[{var(node.name, 'v')!r}], *tensor[{py_literal(node.name)}])")
                 out.append("    _r = [_ra, _rb]")
                 out.append("    stabiliser = stabiliser + _s")
             elif node.kind in REDUCTIONS:
+                out.append(f"    _, _e, _p = tensor[{py_literal(node.name)}]")
                 out.append(f"    _r0, _s = reduction_relevance({r}, {xs}{_attrs(node)}, "
-                           f"epsilon={TENSOR_EPSILON!r})")
+                           "epsilon=_e, placement=_p)")
                 out.append("    _r = [_r0]")
                 out.append("    stabiliser = stabiliser + _s")
+            elif node.kind is OpKind.SOFTMAX:   # interior: AttnLRP's rule, the rest as bias
+                out.append(f"    _r, _b = softmax_relevance({r}, {xs}, "
+                           f"E[{var(node.name, 'v')!r}]{_attrs(node)})")
+                out.append("    bias = bias + _b")
             elif node.kind in INDEXING:
                 out.append(f"    _r = {node.kind.value}_relevance({r}, {xs}{_attrs(node)})")
             elif node.kind in SHAPE_ONLY:

@@ -14,10 +14,17 @@ from pbxc.codegen.cuda_module import CudaModuleRenderer
 from pbxc.codegen.escape import c_text, py_text
 from pbxc.codegen.numpy_module import LrpPlan, NumpyModuleRenderer
 from pbxc.errors import PbxError
-from pbxc.ops import OpKind
+from pbxc.lower.calls import kernel_attrs
+from pbxc.ops import REDUCTIONS, OpKind
 from pbxc.outputs import MANIFEST, Writer, write_directory
-from pbxc.runtime.lrp import OUTPUT_ONLY, file_rules, resolve_rules
-from pbxc.runtime.lrp_rules import COMPOSITES, WEIGHTED_KINDS, ZBox, get_composite
+from pbxc.runtime.lrp import (
+    OUTPUT_ONLY,
+    file_rules,
+    product_modes,
+    resolve_rules,
+    tensor_setting,
+)
+from pbxc.runtime.lrp_rules import COMPOSITES, WEIGHTED_KINDS, Composite, ZBox, get_composite
 from pbxc.runtime.model import Model
 from pbxc.symbolic.derive import AccuracyWarning
 
@@ -40,7 +47,8 @@ def render_numpy_module(model: Model) -> str:
               'gradient(x, target), input_x_gradient(x, target),\njacobian(x) (reverse '
               'accumulation), dfd(x, baseline, target) -> (contributions, delta),\nlrp(x, target, '
               'composite) -> (relevance, ledger).\n"""\n')
-    renderer = NumpyModuleRenderer(graph, table.source, act_names, text, lrp_plan(model))
+    renderer = NumpyModuleRenderer(graph, table.source, act_names, text,
+                                   lrp_plan(model, "numpy"))
     return renderer.render(header)
 
 
@@ -56,7 +64,7 @@ def cuda_renderer(model: Model) -> CudaModuleRenderer:
         warnings.simplefilter("ignore", AccuracyWarning)
         rendered = render_c_activation_functions(keys, graph.user_activations, table.convention)
     act_names = {node: rendered.names[key] for node, key in table.keys.items()}
-    return CudaModuleRenderer(graph, rendered.source, act_names, text, lrp_plan(model))
+    return CudaModuleRenderer(graph, rendered.source, act_names, text, lrp_plan(model, "cuda"))
 
 
 def render_cuda_module(model: Model) -> tuple[str, str]:
@@ -81,22 +89,49 @@ def render_cuda_module(model: Model) -> tuple[str, str]:
             renderer.render(py_header, f"{model.name}.cu"))
 
 
-def lrp_plan(model: Model) -> LrpPlan:
-    """Every registered composite's rules for this model, as data for the generated lrp()."""
+def tensor_rules(model: Model, composite: Composite) -> dict[str, tuple[str, float, str]]:
+    """The rules that are not a Rule on the engine, per node: (mode, epsilon, placement) for
+    every matmul (AttnLRP uniform / CP-LRP constant), mean/sum, and product of two values
+    (``uniform``/``constant0``/``constant1`` under the composite's policy, else the op's own
+    ``lrp=`` attribute), as pbxc.runtime.lrp runs them."""
+    setting = tensor_setting(composite, None, None)
+    modes = product_modes(model, setting.policy)
+    out: dict[str, tuple[str, float, str]] = {}
+    for node in model.nodes:
+        if node.kind is OpKind.MATMUL or node.kind in REDUCTIONS:
+            mode = modes.get(node.name, "uniform")
+        elif node.kind is OpKind.MUL and len(node.inputs) == 2:
+            mode = modes.get(node.name, kernel_attrs(node)["lrp"])
+        else:
+            continue
+        out[node.name] = (mode, float(setting.epsilon), setting.placement)
+    return out
+
+
+def lrp_plan(model: Model, target: str = "numpy") -> LrpPlan:
+    """Every registered composite's rules for this model, as data for the generated lrp().
+
+    The NumPy module runs every composite, the transformer ones included (their product,
+    matmul and reduction rules as ``tensor`` data, the softmax rule in the module's code);
+    the CUDA module refuses ``attnlrp`` and ``cp-lrp`` by name (no kernels for those rules).
+    """
     output = model.graph.node(model.output_names[0])
     start = output.inputs[0] if output.kind in OUTPUT_ONLY else output.name
     first = next((n for n in model.nodes if n.kind in WEIGHTED_KINDS), None)
+    compiled_products = target == "numpy"
     rules = {}
     refused = {}
+    tensor: dict[str, dict[str, tuple[str, float, str]]] = {}
     for name in COMPOSITES:
         composite = get_composite(name)
-        if composite.products:   # attnlrp, cp-lrp: pbxc.runtime.lrp's product_modes
+        if composite.products and not compiled_products:   # pbxc.runtime.lrp.product_modes
             refused[name] = (f"composite {name!r} is not compiled into this module: its "
                              "product and softmax rules run in pbxc itself (model.lrp)")
             continue
         by_node = resolve_rules(model, {}, composite, None, None)
         rules[name] = {node: (rule.groups_data(), rule.epsilon, rule.placement)
                        for node, rule in by_node.items()}
+        tensor[name] = tensor_rules(model, composite)
     fixed: dict[str, frozenset[str]] = {}
     default = "epsilon"
     if model.graph.lrp_block is not None:
@@ -105,20 +140,21 @@ def lrp_plan(model: Model) -> LrpPlan:
         default = "model"
         file_composite, args, overrides = file_rules(model.graph.lrp_block)
         composite = get_composite(file_composite or "epsilon", **args)
-        if composite.products:
+        if composite.products and not compiled_products:
             refused[default] = (f"the model's lrp block asks for composite "
                                 f"{composite.name!r}, which is not compiled into this module: "
                                 "its product and softmax rules run in pbxc itself")
         by_node = resolve_rules(model, {}, composite, None, overrides)
         rules[default] = {node: (rule.groups_data(), rule.epsilon, rule.placement)
                           for node, rule in by_node.items()}
+        tensor[default] = tensor_rules(model, composite)
         free = {first.name} if (first is not None and composite.first is not None and
                                 by_node.get(first.name) is composite.first and
                                 not {"low", "high"} <= set(args)) else set()
         fixed[default] = frozenset(n for n, r in by_node.items()
                                    if isinstance(r, ZBox) and n not in free)
     return LrpPlan(start, rules, first.inputs[0] if first is not None else None, fixed,
-                   default, refused)
+                   default, refused, tensor if compiled_products else None)
 
 
 def compile_model(model: Model, out_dir: str | Path, target: str = "numpy", *,

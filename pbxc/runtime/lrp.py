@@ -199,26 +199,46 @@ def _route(node: OpNode, xs: list[Array], out: Array, relevance: Array) -> list[
 
 # ---- issue 12 (helper tensor): matmul of two values, indexing, reductions
 TENSOR_LRP = INDEXING | REDUCTIONS | frozenset({OpKind.MATMUL})
-#: the stabiliser of the product and reduction rules (LXT's default for matmul and mean)
+#: the default stabiliser of the product and reduction rules (LXT's default for matmul_fn
+#: and mean); a composite's ``epsilon`` replaces it (Composite.epsilon)
 TENSOR_EPSILON = 1e-6
 
 
+@dataclass(frozen=True)
+class TensorSetting:
+    """How the rules that are not a Rule on the engine run under a composite: ``policy``,
+    the composite's ``products`` ("" keeps each op's own rule); ``epsilon`` and
+    ``placement``, the stabiliser of matmul and mean/sum."""
+
+    policy: str = ""
+    epsilon: float = TENSOR_EPSILON
+    placement: str = "sign"
+
+    def describe(self, rule: str) -> str:
+        return f"{rule}(epsilon={self.epsilon:g}, placement={self.placement})"
+
+
 def tensor_relevance(node: OpNode, xs: list[Array], out: Array, relevance: Array,
-                     mode: str = "uniform") -> tuple[list[Array], Array, str]:
+                     mode: str = "uniform", setting: TensorSetting | None = None
+                     ) -> tuple[list[Array], Array, str]:
     """Relevance through a tensor op, what its stabiliser absorbed (per sample) and the label.
 
     matmul: AttnLRP's uniform epsilon rule (Achtibat et al. 2024, Prop. 3.3), or CP-LRP's
     ``constant0``/``constant1`` (K.matmul_relevance); mean/sum: the epsilon rule of a linear
-    layer (Bach et al. 2015, eq. 58; the weights 1/n cancel); transpose/slice/select route
-    relevance (slice and select scatter it back into zeros)."""
+    layer (Bach et al. 2015, eq. 58; the weights 1/n cancel); both with the composite's
+    stabiliser (``setting``). transpose/slice/select route relevance (slice and select
+    scatter it back into zeros)."""
     attrs = kernel_attrs(node)
+    setting = setting or TensorSetting()
     zero = np.zeros(relevance.shape[0], dtype=relevance.dtype)
     if node.kind is OpKind.MATMUL:
-        ra, rb, stab = K.matmul_relevance(relevance, xs, out, mode, TENSOR_EPSILON)
-        return [ra, rb], stab, f"matmul-{mode}"
+        ra, rb, stab = K.matmul_relevance(relevance, xs, out, mode, setting.epsilon,
+                                          setting.placement)
+        return [ra, rb], stab, setting.describe(f"matmul-{mode}")
     if node.kind in REDUCTIONS:
-        r, stab = K.reduction_relevance(relevance, xs, epsilon=TENSOR_EPSILON, **attrs)
-        return [r], stab, "epsilon"
+        r, stab = K.reduction_relevance(relevance, xs, epsilon=setting.epsilon,
+                                        placement=setting.placement, **attrs)
+        return [r], stab, setting.describe("epsilon")
     routes: dict[OpKind, Callable[..., list[Array]]] = {
         OpKind.TRANSPOSE: K.transpose_relevance, OpKind.SLICE: K.slice_relevance,
         OpKind.SELECT: K.select_relevance}
@@ -227,19 +247,25 @@ def tensor_relevance(node: OpNode, xs: list[Array], out: Array, relevance: Array
 
 
 # ---- issue 12: the composites' treatment of products and the softmax rule (AttnLRP, CP-LRP)
-def _products_policy(composite: Composite | str | None, rule: Rule | None,
-                     composite_args: Mapping[str, float] | None) -> str:
-    """The ``products`` setting of the composite in use ("" for a single rule or none)."""
-    if rule is not None or composite is None:
-        return ""
+def tensor_setting(composite: Composite | str | None, rule: Rule | None,
+                   composite_args: Mapping[str, object] | None) -> TensorSetting:
+    """The product policy and the tensor ops' stabiliser of the composite in use: a single
+    ``rule`` gives its own epsilon and placement (and no policy); no composite is "epsilon"'s
+    default."""
+    if rule is not None:
+        return TensorSetting("", rule.epsilon, rule.placement)
+    if composite is None:
+        return TensorSetting()
     if isinstance(composite, str):
         names = {"low", "high"} & set(composite_args or {})
         kwargs = {k: v for k, v in (composite_args or {}).items() if k not in names}
         try:
-            return get_composite(composite, **kwargs).products
-        except TypeError:   # parameters the factory rejects are reported by resolve_rules
-            return ""
-    return getattr(composite, "products", "")
+            composite = get_composite(composite, **kwargs)
+        except (TypeError, LrpConfigError):   # reported by resolve_rules
+            return TensorSetting()
+    if not isinstance(composite, Composite):
+        return TensorSetting()
+    return TensorSetting(composite.products, composite.epsilon, composite.placement)
 
 
 def _from_softmax(model: Any, name: str) -> bool:
@@ -271,26 +297,20 @@ def product_modes(model: Any, policy: str) -> dict[str, str]:
 
 
 def product_relevance_mode(relevance: Array, xs: list[Array], mode: str) -> list[Array]:
-    """Relevance through an elementwise product of two values under a composite's mode:
-    "uniform" halves it (AttnLRP, Prop. 3.3: one term per output, so the epsilon share z R / 2z
-    is exactly R / 2); "constant0"/"constant1" hands all of it to the other factor (CP-LRP)."""
-    if mode == "uniform":
-        return K.product_relevance(relevance, xs, "uniform")
-    keep = 1 if mode == "constant0" else 0
-    parts = [np.zeros_like(x) for x in xs]
-    whole = K.product_relevance(relevance, xs, "uniform")[keep]
-    parts[keep] = whole * 2   # the uniform rule's half, doubled: the whole, summed as broadcast
-    return parts
+    """Relevance through an elementwise product of two values under a composite's mode
+    (K.product_mode_relevance): "uniform" halves it (AttnLRP, Prop. 3.2); "constant0" /
+    "constant1" hands all of it to the other factor (CP-LRP)."""
+    return K.product_mode_relevance(relevance, xs, mode)
 
 
 def softmax_relevance(relevance: Array, x: Array, s: Array, axis: int) -> tuple[Array, Array]:
     """AttnLRP's rule for an interior softmax (Achtibat et al., ICML 2024, Prop. 3.1,
-    eq. 13): R_in_i = x_i (R_i - s_i sum_j R_j) along ``axis``, x the logits and s the softmax.
-    The rule is not conservative; the rest, sum R - sum R_in per sample, is the relevance the
-    softmax's linearisation absorbs in its bias term (the paper's b = s - J x), which the
-    ledger records as ``bias``."""
-    r_in = x * (relevance - s * relevance.sum(axis=axis, keepdims=True))
-    absorbed = _per_sample(relevance) - _per_sample(r_in)
+    eq. 13): R_in_i = x_i (R_i - s_i sum_j R_j) along ``axis`` (of the whole array, batch
+    axis included), x the logits and s the softmax; K.softmax_relevance. The rest,
+    sum R - sum R_in per sample, is the relevance the softmax's linearisation absorbs in its
+    bias term (the paper's b = s - J x), which the ledger records as ``bias``."""
+    axis = axis % relevance.ndim
+    (r_in,), absorbed = K.softmax_relevance(relevance, [x], s, axis - 1)
     return r_in, absorbed
 
 
@@ -429,7 +449,8 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     data = {} if first is None else {   # the box bounds of epsilon-gamma-box read this input
         i: value(i) for i in model.graph.node(first).inputs}
     rules = resolve_rules(model, data, composite, rule, overrides, composite_args)
-    modes = product_modes(model, _products_policy(composite, rule, composite_args))
+    setting = tensor_setting(composite, rule, composite_args)
+    modes = product_modes(model, setting.policy)
     del data
     layers: dict[str, LayerLedger] = {}
     ties: dict[str, int] = {}
@@ -481,14 +502,14 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
             r_in, label = [r0], "winner-take-all"
         elif node.kind in TENSOR_LRP:   # issue 12 (helper tensor)
             r_in, stab, label = tensor_relevance(node, xs, values[node.name], r_out,
-                                                 modes.get(node.name, "uniform"))
+                                                 modes.get(node.name, "uniform"), setting)
         elif node.kind is OpKind.MUL and node.name in modes:   # a composite's product rule
             mode = modes[node.name]
             r_in, label = product_relevance_mode(r_out, xs, mode), f"product-{mode}"
         elif node.kind is OpKind.SOFTMAX:   # an interior softmax (attention weights)
-            axis = 1 + int(kernel_attrs(node)["axis"])
-            r0, bias = softmax_relevance(r_out, xs[0], values[node.name], axis)
-            r_in, label = [r0], "attnlrp-softmax"
+            r_in, bias = K.softmax_relevance(r_out, xs, values[node.name],
+                                             **kernel_attrs(node))
+            label = "attnlrp-softmax"
         elif node.kind in ROUTED:
             r_in = _route(node, xs, values[node.name], r_out)
         elif node.kind in OUTPUT_ONLY:

@@ -297,6 +297,16 @@ class Composite:
     #: epsilon rule for both; "cp" treats an operand computed by a softmax (attention
     #: weights) as a constant (CP-LRP) and shares the rest uniformly
     products: str = ""
+    #: the stabiliser of the rules that are not a Rule on the engine: matmul of two values
+    #: (AttnLRP's uniform epsilon rule, CP-LRP's constant rules) and mean/sum over axes; the
+    #: composite's ``epsilon`` parameter (LXT's default for matmul and mean is 1e-6, which is
+    #: pbxc's default too) and its placement (``"sign"``: z + eps sign(z); ``"slides"``:
+    #: z + eps, as LXT's ``_stabilize``)
+    epsilon: float = 1e-6
+    placement: str = DEFAULT_PLACEMENT
+
+    def __post_init__(self) -> None:
+        _check_epsilon(self.epsilon, self.placement)
 
     def rule_for(self, kind: OpKind, is_first: bool) -> Rule:
         if is_first and self.first is not None:
@@ -310,18 +320,20 @@ def _kinds(rules: Mapping[frozenset[OpKind], Rule]) -> dict[OpKind, Rule]:
 
 def epsilon_composite(epsilon: float = 1e-6) -> Composite:
     """Epsilon on every weighted and affine layer; Norm on pooling and add."""
-    return Composite("epsilon", _kinds({WEIGHTED_KINDS | AFFINE_KINDS: Epsilon(epsilon)}))
+    return Composite("epsilon", _kinds({WEIGHTED_KINDS | AFFINE_KINDS: Epsilon(epsilon)}),
+                     epsilon=epsilon)
 
 
 def lrp0_composite() -> Composite:
     """LRP-0 everywhere, pooling and add included."""
-    return Composite("lrp0", _kinds({RULE_KINDS: LRP0()}), default=LRP0())
+    return Composite("lrp0", _kinds({RULE_KINDS: LRP0()}), default=LRP0(), epsilon=0.0)
 
 
 def epsilon_plus_composite(epsilon: float = 1e-6) -> Composite:
     """z+ on convolutions, epsilon on dense and affine layers (Zennit's EpsilonPlus)."""
     return Composite("epsilon-plus", _kinds({CONV_KINDS: ZPlus(),
-                                             AFFINE_KINDS | {OpKind.LINEAR}: Epsilon(epsilon)}))
+                                             AFFINE_KINDS | {OpKind.LINEAR}: Epsilon(epsilon)}),
+                     epsilon=epsilon)
 
 
 def epsilon_gamma_box_composite(low: float | Array = 0.0, high: float | Array = 1.0,
@@ -332,30 +344,40 @@ def epsilon_gamma_box_composite(low: float | Array = 0.0, high: float | Array = 
     return Composite("epsilon-gamma-box",
                      _kinds({CONV_KINDS: Gamma(gamma=gamma),
                              AFFINE_KINDS | {OpKind.LINEAR}: Epsilon(epsilon)}),
-                     first=ZBox(low=low, high=high))
+                     first=ZBox(low=low, high=high), epsilon=epsilon)
 
 
-def attnlrp_composite(epsilon: float = 1e-6) -> Composite:
+def attnlrp_composite(epsilon: float = 1e-6, placement: str = DEFAULT_PLACEMENT) -> Composite:
     """AttnLRP (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation
     for Transformers", ICML 2024): epsilon on linear and affine layers; LayerNorm by the
     identity rule on its normalisation (its divisor a constant, sec. 3.3.3), which is
     layernorm's affine rule; GELU, SiLU and other elementwise activations by the identity rule
     (sec. 3.3.2: relevance passes unchanged, as pbxc routes activations); products of two
-    values (matmul, mul) by the uniform epsilon rule (Prop. 3.3, eq. 14); softmax by its rule
-    R_in = x (R - s sum R) (Prop. 3.1, eq. 13), which pbxc applies to every interior softmax."""
-    return Composite("attnlrp", _kinds({WEIGHTED_KINDS | AFFINE_KINDS: Epsilon(epsilon)}),
-                     products="uniform")
+    values by the uniform rule: matmul by the uniform epsilon rule (Prop. 3.3, eq. 14), an
+    elementwise product by halves (Prop. 3.2, eq. 7); softmax by its rule
+    R_in = x (R - s sum R) (Prop. 3.1, eq. 13), which pbxc applies to every interior softmax.
+
+    ``epsilon`` is every stabiliser of the composite: the linear, affine and layernorm rules,
+    the residual add and pooling (Norm), matmul and mean/sum. ``placement="slides"`` adds it
+    as z + eps, LXT's placement (lxt.explicit.functional._stabilize); the default "sign"
+    adds eps sign(z), which never moves a denominator towards zero."""
+    rule = Epsilon(epsilon, placement)
+    return Composite("attnlrp", _kinds({WEIGHTED_KINDS | AFFINE_KINDS: rule}),
+                     default=Norm(epsilon, placement), products="uniform", epsilon=epsilon,
+                     placement=placement)
 
 
-def cp_lrp_composite(epsilon: float = 1e-6) -> Composite:
+def cp_lrp_composite(epsilon: float = 1e-6, placement: str = DEFAULT_PLACEMENT) -> Composite:
     """CP-LRP (Ali et al., "XAI for Transformers: Better Explanations through Conservative
     Propagation", ICML 2022, sec. 3.2-3.3): as attnlrp, but in a product whose operand is a
     softmax's output (the attention weights, possibly reshaped or transposed) that operand is
     a constant: it takes no relevance and the other operand takes all of it (the epsilon rule
     of a linear map with the attention weights as its weights). LayerNorm by the identity
-    rule, as in both papers."""
-    return Composite("cp-lrp", _kinds({WEIGHTED_KINDS | AFFINE_KINDS: Epsilon(epsilon)}),
-                     products="cp")
+    rule, as in both papers. ``epsilon`` and ``placement`` as attnlrp's."""
+    rule = Epsilon(epsilon, placement)
+    return Composite("cp-lrp", _kinds({WEIGHTED_KINDS | AFFINE_KINDS: rule}),
+                     default=Norm(epsilon, placement), products="cp", epsilon=epsilon,
+                     placement=placement)
 
 
 COMPOSITES: dict[str, Callable[..., Composite]] = {

@@ -234,6 +234,22 @@ def product_relevance(relevance, xs, lrp):
     return parts
 
 
+def product_mode_relevance(relevance, xs, mode):
+    """LRP through a product of two values under a composite's mode (pbxc.runtime.lrp's
+    product_modes): ``"uniform"`` halves it (AttnLRP, Prop. 3.2 / eq. 7: one term per
+    output, so there is no sum to stabilise; LXT's ``mul2``); ``"constant0"`` /
+    ``"constant1"``: that factor is a constant (CP-LRP, Ali et al. ICML 2022) and the other
+    takes all of it, summed over what it was broadcast along; ``"gate"``: product_relevance's
+    gate rule (the op's own ``lrp=`` attribute, without a composite's policy). Conserves
+    exactly."""
+    if mode in ("uniform", "gate"):
+        return product_relevance(relevance, xs, mode)
+    keep = 1 if mode == "constant0" else 0
+    parts = [np.zeros_like(x) for x in xs]
+    parts[keep] = _ew_reduce(relevance, 1, xs[keep].shape[1:])
+    return parts
+
+
 # ---- PReLU: a learned slope per channel (He et al. 2015, eq. 1)
 def _prelu_slope(p, x):
     a = p["weight"].astype(x.dtype, copy=False)

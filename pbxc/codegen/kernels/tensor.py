@@ -72,37 +72,57 @@ def matmul_dfd(m, xs, xs0, y, y0, local, p):
             _tn_reduce(np.matmul(_tn_swap((a + a0) / 2), m), 2, xs[1].shape[1:])]
 
 
-def matmul_relevance(relevance, xs, y, mode="uniform", epsilon=1e-6):
+def _tn_stabilise(z, epsilon, placement):
+    """The stabilised denominator: z + eps sign(z) (sign(0) = +1; Zennit, Captum) or, with
+    ``placement="slides"``, z + eps (LXT's ``_stabilize``), as numpy_kernels.lrp_stabilise."""
+    eps = z.dtype.type(epsilon)
+    if placement == "slides":
+        return z + eps
+    return z + np.where(z >= 0, eps, -eps)
+
+
+def _tn_share(relevance, den):
+    """s = R / den, 0 where den is 0 (only possible with eps = 0 or the slides placement):
+    that relevance is the stabiliser's, as numpy_kernels.lrp_divide."""
+    return np.divide(relevance, den, out=np.zeros_like(relevance), where=den != 0)
+
+
+def _tn_per_sample(a):
+    return a.reshape(a.shape[0], -1).sum(axis=1)
+
+
+def matmul_relevance(relevance, xs, y, mode="uniform", epsilon=1e-6, placement="sign"):
     """LRP through C = A B (batched, relevance (B, ..., n, m)). Returns
     ``(r_a, r_b, stabiliser)``: the factors' relevance and, per sample, what the stabiliser
-    absorbed, for the ledger: sum(r_a) + sum(r_b) + stabiliser = sum(relevance) exactly.
+    absorbed, for the ledger: sum(r_a) + sum(r_b) + stabiliser = sum(relevance).
 
     The product is a sum of terms z_nkm = A_nk B_km. ``"uniform"``: AttnLRP's uniform epsilon
     rule for bilinear products (Achtibat et al. ICML 2024, Prop. 3.3 / eq. 14): each term
     hands z_nkm R_nm / (2 C_nm + eps sign(C_nm)) to A_nk and the same to B_km, i.e. half of
-    its epsilon share to each factor (LXT's ``matmul_fn`` with the denominator 2C + eps; LXT
-    adds +eps whatever the sign, we use eps sign(C), sign(0) = +1, as pbxc's epsilon rule).
-    ``"constant0"`` / ``"constant1"``: that operand is a constant (CP-LRP, attention weights
-    as constants, Ali et al. ICML 2022), each term's whole epsilon share
-    z_nkm R_nm / (C_nm + eps sign(C_nm)) (Bach et al. 2015, eq. 58) goes to the other one.
+    its epsilon share to each factor (LXT's ``matmul_fn``, whose denominator is 2C + eps:
+    ``placement="slides"``). ``"constant0"`` / ``"constant1"``: that operand is a constant
+    (CP-LRP, attention weights as constants, Ali et al. ICML 2022), each term's whole epsilon
+    share z_nkm R_nm / (C_nm + eps sign(C_nm)) (Bach et al. 2015, eq. 58) goes to the other.
+    ``epsilon`` is the composite's (pbxc.runtime.lrp_rules.Composite.epsilon). The
+    stabiliser is computed from its own formula, sum_nm (R_nm - c s_nm C_nm) with c = 2
+    (uniform) or 1, not as a residual, so the ledger's identity checks this kernel.
     """
     a, b = _tn_factors(xs, 1)
     z = np.matmul(a, b)
-    sign = np.where(z >= 0, 1.0, -1.0).astype(z.dtype)
     if mode == "uniform":
-        s = relevance / (2 * z + z.dtype.type(epsilon) * sign)
+        coef = 2
     elif mode in ("constant0", "constant1"):
-        s = relevance / (z + z.dtype.type(epsilon) * sign)
+        coef = 1
     else:
         raise ValueError(f"matmul_relevance: unknown mode '{mode}'")
+    s = _tn_share(relevance, _tn_stabilise(coef * z, epsilon, placement))
     ra = _tn_reduce(a * np.matmul(s, _tn_swap(b)), 1, xs[0].shape[1:])
     rb = _tn_reduce(b * np.matmul(_tn_swap(a), s), 1, xs[1].shape[1:])
     if mode == "constant0":
         ra = np.zeros_like(ra)
     elif mode == "constant1":
         rb = np.zeros_like(rb)
-    rest = relevance.reshape(relevance.shape[0], -1).sum(axis=1) \
-        - ra.reshape(ra.shape[0], -1).sum(axis=1) - rb.reshape(rb.shape[0], -1).sum(axis=1)
+    rest = _tn_per_sample(relevance - coef * s * z)
     return ra, rb, rest
 
 
@@ -214,18 +234,16 @@ def mean_vjp(v, xs, y, local, p, axes, keepdims):
     return [_tn_expand(v / v.dtype.type(n), 2, xs[0].shape[1:], axes, keepdims)]
 
 
-def reduction_relevance(relevance, xs, axes, keepdims, epsilon=0.0):
+def reduction_relevance(relevance, xs, axes, keepdims, epsilon=0.0, placement="sign"):
     """LRP's epsilon rule for y_j = sum_i w x_i (sum: w = 1; mean: w = 1/n, which cancels in
     the shares; Bach et al. 2015, eq. 58): R_i = x_i R_j / (y'_j + eps sign(y'_j)) with
-    y'_j = sum_i x_i. Returns (r_x, stabiliser) with the stabiliser for the ledger."""
+    y'_j = sum_i x_i (LXT's ``mean_fn``: y'_j + eps, ``placement="slides"``). Returns
+    (r_x, stabiliser) with the stabiliser sum_j (R_j - s_j y'_j) for the ledger."""
     x = xs[0]
     z = x.sum(axis=_tn_reduce_axes(1, axes), keepdims=keepdims)
-    sign = np.where(z >= 0, 1.0, -1.0).astype(z.dtype)
-    s = relevance / (z + epsilon * sign)
+    s = _tn_share(relevance, _tn_stabilise(z, epsilon, placement))
     r = x * _tn_expand(s, 1, x.shape[1:], axes, keepdims)
-    rest = relevance.reshape(relevance.shape[0], -1).sum(axis=1) \
-        - r.reshape(r.shape[0], -1).sum(axis=1)
-    return r, rest
+    return r, _tn_per_sample(relevance - s * z)
 
 
 # ---- second order (the Hessian pass, specs/hessian.md): matmul is bilinear, the rest linear
