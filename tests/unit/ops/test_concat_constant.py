@@ -225,6 +225,9 @@ def test_standalone_numpy_module_agrees(tmp_path: Path, which: str) -> None:
                                rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(contributions.reshape(2, -1).sum(axis=1), delta, rtol=1e-12,
                                atol=1e-12)
+    v = RNG.normal(size=x.shape[1:])
+    np.testing.assert_allclose(gen.hvp(x, v, target=1), model.hvp(x, v, target=1).hvp,
+                               rtol=1e-10, atol=1e-12)
     if which == "chain":   # the module's LRP has no interior softmax rule yet (the ViT's)
         relevance, ledger = gen.lrp(x, composite="epsilon")
         ref = model.lrp(x, composite="epsilon")
