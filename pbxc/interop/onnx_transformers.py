@@ -2,7 +2,7 @@
 
 A mixin of :class:`pbxc.interop.onnx_import.Converter`: each ``op_<Name>`` maps one ONNX node
 to the per-sample ops of the issue-12 contract (``transpose``, ``matmul``, ``slice``,
-``select``, ``mean``/``sum``, ``layernorm``, ``constant``). ONNX axes include the batch axis
+``select``, ``mean``/``sum``, ``layernorm``; a Concat's constant operand as ``@p``). ONNX axes include the batch axis
 (axis 0); pbxc's exclude it, so every axis is converted and an op that moves or reduces the
 batch axis is an error naming the node.
 """
@@ -199,7 +199,9 @@ class TransformerOps:
 
     def constant_operand(self, node: Any, name: str) -> Any:
         """A constant beside values (the class token of a Concat, often an ``Expand`` over the
-        batch): the same for every sample, written ``constant(@p)``."""
+        batch): the same for every sample, stored as a weight of the per-sample shape; the
+        returned value's name is ``@p``, which concat takes as an operand
+        (``concat(@p, x, axis=k)``)."""
         from pbxc.interop.onnx_import import Value
 
         if name in self.batch_consts:
@@ -221,9 +223,7 @@ class TransformerOps:
         w = np.asarray(self.weight(node, f"{name}__per_sample"))
         p = self.prefix(node, None, "constant")
         self.weights[p] = np.ascontiguousarray(w)
-        v = Value(self.fresh(p), tuple(w.shape), tuple(w.shape))
-        self.emit(v.name, f"constant(@{p})")
-        return v
+        return Value(f"@{p}", tuple(w.shape), tuple(w.shape))
 
     # ---- canonicalisation: LayerNorm decomposed by an exporter (or written by hand)
     producer: dict[str, Any]
