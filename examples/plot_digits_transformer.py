@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
-
 import pbxc
-from pbxc.evaluate.plots import _pyplot, save_figure
+from pbxc.evaluate.plots import save_figure
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after the backend is chosen
 
 HERE = Path(__file__).resolve().parent
 FIGURE = HERE.parent / "docs" / "figures" / "digits_transformer_attnlrp.png"
@@ -39,7 +42,6 @@ def main() -> None:
     relevance = res.relevance["image"][:, 0]
     logits = model.forward(x)
     error = float(res.ledger.conservation_error.max())
-    plt = _pyplot()
     fig, axes = plt.subplots(2, 10, figsize=(12.5, 3.6))
     for c in range(10):
         axes[0, c].imshow(x[c, 0], cmap="gray_r", vmin=0, vmax=1)
