@@ -310,6 +310,7 @@ def _concat(ctx: _Ctx) -> Shape:
             operands.append((f"'{node.inputs[slot]}'", ctx.inputs[slot], None))
         else:
             key = node.param_key(slot)
+            assert key is not None   # every constant slot is a bound role
             operands.append((f"constant '{key}'", tuple(ctx.weights[key].shape), slot))
     reference = next(o for o in operands if o[2] is None)   # a value: constants are checked
     first = reference[1]

@@ -221,9 +221,31 @@ class TransformerOps:
             c = c[0]
         self.consts.setdefault(f"{name}__per_sample", c)
         w = np.asarray(self.weight(node, f"{name}__per_sample"))
-        p = self.prefix(node, None, "constant")
+        p = self.constant_key(node, name)
         self.weights[p] = np.ascontiguousarray(w)
         return Value(f"@{p}", tuple(w.shape), tuple(w.shape))
+
+    graph: Any
+    used_prefixes: set[str]
+
+    def constant_key(self, node: Any, name: str) -> str:
+        """The weight key of a constant operand: the initializer it is expanded from (the
+        class token's parameter name, ``cls``), when that is a free key; else one from the
+        node's name."""
+        from pbxc.interop.onnx_import import PARAM_RE
+
+        initializers = {t.name for t in self.graph.initializer}
+        source = name
+        while source not in initializers:
+            n = self.producer.get(source)
+            if n is None or n.op_type not in ("Expand", "Identity") or not n.input:
+                break
+            source = n.input[0]
+        if source in initializers and PARAM_RE.match(source) and \
+                source not in self.used_prefixes and source not in self.weights:
+            self.used_prefixes.add(source)
+            return str(source)
+        return str(self.prefix(node, None, "constant"))
 
     # ---- canonicalisation: LayerNorm decomposed by an exporter (or written by hand)
     producer: dict[str, Any]

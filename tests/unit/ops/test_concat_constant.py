@@ -308,3 +308,16 @@ def test_cuda_refuses_by_name(tmp_path: Path) -> None:
     assert reason is not None and "'concat'" in reason and "constant" in reason, reason
     with pytest.raises(UnsupportedOp, match="no kernels for op 'concat'"):
         compile_model(model, tmp_path / "cu", target="cuda")
+
+
+def test_pbxc_verify_holds_on_the_chain_model(tmp_path: Path) -> None:
+    """Every property of `pbxc verify` (lanes, mpmath, LRP-0 with the constants counted as a
+    bias, backend parity with the compiled module) on the register/class-token chain."""
+    from pbxc.verify import verify_model
+    model = build_chain(tmp_path)
+    _, results = verify_model(model, examples=5, seed=0)
+    assert results
+    for r in results:
+        assert r.status in ("holds", "skipped"), (r.config.name, r.reason, r.counterexample)
+    lrp0 = next(r for r in results if r.config.name == "lrp0_exact")
+    assert lrp0.status == "holds"
