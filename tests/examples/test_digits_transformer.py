@@ -177,6 +177,96 @@ def test_attnlrp_conserves_with_the_ledger() -> None:
                                rtol=1e-12)
 
 
+def lxt_attnlrp(images: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """AttnLRP of the example by LXT's explicit rules (``lxt.explicit.functional``: Achtibat
+    et al.'s reference code), the model written out with them. LXT stabilises with ``z + eps``
+    and pbxc with ``z + eps sign(z)`` (sign(0) = +1), so each stabiliser is handed to LXT as the
+    tensor ``eps sign(z)`` of the value it stabilises; the rules are otherwise LXT's own. GELU
+    (identity rule) and the scale 8^-1/2 (an epsilon rule, as pbxc's ``mul`` by a number) are
+    two small autograd functions here: LXT's explicit module has no function for either."""
+    torch = pytest.importorskip("torch")
+    lf = pytest.importorskip("lxt.explicit.functional")
+    w = {k: torch.from_numpy(v) for k, v in weights().items()}
+    eps = 1e-6
+
+    def stab(z: torch.Tensor) -> torch.Tensor:
+        return eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype).detach()
+
+    class Gelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):           # type: ignore[override]
+            return torch.nn.functional.gelu(z)
+
+        @staticmethod
+        def backward(ctx, r):          # type: ignore[override]
+            return r                   # AttnLRP's identity rule (Prop. 3.4)
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, c):        # type: ignore[override]
+            ctx.save_for_backward(z)
+            ctx.c = c
+            return z * c
+
+        @staticmethod
+        def backward(ctx, r):          # type: ignore[override]
+            (z,) = ctx.saved_tensors
+            y = z * ctx.c
+            return r * y / (y + stab(y)), None
+
+    def linear(x, key):
+        z = torch.nn.functional.linear(x, w[f"{key}.weight"], w[f"{key}.bias"]).detach()
+        return lf.linear_epsilon(x, w[f"{key}.weight"], w[f"{key}.bias"], stab(z))
+
+    def layernorm(x, key):
+        fn = lf.layer_norm_grad_fn
+        y = torch.nn.functional.layer_norm(x, (DIM,), w[f"{key}.weight"], w[f"{key}.bias"], EPS)
+        return fn.apply(x, w[f"{key}.weight"], w[f"{key}.bias"], EPS, stab(y.detach()))
+
+    def add(a, b):
+        return lf.add2(a, b, False, stab((a + b).detach()))
+
+    def matmul(a, b):
+        return lf.matmul(a, b, False, stab(2 * torch.matmul(a, b).detach()))
+
+    x = torch.from_numpy(images).requires_grad_(True)
+    b = len(images)
+    hd = DIM // HEADS
+    patches = x.reshape(b, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(b, 16, 4)
+    tokens = linear(patches, "patch_embed")
+    h = torch.cat([w["cls_token"].expand(b, 1, DIM), tokens], dim=1)
+    h = add(h, w["pos_embedding"].expand(b, TOKENS, DIM))
+    for i in range(2):
+        p = f"blocks.{i}"
+        a = layernorm(h, f"{p}.norm1")
+        q, k, v = (linear(a, f"{p}.attn.{n}").reshape(b, TOKENS, HEADS, hd).transpose(1, 2)
+                   for n in "qkv")
+        att = lf.softmax(Scale.apply(matmul(q, k.transpose(-2, -1)), hd ** -0.5), -1)
+        c = matmul(att, v).transpose(1, 2).reshape(b, TOKENS, DIM)
+        h = add(h, linear(c, f"{p}.attn.out"))
+        m = Gelu.apply(linear(layernorm(h, f"{p}.norm2"), f"{p}.fc1"))
+        h = add(h, linear(m, f"{p}.fc2"))
+    logits = linear(layernorm(h[:, 0], "norm"), "head")
+    seed = torch.zeros_like(logits)
+    rows = torch.arange(b)
+    seed[rows, torch.from_numpy(target)] = logits.detach()[rows, torch.from_numpy(target)]
+    logits.backward(seed)
+    assert x.grad is not None
+    return x.grad.numpy()
+
+
+def test_attnlrp_matches_lxt() -> None:
+    """pbxc's ``attnlrp`` against LXT's explicit AttnLRP on the shipped model (same rules,
+    same stabilisers): the whole transformer, from the logit to the pixels."""
+    x = reference()["inputs"][:8]
+    res = model().lrp(x)
+    target = model().forward(x).argmax(axis=1)
+    expected = lxt_attnlrp(x, target)
+    got = res.relevance["image"]
+    np.testing.assert_allclose(got, expected, rtol=1e-10,
+                               atol=1e-12 * float(np.abs(expected).max()))
+
+
 def test_block_composite_is_attnlrp() -> None:
     x = reference()["inputs"][:4]
     by_block = model().lrp(x).relevance["image"]
