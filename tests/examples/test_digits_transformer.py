@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -189,27 +190,29 @@ def lxt_attnlrp(images: np.ndarray, target: np.ndarray) -> np.ndarray:
     w = {k: torch.from_numpy(v) for k, v in weights().items()}
     eps = 1e-6
 
-    def stab(z: torch.Tensor) -> torch.Tensor:
+    function: Any = torch.autograd.Function
+
+    def stab(z: Any) -> Any:
         return eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype).detach()
 
-    class Gelu(torch.autograd.Function):
+    class Gelu(function):
         @staticmethod
-        def forward(ctx, z):           # type: ignore[override]
+        def forward(ctx, z):
             return torch.nn.functional.gelu(z)
 
         @staticmethod
-        def backward(ctx, r):          # type: ignore[override]
+        def backward(ctx, r):
             return r                   # AttnLRP's identity rule (Prop. 3.4)
 
-    class Scale(torch.autograd.Function):
+    class Scale(function):
         @staticmethod
-        def forward(ctx, z, c):        # type: ignore[override]
+        def forward(ctx, z, c):
             ctx.save_for_backward(z)
             ctx.c = c
             return z * c
 
         @staticmethod
-        def backward(ctx, r):          # type: ignore[override]
+        def backward(ctx, r):
             (z,) = ctx.saved_tensors
             y = z * ctx.c
             return r * y / (y + stab(y)), None
