@@ -122,6 +122,81 @@ class DigitsResNet(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections and an output projection:
+    softmax(q k^T * head_dim^-1/2) v per head, the heads concatenated, then ``out``. Written out
+    step for step as ``digits_transformer.pbx`` writes it (no fused kernels)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+
+        def split(z: torch.Tensor) -> torch.Tensor:            # [B, T, D] -> [B, H, T, hd]
+            return z.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        w = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)   # [B, H, T, T]
+        return self.out((w @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm encoder block: x + attn(norm1(x)), then x + fc2(gelu(fc1(norm2(x))))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class DigitsTransformer(nn.Module):
+    """A small vision transformer: [1, 8, 8] -> 16 patches of 2x2 pixels -> linear embedding 32
+    -> class token + learned positional embedding (17 tokens) -> 2 pre-norm blocks (4 heads of
+    8, GELU MLP 64) -> layernorm of the class token -> 10 logits."""
+
+    PATCH, DIM, HEADS, MLP, DEPTH = 2, 32, 4, 64, 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        n = (8 // self.PATCH) ** 2
+        self.patch_embed = nn.Linear(self.PATCH * self.PATCH, self.DIM)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, self.DIM))
+        self.pos_embedding = nn.Parameter(0.02 * torch.randn(n + 1, self.DIM))
+        self.blocks = nn.ModuleList(TransformerBlock(self.DIM, self.HEADS, self.MLP)
+                                    for _ in range(self.DEPTH))
+        self.norm = nn.LayerNorm(self.DIM)
+        self.head = nn.Linear(self.DIM, 10)
+
+    @classmethod
+    def patches(cls, image: torch.Tensor) -> torch.Tensor:
+        """[B, 1, 8, 8] -> [B, 16, 4]: 2x2 patches in row-major order, each read row-major
+        (the .pbx file's reshape(4, 2, 4, 2) -> transpose(0, 2, 1, 3) -> reshape(16, 4))."""
+        s, p = 8 // cls.PATCH, cls.PATCH
+        return image.reshape(-1, s, p, s, p).permute(0, 1, 3, 2, 4).reshape(-1, s * s, p * p)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(self.patches(image))                         # [B, 16, 32]
+        cls = self.cls_token.expand(tokens.shape[0], 1, self.DIM)
+        h = torch.cat([cls, tokens], dim=1) + self.pos_embedding               # [B, 17, 32]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h[:, 0]))
+
+
 class WineSwishMLP(nn.Module):
     """13 raw features -> standardise -> 32 swish -> 16 swish -> 3 logits."""
 
@@ -145,6 +220,7 @@ EXAMPLES: dict[str, tuple[type[nn.Module], str]] = {
     "breast_cancer_smooth_mlp": (BreastCancerSmoothMLP, "breast_cancer_smooth_mlp.npz"),
     "digits_cnn": (DigitsCNN, "digits_cnn.npz"),
     "digits_resnet": (DigitsResNet, "digits_resnet.safetensors"),
+    "digits_transformer": (DigitsTransformer, "digits_transformer.safetensors"),
     "wine_swish_mlp": (WineSwishMLP, "wine_swish_mlp.npz"),
 }
 
