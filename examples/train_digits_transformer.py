@@ -5,9 +5,8 @@ digits_transformer_reference.npz.
 
 A small vision transformer (models.DigitsTransformer) on the 8x8 digits cut into 16 patches of
 2x2 pixels, trained in float32. The weights are its state_dict saved with safetensors in
-float64 (an exact widening), and the model's input is declared float64: the class token is a
-constant operand of concat, which pbxc never casts, so it must be stored in the dtype the
-model computes in. The reference file holds the float64 test inputs and the float64 eval-mode
+float64 (an exact widening), and the model's input is declared float64, so that the shipped
+file and its reference are the float64 model exactly. The reference file holds the float64 test inputs and the float64 eval-mode
 model's outputs.
 """
 

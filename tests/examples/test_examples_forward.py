@@ -29,9 +29,6 @@ EXAMPLES = {
     "wine_swish_mlp": ("float64", (13,), ("class_0", "class_1", "class_2"), 0.95),
 }
 NAMES = sorted(EXAMPLES)
-#: examples whose weights hold a constant operand of concat (a class token): pbxc never casts
-#: one, so they compute in their stored dtype only (float64) and refuse the other
-FLOAT64_ONLY = {"digits_transformer": "cls_token"}
 
 RTOL64 = 1e-10   # float64 pbxc vs float64 torch: both exact up to summation order
 TOL32 = 1e-4     # float32 pbxc vs float64 torch, relative to the largest |output|
@@ -94,10 +91,6 @@ def test_float64_forward_matches_torch(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_forward_matches_torch(name: str) -> None:
     ref = reference(name)
-    if name in FLOAT64_ONLY:
-        with pytest.raises(pbxc.PbxError, match=f"constant '{FLOAT64_ONLY[name]}' of concat"):
-            model(name, "float32")
-        return
     out = model(name, "float32").forward(ref["inputs"])
     assert out.dtype == np.float32
     scale = float(np.abs(ref["outputs"]).max())
