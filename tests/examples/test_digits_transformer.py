@@ -295,7 +295,7 @@ def test_verify_block_holds() -> None:
     _, results = verify_model(m, data={"image": data}, samples={"image": data[:2]},
                               examples=2)
     names = {r.config.name for r in results}
-    assert {"summation_to_delta", "lrp_conservation", "jacobian_fd"} <= names
+    assert {"summation_to_delta", "lrp_conservation", "jacobian_fd", "backend_parity"} <= names
     for r in results:
         assert r.status == "holds", (r.config.name, r.counterexample)
 
