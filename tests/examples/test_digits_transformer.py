@@ -170,7 +170,7 @@ def test_attnlrp_conserves_with_the_ledger() -> None:
     assert ledger.conservation_error.max() < 1e-12
     assert ledger.max_layer_error < 1e-12
     rules = {e.rule for e in ledger.layers.values() if e.op in ("matmul", "softmax")}
-    assert rules == {"matmul-uniform", "attnlrp-softmax"}
+    assert rules == {"matmul-uniform(epsilon=1e-06, placement=sign)", "attnlrp-softmax"}
     # the class token takes relevance and the ledger records it as the concat's bias
     (concat,) = [e for e in ledger.layers.values() if e.op == "concat"]
     assert np.all(np.abs(concat.bias) > 0)
