@@ -52,6 +52,12 @@ def _small_abs(a: np.ndarray) -> np.ndarray:
     return np.abs(a)
 
 
+# the built-in relu, whose DFD secant (relu(z) - relu(z0)) / (z - z0) is exact wherever
+# z != z0: 1 or 0 when z and z0 share a side of 0 (d / d, 0 / d), else z / (z - z0) or
+# z0 / (z0 - z), the routine's own quotient (ActivationTable.multiplier)
+_RELU = ActivationKey("relu", ())
+
+
 @dataclass(frozen=True)
 class ActivationTable:
     """Generated NumPy routines (f, f', f'', DFD multiplier m) of every distinct activation.
@@ -99,6 +105,17 @@ class ActivationTable:
             with np.errstate(all="ignore"):
                 out = fn(z0, z)
             return np.broadcast_to(np.asarray(out, dtype=z.dtype), shape)
+        if self.keys[node_name] == _RELU:   # the secant is exact for relu: one quotient
+            with np.errstate(all="ignore"):
+                out = np.subtract(f1, f0)
+                out /= np.subtract(z, z0)
+                # both sides <= 0 give 0 / d, -0.0 where d < 0: the routine's +0.0 (every
+                # relu multiplier is >= 0, so abs changes nothing else)
+                np.abs(out, out=out)
+                rest = ~np.isfinite(out)        # z == z0 (0 / 0) or an infinite z
+                if rest.any():
+                    out[rest] = fn(z0[rest], z[rest])
+            return out
         floor = np.finfo(z.dtype).tiny / np.finfo(z.dtype).eps
         if self.fused is not None:   # the same tests in two fused passes (bit for bit)
             with np.errstate(all="ignore"):
