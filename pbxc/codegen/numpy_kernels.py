@@ -12,7 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pbxc.codegen.kernels.conv import *  # noqa: F403  the conv family, copied before this module
-from pbxc.codegen.kernels.conv import _ALL, _conv_slices  # the conv family's helpers
+from pbxc.codegen.kernels.conv import _ALL, _conv_slices, conv_out_size  # its helpers
 from pbxc.symbolic.numeric import _diag_minus_outer_vjp, _softmax_dfd_factors  # prelude
 
 

@@ -245,6 +245,8 @@ class Model:
         self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
         self.plan_cache: dict[tuple[str, str, int, str], Any] = {}   # Jacobian plans
         self.memory_plans: dict[tuple[str, ...], PassPlan] = {}      # liveness, per pass
+        # DFD's forward pass at the last shared default, per plan (pbxc.runtime.dfd)
+        self.default_points: dict[object, Any] = {}
         self.dense_ops = cheaper_dense(self.nodes, graph)   # applied as cached matrices
         # numexpr's fused elementwise kernels for LRP and DFD, when installed (``fast``)
         self.fused = fused_kernels.available()
