@@ -40,7 +40,7 @@ def _tile_offsets(x, kernel):
     return [x[..., p:p + kh * oh:kh, q:q + kw * ow:kw] for p in range(kh) for q in range(kw)]
 
 
-def _pad2d(x, ph, pw, pad_value):
+def _pad2d_with(x, ph, pw, pad_value):
     """x padded by (ph, pw) on both sides of its last two axes (np.pad is slower)."""
     out = np.full((*x.shape[:-2], x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw), pad_value,
                   dtype=x.dtype)
@@ -48,12 +48,12 @@ def _pad2d(x, ph, pw, pad_value):
     return out
 
 
-def _pool_offsets(x, kernel, stride, padding, pad_value):
+def _pool2d_offsets(x, kernel, stride, padding, pad_value):
     """One strided (N, C, OH, OW) view per in-window offset, in row-major order (the input
     padded once with ``pad_value``): the windows of ``windows2d``, offset by offset."""
     (ph, pw), (kh, kw), (sh, sw) = padding, kernel, stride
     if ph or pw:
-        x = _pad2d(x, ph, pw, pad_value)
+        x = _pad2d_with(x, ph, pw, pad_value)
     oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
     return [x[:, :, p:p + sh * (oh - 1) + 1:sh, q:q + sw * (ow - 1) + 1:sw]
             for p in range(kh) for q in range(kw)]
@@ -342,9 +342,9 @@ def maxpool2d_dfd(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
     big = np.finfo(m.dtype).max / 4
     if not (np.abs(x).max() < big and np.abs(x0).max() < big):
         return _maxpool2d_dfd_windows(m, xs, xs0, y, y0, local, p, kernel, stride, padding)
-    parts = _pool_offsets(x, kernel, stride, padding, 0.0)
-    parts0 = _pool_offsets(x0, kernel, stride, padding, 0.0)
-    inside = _pool_offsets(np.ones((1, 1, *x.shape[2:]), dtype=bool), kernel, stride,
+    parts = _pool2d_offsets(x, kernel, stride, padding, 0.0)
+    parts0 = _pool2d_offsets(x0, kernel, stride, padding, 0.0)
+    inside = _pool2d_offsets(np.ones((1, 1, *x.shape[2:]), dtype=bool), kernel, stride,
                            padding, False)
     pads = [~v[0, 0] for v in inside]        # (OH, OW): this offset reads padding
     run, run0 = parts[0].copy(), parts0[0].copy()
