@@ -12,7 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pbxc.codegen.kernels.conv import *  # noqa: F403  the conv family, copied before this module
-from pbxc.codegen.kernels.conv import _ALL, _conv_slices, conv_out_size  # its helpers
+from pbxc.codegen.kernels.conv import _ALL, _conv_slices, _kernel_offsets, conv_out_size
 from pbxc.symbolic.numeric import _diag_minus_outer_vjp, _softmax_dfd_factors  # prelude
 
 
@@ -93,7 +93,7 @@ def maxpool2d(x, kernel, stride, padding):
                 zip(x.shape[2:], kernel, stride, pads))
     values = np.full((*x.shape[:2], *out), -np.inf, dtype=x.dtype)
     index = np.zeros(values.shape, dtype=np.uint8 if kh * kw < 256 else np.intp)
-    for i, offset in enumerate(np.ndindex(kh, kw)):
+    for i, offset in enumerate(_kernel_offsets((kh, kw))):
         found = _conv_slices(offset, x.shape[2:], out, stride, pads, (1, 1), (0, out[0]))
         if found is None:
             continue
