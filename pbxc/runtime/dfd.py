@@ -185,7 +185,7 @@ def reveal_cancel_pairs(model: object) -> dict[str, OpNode]:
 
 
 #: the largest default forward pass a model keeps for the next call (bytes of its values)
-DEFAULT_CACHE_BYTES = 64 << 20
+DEFAULT_CACHE_BYTES = 128 << 20
 
 
 def _same_rows(a: Mapping[str, Array], b: Mapping[str, Array]) -> bool:
@@ -203,7 +203,7 @@ def _nbytes(lin: Linearization) -> int:
 def default_point(model: object, rows: Mapping[str, Array],
                   keep: AbstractSet[str] | None) -> Linearization:
     """The forward pass at a single default row (what DFD reads of it: the plan's ``keep``,
-    and every activation's input and output, from which the multipliers are computed),
+    and every activation's input z0, from which f(z0) and the multipliers are computed),
     kept on the model for the next call with the same default bits and plan, up to
     ``DEFAULT_CACHE_BYTES``: the default's forward pass does not depend on the input, and at
     batch 1 it is half of DFD's forward work. Its arrays are read-only."""
@@ -216,7 +216,7 @@ def default_point(model: object, rows: Mapping[str, Array],
     wanted = None
     if keep is not None:
         acts = [n for n in model.nodes if n.kind is OpKind.ACTIVATION]  # type: ignore[attr-defined]
-        wanted = set(keep) | {n.name for n in acts} | {n.inputs[0] for n in acts}
+        wanted = set(keep) | {n.inputs[0] for n in acts}
     lin = linearize(model, dict(rows), derivatives=False, keep=wanted)
     for v in (*lin.values.values(), *lin.local.values()):
         if isinstance(v, np.ndarray):
@@ -252,14 +252,17 @@ def linearize_both(model: object, inputs: Mapping[str, Array], default: Mapping[
         return {k: split(v, start, stop, spread) for k, v in arrays.items()}
 
     if shared:
-        base = default_point(model, {k: np.ascontiguousarray(d[:1], dtype=inputs[k].dtype)
-                                     for k, d in default.items()}, keep)
+        one = default_point(model, {k: np.ascontiguousarray(d[:1], dtype=inputs[k].dtype)
+                                    for k, d in default.items()}, keep)
         spread = batch > 1
-        base = Linearization(part(base.values, 0, 1, spread), part(base.local, 0, 1, spread))
+        base = Linearization(part(one.values, 0, 1, spread), part(one.local, 0, 1, spread))
 
         def at_multiplier(node: OpNode, z: Array, y: Array) -> Array:
-            return table.multiplier(node.name, base.values[node.inputs[0]], z,
-                                    base.values[node.name], y)
+            z0, y0 = one.values[node.inputs[0]], one.values[node.name]
+            if isinstance(y0, Released):   # f(z0) again: bit for bit the forward value
+                y0 = table(node.name, z0)
+            return table.multiplier(node.name, split(z0, 0, 1, spread), z,
+                                    split(y0, 0, 1, spread), y)
 
         at = linearize(model, dict(inputs), derivatives=False, keep=keep,
                        local_of=at_multiplier if keep is not None else None)
