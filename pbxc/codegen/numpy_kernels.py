@@ -323,11 +323,26 @@ def maxpool2d_vjp(v, xs, y, local, p, kernel, stride, padding):
     return [unflat_bk(g, v)]
 
 
-def relu_multiplier(d0, d):
-    """(relu(d) - relu(d0)) / (d - d0) without cancellation; relu'(0) = 0 where d == d0."""
+def _relu_multiplier_where(d0, d):
+    """relu_multiplier with np.where (the reference)."""
     same = d == d0
     secant = (np.maximum(d, 0) - np.maximum(d0, 0)) / np.where(same, 1, d - d0)
     return np.where(same, (d > 0).astype(d.dtype), secant)
+
+
+def relu_multiplier(d0, d):
+    """(relu(d) - relu(d0)) / (d - d0) without cancellation; relu'(0) = 0 where d == d0.
+
+    The quotient everywhere, then the d == d0 entries (0 / 0 there) replaced: bit for bit
+    ``_relu_multiplier_where`` (tested), without its two branchy np.where passes."""
+    same = np.equal(d, d0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.maximum(d, 0)
+        out -= np.maximum(d0, 0)
+        out /= np.subtract(d, d0)
+    if same.any():
+        out[same] = np.greater(d[same], 0)
+    return out
 
 
 def maxpool2d_dfd(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
@@ -394,7 +409,7 @@ def _maxpool2d_dfd_windows(m, xs, xs0, y, y0, local, p, kernel, stride, padding)
         w, w0 = flat[..., i], flat0[..., i]
         pad, first_pad = np.isnan(w), np.isnan(run)  # padding never wins a window
         d, d0 = w - run, w0 - run0
-        s = relu_multiplier(np.nan_to_num(d0), np.nan_to_num(d))
+        s = _relu_multiplier_where(np.nan_to_num(d0), np.nan_to_num(d))
         slopes.append(np.where(pad, 0.0, np.where(first_pad, 1.0, s)))
         run = np.where(pad, run, np.where(first_pad, w, run + np.maximum(d, 0)))
         run0 = np.where(pad, run0, np.where(first_pad, w0, run0 + np.maximum(d0, 0)))

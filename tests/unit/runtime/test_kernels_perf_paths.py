@@ -188,3 +188,15 @@ def test_offset_maxpool_dfd_is_the_window_form_bit_for_bit(dtype: type, pool: tu
     want = K._maxpool2d_dfd_windows(m, [x], [x0], None, None, None, {}, *pool)[0]
     assert got.dtype == dtype and got.shape == want.shape
     assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_multiplier_quotient_is_the_where_form_bit_for_bit(dtype: type) -> None:
+    rng = np.random.default_rng(4)
+    d0, d = (rng.normal(size=(6, 50)).astype(dtype) for _ in range(2))
+    d[0], d0[1], d[2], d0[2] = d0[0], 0.0, -0.0, 0.0          # equal, zeros of both signs
+    d0[3, :10], d[3, :10] = -0.0, -0.0
+    d[4] = d0[4] + np.finfo(dtype).tiny                        # near pairs
+    d[5] = (np.finfo(dtype).tiny * rng.normal(size=50)).astype(dtype)
+    got, want = K.relu_multiplier(d0, d), K._relu_multiplier_where(d0, d)
+    assert got.dtype == dtype and got.tobytes() == want.tobytes()
