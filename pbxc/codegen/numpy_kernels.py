@@ -98,12 +98,13 @@ def maxpool2d(x, kernel, stride, padding):
         if found is None:
             continue
         src, dst = found
-        part, best = x[(_ALL, _ALL, *src)], values[(_ALL, _ALL, *dst)]
+        into, start = (_ALL, _ALL, *dst), (_ALL, _ALL, *src)
+        part, best = x[start], values[into]
         if i:
-            larger = (part > best).view(np.uint8)
-            larger *= index.dtype.type(i) if index.dtype == np.uint8 else 1
-            sub = index[(_ALL, _ALL, *dst)]
-            np.maximum(sub, larger if index.dtype == np.uint8 else larger * i, out=sub)
+            larger = np.greater(part, best).astype(index.dtype)
+            larger *= index.dtype.type(i)
+            sub = index[into]
+            np.maximum(sub, larger, out=sub)
         np.maximum(best, part, out=best)
     return values, index.astype(np.intp)
 

@@ -96,7 +96,7 @@ def conv_transpose_out_size(size, kernel, stride, pads, dilation, output_padding
 def _kernel_offsets(kernel):
     """Every kernel offset, in row-major order (np.ndindex's order; a plain list is far
     cheaper to build than an ndindex, which costs more than a small convolution)."""
-    out = [()]
+    out: list = [()]
     for k in kernel:
         out = [(*o, i) for o in out for i in range(k)]
     return out
