@@ -12,6 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pbxc.codegen.kernels.conv import *  # noqa: F403  the conv family, copied before this module
+from pbxc.codegen.kernels.conv import _ALL, _conv_slices, _kernel_offsets, conv_out_size
 from pbxc.symbolic.numeric import _diag_minus_outer_vjp, _softmax_dfd_factors  # prelude
 
 
@@ -39,13 +40,73 @@ def _tile_offsets(x, kernel):
     return [x[..., p:p + kh * oh:kh, q:q + kw * ow:kw] for p in range(kh) for q in range(kw)]
 
 
-def maxpool2d(x, kernel, stride, padding):
-    """Values and the flat in-window index of each maximum (the first in row-major order)."""
+def _pad2d_with(x, ph, pw, pad_value):
+    """x padded by (ph, pw) on both sides of its last two axes (np.pad is slower)."""
+    out = np.full((*x.shape[:-2], x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw), pad_value,
+                  dtype=x.dtype)
+    out[..., ph:ph + x.shape[-2], pw:pw + x.shape[-1]] = x
+    return out
+
+
+def _pool2d_offsets(x, kernel, stride, padding, pad_value):
+    """One strided (N, C, OH, OW) view per in-window offset, in row-major order (the input
+    padded once with ``pad_value``): the windows of ``windows2d``, offset by offset."""
+    (ph, pw), (kh, kw), (sh, sw) = padding, kernel, stride
+    if ph or pw:
+        x = _pad2d_with(x, ph, pw, pad_value)
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    return [x[:, :, p:p + sh * (oh - 1) + 1:sh, q:q + sw * (ow - 1) + 1:sw]
+            for p in range(kh) for q in range(kw)]
+
+
+def _maxpool2d_windows(x, kernel, stride, padding):
+    """maxpool2d by argmax over a copy of every window (the reference; NaN-aware)."""
     win = windows2d(x, kernel, stride, padding, pad_value=-np.inf)
     flat = win.reshape(*win.shape[:4], -1)
     index = flat.argmax(axis=4)
     values = np.take_along_axis(flat, index[..., None], axis=4)[..., 0]
     return np.ascontiguousarray(values), index
+
+
+def _has_negative_zero(x):
+    """Whether a (finite) float array holds -0.0: as signed integers its bits are the most
+    negative value (one integer min-reduction)."""
+    if x.dtype.kind != "f" or not x.flags.c_contiguous:
+        return bool(np.signbit(x[x == 0]).any())
+    ints = np.dtype(f"i{x.dtype.itemsize}")
+    return bool(x.size) and int(x.view(ints).min()) == int(np.iinfo(ints).min)
+
+
+def maxpool2d(x, kernel, stride, padding):
+    """Values and the flat in-window index of each maximum (the first in row-major order).
+
+    Offset by offset, each on the output rectangle whose windows read inside x (padding is
+    -inf and never materialised): a running maximum, and the index raised to the offset's
+    where it is strictly larger, so the first maximum wins, as argmax picks it. Branch-free
+    (np.where on random masks is several times slower). Bit for bit the window argmax
+    (``_maxpool2d_windows``, tested); an x with a NaN, an infinity or a negative zero (where
+    np.maximum's choice between equal zeros would show) takes that reference."""
+    if not np.isfinite(np.add.reduce(x, axis=None)) or _has_negative_zero(x):
+        return _maxpool2d_windows(x, kernel, stride, padding)
+    (kh, kw), pads = kernel, ((padding[0],) * 2, (padding[1],) * 2)
+    out = tuple(conv_out_size(s, k, st, p, 1) for s, k, st, p in
+                zip(x.shape[2:], kernel, stride, pads))
+    values = np.full((*x.shape[:2], *out), -np.inf, dtype=x.dtype)
+    index = np.zeros(values.shape, dtype=np.uint8 if kh * kw < 256 else np.intp)
+    for i, offset in enumerate(_kernel_offsets((kh, kw))):
+        found = _conv_slices(offset, x.shape[2:], out, stride, pads, (1, 1), (0, out[0]))
+        if found is None:
+            continue
+        src, dst = found
+        into, start = (_ALL, _ALL, *dst), (_ALL, _ALL, *src)
+        part, best = x[start], values[into]
+        if i:
+            larger = np.greater(part, best).astype(index.dtype)
+            larger *= index.dtype.type(i)
+            sub = index[into]
+            np.maximum(sub, larger, out=sub)
+        np.maximum(best, part, out=best)
+    return values, index.astype(np.intp)
 
 
 def _scatter_windows(per_offset, in_hw, kernel, stride, padding, dtype, lead):
@@ -263,16 +324,81 @@ def maxpool2d_vjp(v, xs, y, local, p, kernel, stride, padding):
     return [unflat_bk(g, v)]
 
 
-def relu_multiplier(d0, d):
-    """(relu(d) - relu(d0)) / (d - d0) without cancellation; relu'(0) = 0 where d == d0."""
+def _relu_multiplier_where(d0, d):
+    """relu_multiplier with np.where (the reference)."""
     same = d == d0
     secant = (np.maximum(d, 0) - np.maximum(d0, 0)) / np.where(same, 1, d - d0)
     return np.where(same, (d > 0).astype(d.dtype), secant)
 
 
+def relu_multiplier(d0, d):
+    """(relu(d) - relu(d0)) / (d - d0) without cancellation; relu'(0) = 0 where d == d0.
+
+    The quotient everywhere, then the d == d0 entries (0 / 0 there) replaced: bit for bit
+    ``_relu_multiplier_where`` (tested), without its two branchy np.where passes."""
+    same = np.equal(d, d0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.maximum(d, 0)
+        out -= np.maximum(d0, 0)
+        out /= np.subtract(d, d0)
+    if same.any():
+        out[same] = np.greater(d[same], 0)
+    return out
+
+
 def maxpool2d_dfd(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
     """The window maximum as pairwise maxima, max(u, v) = u + relu(v - u), each relu by the
-    rescale rule: exact summation-to-delta for any defaults, eq. 13 when they are uniform."""
+    rescale rule: exact summation-to-delta for any defaults, eq. 13 when they are uniform.
+
+    Offset by offset on strided views; which offsets fall in the padding is a property of
+    the (OH, OW) grid alone, so it is fixed up through 2-d masks instead of NaN padding.
+    Bit for bit ``_maxpool2d_dfd_windows`` (tested); inputs within a factor 4 of overflow
+    (where a difference could reach infinity) or not finite take that reference."""
+    x, x0 = xs[0], xs0[0]
+    big = np.finfo(m.dtype).max / 4
+    if not (np.abs(x).max() < big and np.abs(x0).max() < big):
+        return _maxpool2d_dfd_windows(m, xs, xs0, y, y0, local, p, kernel, stride, padding)
+    parts = _pool2d_offsets(x, kernel, stride, padding, 0.0)
+    parts0 = _pool2d_offsets(x0, kernel, stride, padding, 0.0)
+    inside = _pool2d_offsets(np.ones((1, 1, *x.shape[2:]), dtype=bool), kernel, stride,
+                           padding, False)
+    pads = [~v[0, 0] for v in inside]        # (OH, OW): this offset reads padding
+    run, run0 = parts[0].copy(), parts0[0].copy()
+    run_pad = pads[0]                          # every offset so far was padding
+    slopes = []
+    for i in range(1, len(parts)):
+        w, w0, pad = parts[i], parts0[i], pads[i]
+        first = run_pad & ~pad                 # the window's first element inside
+        d, d0 = w - run, w0 - run0
+        s = relu_multiplier(d0, d)
+        new_run = run + np.maximum(d, 0)
+        new_run0 = run0 + np.maximum(d0, 0)
+        if pad.any():                          # padding never wins a window
+            s[..., pad] = 0
+            new_run[..., pad] = run[..., pad]
+            new_run0[..., pad] = run0[..., pad]
+        if first.any():
+            s[..., first] = 1
+            new_run[..., first] = w[..., first]
+            new_run0[..., first] = w0[..., first]
+        slopes.append(s)
+        run, run0, run_pad = new_run, new_run0, run_pad & pad
+    g = m
+    per_element = [None] * len(parts)
+    for i in range(len(parts) - 1, 0, -1):
+        s = slopes[i - 1][:, None]
+        per_element[i] = g * s
+        g = g * (1 - s)
+    per_element[0] = g
+    kw = kernel[1]
+    back = _scatter_windows(lambda a, b: flat_bk(per_element[a * kw + b]), x.shape[2:],
+                            kernel, stride, padding, m.dtype, (m.shape[0] * m.shape[1],
+                                                               m.shape[2]))
+    return [unflat_bk(back, m)]
+
+
+def _maxpool2d_dfd_windows(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
+    """maxpool2d_dfd over copies of every window, padding as NaN (the reference)."""
     win = windows2d(xs[0], kernel, stride, padding, pad_value=np.nan)
     win0 = windows2d(xs0[0], kernel, stride, padding, pad_value=np.nan)
     flat = win.reshape(*win.shape[:4], -1)
@@ -284,7 +410,7 @@ def maxpool2d_dfd(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
         w, w0 = flat[..., i], flat0[..., i]
         pad, first_pad = np.isnan(w), np.isnan(run)  # padding never wins a window
         d, d0 = w - run, w0 - run0
-        s = relu_multiplier(np.nan_to_num(d0), np.nan_to_num(d))
+        s = _relu_multiplier_where(np.nan_to_num(d0), np.nan_to_num(d))
         slopes.append(np.where(pad, 0.0, np.where(first_pad, 1.0, s)))
         run = np.where(pad, run, np.where(first_pad, w, run + np.maximum(d, 0)))
         run0 = np.where(pad, run0, np.where(first_pad, w0, run0 + np.maximum(d0, 0)))

@@ -184,19 +184,62 @@ def reveal_cancel_pairs(model: object) -> dict[str, OpNode]:
     return pairs
 
 
+#: the largest default forward pass a model keeps for the next call (bytes of its values)
+DEFAULT_CACHE_BYTES = 128 << 20
+
+
+def _same_rows(a: Mapping[str, Array], b: Mapping[str, Array]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+        and np.array_equal(np.ascontiguousarray(a[k]).view(np.uint8),
+                           np.ascontiguousarray(b[k]).view(np.uint8)) for k in a)
+
+
+def _nbytes(lin: Linearization) -> int:
+    return sum(v.nbytes for v in (*lin.values.values(), *lin.local.values())
+               if isinstance(v, np.ndarray))
+
+
+def default_point(model: object, rows: Mapping[str, Array],
+                  keep: AbstractSet[str] | None) -> Linearization:
+    """The forward pass at a single default row (what DFD reads of it: the plan's ``keep``,
+    and every activation's input z0, from which f(z0) and the multipliers are computed),
+    kept on the model for the next call with the same default bits and plan, up to
+    ``DEFAULT_CACHE_BYTES``: the default's forward pass does not depend on the input, and at
+    batch 1 it is half of DFD's forward work. Its arrays are read-only."""
+    cache: dict[object, tuple[dict[str, Array], Linearization]] = \
+        model.__dict__.setdefault("default_points", {})
+    key = None if keep is None else frozenset(keep)
+    hit = cache.get(key)
+    if hit is not None and _same_rows(hit[0], rows):
+        return hit[1]
+    wanted = None
+    if keep is not None:
+        acts = [n for n in model.nodes if n.kind is OpKind.ACTIVATION]  # type: ignore[attr-defined]
+        wanted = set(keep) | {n.inputs[0] for n in acts}
+    lin = linearize(model, dict(rows), derivatives=False, keep=wanted)
+    for v in (*lin.values.values(), *lin.local.values()):
+        if isinstance(v, np.ndarray):
+            v.flags.writeable = False
+    if _nbytes(lin) <= DEFAULT_CACHE_BYTES:
+        cache[key] = ({k: v.copy() for k, v in rows.items()}, lin)
+    return lin
+
+
 def linearize_both(model: object, inputs: Mapping[str, Array], default: Mapping[str, Array],
                    keep: AbstractSet[str] | None = None) -> tuple[Linearization, Linearization]:
-    """The forward passes at the inputs and at the defaults, as one batch, so that each weight
-    is read once (at batch 1 that is a fifth of DFD's time). A default shared by the whole
-    batch (zeros, a constant, the mean) adds one row, broadcast back to the batch.
+    """The forward passes at the inputs and at the defaults. A default shared by the whole
+    batch (zeros, a constant, the mean; any default at batch 1) is one row, evaluated once
+    (``default_point``, kept for the next call) and broadcast back to the batch; defaults
+    that differ per sample run in one batch with the inputs, so that each weight is read
+    once.
 
     With ``keep`` (the memory plan: the values the caller reads afterwards), the other values
     are released in the forward pass, and each activation's multiplier (seed 004 eq. 16-17)
     is computed there, as its ``local`` at the input point, while z and f(z) still exist.
     """
     batch = len(next(iter(inputs.values())))
-    shared = batch > 1 and all(bool((d == d[:1]).all()) for d in default.values())
-    rows = 1 if shared else batch
+    shared = batch == 1 or all(bool((d == d[:1]).all()) for d in default.values())
     table = model.activations  # type: ignore[attr-defined]
 
     def split(v: Array, start: int, stop: int, spread: bool) -> Array:
@@ -204,25 +247,40 @@ def linearize_both(model: object, inputs: Mapping[str, Array], default: Mapping[
             return v.rows(start, stop, batch if spread else None)  # type: ignore[return-value]
         return np.broadcast_to(v[start:stop], (batch, *v.shape[1:])) if spread else v[start:stop]
 
-    def multiplier(node: OpNode, z: Array, y: Array) -> Array:
-        return table.multiplier(node.name, split(z, batch, batch + rows, shared),
-                                z[:batch], split(y, batch, batch + rows, shared), y[:batch])
-
-    joint = linearize(model, {k: np.concatenate([x, default[k][:rows].astype(x.dtype)])
-                              for k, x in inputs.items()}, derivatives=False, keep=keep,
-                      local_of=multiplier if keep is not None else None)
-
     def part(arrays: Mapping[str, Array], start: int, stop: int, spread: bool
              ) -> dict[str, Array]:
         return {k: split(v, start, stop, spread) for k, v in arrays.items()}
 
+    if shared:
+        one = default_point(model, {k: np.ascontiguousarray(d[:1], dtype=inputs[k].dtype)
+                                    for k, d in default.items()}, keep)
+        spread = batch > 1
+        base = Linearization(part(one.values, 0, 1, spread), part(one.local, 0, 1, spread))
+
+        def at_multiplier(node: OpNode, z: Array, y: Array) -> Array:
+            z0, y0 = one.values[node.inputs[0]], one.values[node.name]
+            if isinstance(y0, Released):   # f(z0) again: bit for bit the forward value
+                y0 = table(node.name, z0)
+            return table.multiplier(node.name, split(z0, 0, 1, spread), z,
+                                    split(y0, 0, 1, spread), y)
+
+        at = linearize(model, dict(inputs), derivatives=False, keep=keep,
+                       local_of=at_multiplier if keep is not None else None)
+        return at, base
+
+    def multiplier(node: OpNode, z: Array, y: Array) -> Array:
+        return table.multiplier(node.name, z[batch:], z[:batch], y[batch:], y[:batch])
+
+    joint = linearize(model, {k: np.concatenate([x, default[k].astype(x.dtype)])
+                              for k, x in inputs.items()}, derivatives=False, keep=keep,
+                      local_of=multiplier if keep is not None else None)
     computed = {n for n in joint.local if n in table.keys} if keep is not None else set()
     at_local = part({k: v for k, v in joint.local.items() if k not in computed}, 0, batch, False)
     at_local.update({k: joint.local[k] for k in computed})   # already (B, ...) at the input
     base_local = {k: v for k, v in joint.local.items() if k not in computed}
     at = Linearization(part(joint.values, 0, batch, False), at_local)
-    base = Linearization(part(joint.values, batch, batch + rows, shared),
-                         part(base_local, batch, batch + rows, shared))
+    base = Linearization(part(joint.values, batch, 2 * batch, False),
+                         part(base_local, batch, 2 * batch, False))
     return at, base
 
 

@@ -52,6 +52,43 @@ def _small_abs(a: np.ndarray) -> np.ndarray:
     return np.abs(a)
 
 
+# the built-in relu, whose DFD secant (relu(z) - relu(z0)) / (z - z0) is exact wherever
+# z != z0: 1 or 0 when z and z0 share a side of 0 (d / d, 0 / d), else z / (z - z0) or
+# z0 / (z0 - z), the routine's own quotient (ActivationTable.multiplier)
+_RELU = ActivationKey("relu", ())
+
+
+def _relu(z: np.ndarray) -> np.ndarray | None:
+    """relu(z) bit for bit as the generated ``np.where(z > 0, z, 0.0)``, branch-free (where on
+    a mask of random signs is several times slower): z * (z > 0) is z or a zero of z's sign,
+    and + 0.0 makes every zero +0.0. None where that differs (a NaN, or -inf * 0)."""
+    out = np.multiply(z, np.greater(z, 0))
+    out += 0.0
+    if np.isnan(np.add.reduce(out, axis=None)):   # every entry >= 0: only a NaN sums to NaN
+        return None
+    return out
+
+
+_MASK_RULES: dict[Callable[..., np.ndarray], str | None] = {}
+
+
+def _relu_mask_rule(df: Callable[..., np.ndarray]) -> str | None:
+    """Which comparison gives ``df(z) == 1`` for relu's generated f' (the kink convention
+    decides f'(0)): "positive" (z > 0, NaN included as f' gives 1 there), "nonnegative", or
+    None. Checked once per routine on every class of input relu distinguishes."""
+    if df not in _MASK_RULES:
+        probe = np.array([-np.inf, -1.0, -0.0, 0.0, 1e-300, 1.0, np.inf, np.nan])
+        with np.errstate(all="ignore"):
+            got = np.asarray(df(probe))
+        rule = None
+        if got.shape == probe.shape and bool(((got == 0) | (got == 1)).all()):
+            for name, mask in (("positive", ~(probe <= 0)), ("nonnegative", ~(probe < 0))):
+                if np.array_equal(got == 1, mask):
+                    rule = name
+        _MASK_RULES[df] = rule
+    return _MASK_RULES[df]
+
+
 @dataclass(frozen=True)
 class ActivationTable:
     """Generated NumPy routines (f, f', f'', DFD multiplier m) of every distinct activation.
@@ -71,6 +108,10 @@ class ActivationTable:
     fused: NumexprKernels | None = None   # fused secant kernels (the ``fast`` extra)
 
     def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
+        if self.keys[node_name] == _RELU and isinstance(z, np.ndarray) and z.dtype.kind == "f":
+            out = _relu(z)
+            if out is not None:
+                return out
         return self._apply(self.routines[self.keys[node_name]]["f"], z)
 
     def derivative(self, node_name: str, z: np.ndarray) -> np.ndarray:
@@ -99,6 +140,17 @@ class ActivationTable:
             with np.errstate(all="ignore"):
                 out = fn(z0, z)
             return np.broadcast_to(np.asarray(out, dtype=z.dtype), shape)
+        if self.keys[node_name] == _RELU:   # the secant is exact for relu: one quotient
+            with np.errstate(all="ignore"):
+                out = np.subtract(f1, f0)
+                out /= np.subtract(z, z0)
+                # both sides <= 0 give 0 / d, -0.0 where d < 0: the routine's +0.0 (every
+                # relu multiplier is >= 0, so abs changes nothing else)
+                np.abs(out, out=out)
+                rest = ~np.isfinite(out)        # z == z0 (0 / 0) or an infinite z
+                if rest.any():
+                    out[rest] = fn(z0[rest], z[rest])
+            return out
         floor = np.finfo(z.dtype).tiny / np.finfo(z.dtype).eps
         if self.fused is not None:   # the same tests in two fused passes (bit for bit)
             with np.errstate(all="ignore"):
@@ -126,8 +178,13 @@ class ActivationTable:
         """f'(z) in the least memory that holds it exactly: a bool mask where f' is 0 or 1
         everywhere (ReLU under a 0/1 kink convention; 1/8 of a float64 array), else f'(z).
         ``v * mask`` equals ``v * f'(z)`` bit for bit."""
+        key = self.keys[node_name]
+        if key == _RELU and key in self.binary_slopes and isinstance(z, np.ndarray):
+            rule = _relu_mask_rule(self.routines[key]["df"])
+            if rule is not None:   # f' == 1 exactly where z > 0 (or >= 0): one comparison
+                return ~np.less_equal(z, 0) if rule == "positive" else ~np.less(z, 0)
         df = self.derivative(node_name, z)
-        if self.keys[node_name] not in self.binary_slopes:
+        if key not in self.binary_slopes:
             return df
         mask = df == 1
         if not (mask | (df == 0)).all():   # NaN or inf in z: keep f' as it is
@@ -228,6 +285,8 @@ class Model:
         self.dense_cache: dict[tuple[str, str], np.ndarray] = {}
         self.plan_cache: dict[tuple[str, str, int, str], Any] = {}   # Jacobian plans
         self.memory_plans: dict[tuple[str, ...], PassPlan] = {}      # liveness, per pass
+        # DFD's forward pass at the last shared default, per plan (pbxc.runtime.dfd)
+        self.default_points: dict[object, Any] = {}
         self.dense_ops = cheaper_dense(self.nodes, graph)   # applied as cached matrices
         # numexpr's fused elementwise kernels for LRP and DFD, when installed (``fast``)
         self.fused = fused_kernels.available()

@@ -93,6 +93,21 @@ def conv_transpose_out_size(size, kernel, stride, pads, dilation, output_padding
     return (size - 1) * stride - pads[0] - pads[1] + dilation * (kernel - 1) + output_padding + 1
 
 
+def _kernel_offsets(kernel):
+    """Every kernel offset, in row-major order (np.ndindex's order; a plain list is far
+    cheaper to build than an ndindex, which costs more than a small convolution)."""
+    out: list = [()]
+    for k in kernel:
+        out = [(*o, i) for o in out for i in range(k)]
+    return out
+
+
+def _pointwise(kernel, stride, pads):
+    """A 1x1 (x 1) kernel with stride 1 and no padding: im2col and col2im are the identity."""
+    return (all(k == 1 for k in kernel) and all(s == 1 for s in stride)
+            and not any(b or e for b, e in pads))
+
+
 def _conv_valid_range(offset, size, out, stride, pad_begin, dilation):
     """Output positions r whose input r*stride + offset*dilation - pad_begin lies in [0, size)."""
     shift = offset * dilation - pad_begin
@@ -140,7 +155,7 @@ def im2col_nd(x, kernel, stride, pads, dilation, out, rows=None):
     padded = any(b or e for b, e in pads)
     cols = np.zeros(shape, dtype=x.dtype) if padded else np.empty(shape, dtype=x.dtype)
     xt = x.swapaxes(0, 1)   # (C, n, *in), a view
-    for offset in np.ndindex(*kernel):
+    for offset in _kernel_offsets(kernel):
         found = _conv_slices(offset, x.shape[2:], out, stride, pads, dilation, rows)
         if found is None:
             continue
@@ -155,7 +170,7 @@ def col2im_add_nd(cols, dest, stride, pads, dilation, out, rows=None):
     kernel = cols.shape[1:cols.ndim - len(out) - 1]
     rows = (0, out[0]) if rows is None else rows
     dt = dest.swapaxes(0, 1)   # (C, n, *in), a view
-    for offset in np.ndindex(*kernel):
+    for offset in _kernel_offsets(kernel):
         found = _conv_slices(offset, dest.shape[2:], out, stride, pads, dilation, rows)
         if found is None:
             continue
@@ -184,12 +199,21 @@ def conv_nd(x, weight, bias, stride, padding, dilation, groups, out_spatial=None
     # the columns, the GEMM result and its batch-major copy, per sample and output row
     row_bytes = dtype.itemsize * rest * (c * ksize + 2 * o)
     w2 = weight.reshape(groups, opg, cpg * ksize)
+    pointwise = _pointwise(kernel, stride, pads) and tuple(x.shape[2:]) == out
     for b0, b1, r0, r1 in _conv_tiles(n, out[0], row_bytes):
-        cols = im2col_nd(x[b0:b1], kernel, stride, pads, dilation, out, (r0, r1))
+        if pointwise:   # the columns are the input itself (a view for one sample)
+            cols = x[b0:b1, :, r0:r1].swapaxes(0, 1)
+        else:
+            cols = im2col_nd(x[b0:b1], kernel, stride, pads, dilation, out, (r0, r1))
         cols = cols.reshape(groups, cpg * ksize, -1)
-        prod = w2[0] @ cols[0] if groups == 1 else np.matmul(w2, cols)
-        y[b0:b1, :, r0:r1] = prod.reshape(o, b1 - b0, r1 - r0, *out[1:]).swapaxes(0, 1)
-        del cols, prod
+        if groups == 1 and b1 - b0 == 1 and (r0, r1) == (0, out[0]):
+            # one whole sample: the GEMM writes its (O, *out) block of y in place
+            np.matmul(w2[0], cols[0], out=y[b0].reshape(o, -1))
+        else:
+            prod = w2[0] @ cols[0] if groups == 1 else np.matmul(w2, cols)
+            y[b0:b1, :, r0:r1] = prod.reshape(o, b1 - b0, r1 - r0, *out[1:]).swapaxes(0, 1)
+            del prod
+        del cols
     if bias is not None:
         y += bias.reshape(1, -1, *(1,) * len(out))
     return y
@@ -206,11 +230,18 @@ def conv_nd_transpose(g, weight, in_spatial, stride, padding, dilation, groups):
     kernel = tuple(weight.shape[2:])
     c, opg, ksize = cpg * groups, o // groups, int(np.prod(kernel))
     dtype = np.result_type(g, weight)
-    result = np.zeros((n, c, *in_spatial), dtype=dtype)
     rest = int(np.prod(out[1:]))
     # the cotangent's channel-major copy and the columns, per sample and output row
     row_bytes = dtype.itemsize * rest * (o + c * ksize)
     w2t = weight.reshape(groups, opg, cpg * ksize).transpose(0, 2, 1)   # (g, cpg*K, opg)
+    if groups == 1 and _pointwise(kernel, stride, pads) and tuple(in_spatial) == out:
+        # col2im is the identity: per sample, one GEMM straight into the result (no
+        # workspace: nothing but the result is written)
+        result = np.empty((n, c, *in_spatial), dtype=dtype)
+        for b in range(n):
+            np.matmul(w2t[0], g[b].reshape(o, -1), out=result[b].reshape(c, -1))
+        return result
+    result = np.zeros((n, c, *in_spatial), dtype=dtype)
     for b0, b1, r0, r1 in _conv_tiles(n, out[0], row_bytes):
         gt = np.ascontiguousarray(g[b0:b1, :, r0:r1].swapaxes(0, 1)).reshape(groups, opg, -1)
         cols = w2t[0] @ gt[0] if groups == 1 else np.matmul(w2t, gt)
@@ -255,7 +286,7 @@ def conv_dense_matrix(weight, in_spatial, stride, padding, dilation, groups, out
     # element strides of dense seen as (O, *out, C, *in)
     out_strides = [int(np.prod(out[ax + 1:])) * c * n_in for ax in range(len(out))]
     in_strides = [int(np.prod(in_spatial[ax + 1:])) for ax in range(len(in_spatial))]
-    for offset in np.ndindex(*kernel):
+    for offset in _kernel_offsets(kernel):
         found = _conv_slices(offset, in_spatial, out, stride, pads, dilation, (0, out[0]))
         if found is None:
             continue

@@ -211,3 +211,27 @@ def test_small_convolutions_as_dense_matrices_agree_with_their_kernels(name: str
                                        atol=1e-13 * np.abs(rb.relevance[k]).max())
     ga, gb = dense.gradient(x), native.gradient(x)
     np.testing.assert_allclose(ga, gb, rtol=1e-12, atol=1e-13 * np.abs(gb).max())
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_resnet"])
+def test_the_kept_default_pass_serves_only_the_same_default(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pbxc.runtime.dfd as dfd_module
+
+    model, x, _ = example(name)
+    fresh = lambda b: example(name)[0].dfd(x[:1], baseline=b)   # noqa: E731  (no cache yet)
+    for b in ["zeros", 0.25, "zeros", np.full(x.shape[1:], 0.25), 0.5]:
+        for batch in (1, 4):
+            got, want = model.dfd(x[:batch], baseline=b), (fresh(b) if batch == 1 else None)
+            if want is not None:   # bit for bit a model that evaluates the default anew
+                key = model.input_names[0]
+                np.testing.assert_array_equal(got.attributions[key], want.attributions[key])
+            assert np.all(got.summation_error <= 1e-12)
+    assert len(model.default_points) == 1                       # one plan, the last default
+    kept = next(iter(model.default_points.values()))[1]
+    assert all(not v.flags.writeable for v in kept.values.values() if isinstance(v, np.ndarray))
+    # a default pass larger than the bound is used once and not kept
+    monkeypatch.setattr(dfd_module, "DEFAULT_CACHE_BYTES", 0)
+    small = example(name)[0]
+    res = small.dfd(x[:2], baseline=0.1)
+    assert small.default_points == {} and np.all(res.summation_error <= 1e-12)

@@ -140,3 +140,63 @@ def test_tiled_lrp_maxpool_counts_the_same_ties(in_hw: tuple[int, int]) -> None:
     tied = (flat == flat.max(axis=4, keepdims=True)).sum(axis=4) > 1
     _, ties = K.lrp_maxpool(relevance, x, index, (2, 2), (2, 2), (0, 0))
     assert ties == int(np.count_nonzero(tied & (relevance != 0))) > 0
+
+
+POOLS = [((3, 3), (2, 2), (1, 1)), ((2, 2), (2, 2), (0, 0)), ((3, 2), (1, 2), (1, 0)),
+         ((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (2, 2))]
+
+
+def _pool_input(rng: np.random.Generator, dtype: type, special: str) -> np.ndarray:
+    x = rng.normal(size=(2, 3, 9, 11)).astype(dtype)
+    x[0, 0, :3, :3] = 0.0            # tied maxima
+    x[1, 1] = np.round(x[1, 1]) + 0.0   # many ties (+ 0.0: round gives -0.0 too)
+    if special == "negzero":
+        x[0, 1, :3, :3] = -0.0       # equal zeros of both signs: np.maximum may pick either
+        x[0, 1, 1, 1] = 0.0
+    elif special == "nan":
+        x[1, 2, 4, 4] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("special", ["", "negzero", "nan"])
+def test_offset_maxpool_is_the_window_argmax_bit_for_bit(dtype: type, pool: tuple,
+                                                        special: str) -> None:
+    x = _pool_input(np.random.default_rng(0), dtype, special)
+    got, want = K.maxpool2d(x, *pool), K._maxpool2d_windows(x, *pool)
+    assert got[0].dtype == dtype and got[1].dtype == want[1].dtype
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[0].tobytes() == want[0].tobytes()
+    assert K._has_negative_zero(x) == (special == "negzero")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_offset_maxpool_dfd_is_the_window_form_bit_for_bit(dtype: type, pool: tuple,
+                                                           shared: bool) -> None:
+    rng = np.random.default_rng(1)
+    x = _pool_input(rng, dtype, "")
+    x0 = rng.normal(size=x.shape).astype(dtype)
+    x0[:, :, :4, :4] = x[:, :, :4, :4]           # z == z0 entries: the 0/0 limit
+    if shared:
+        x0 = np.broadcast_to(x0[:1], x.shape)
+    out = K.maxpool2d(x, *pool)[0].shape[2:]
+    m = rng.normal(size=(2, 1, 3, *out)).astype(dtype)
+    got = K.maxpool2d_dfd(m, [x], [x0], None, None, None, {}, *pool)[0]
+    want = K._maxpool2d_dfd_windows(m, [x], [x0], None, None, None, {}, *pool)[0]
+    assert got.dtype == dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_multiplier_quotient_is_the_where_form_bit_for_bit(dtype: type) -> None:
+    rng = np.random.default_rng(4)
+    d0, d = (rng.normal(size=(6, 50)).astype(dtype) for _ in range(2))
+    d[0], d0[1], d[2], d0[2] = d0[0], 0.0, -0.0, 0.0          # equal, zeros of both signs
+    d0[3, :10], d[3, :10] = -0.0, -0.0
+    d[4] = d0[4] + np.finfo(dtype).tiny                        # near pairs
+    d[5] = (np.finfo(dtype).tiny * rng.normal(size=50)).astype(dtype)
+    got, want = K.relu_multiplier(d0, d), K._relu_multiplier_where(d0, d)
+    assert got.dtype == dtype and got.tobytes() == want.tobytes()
