@@ -913,7 +913,9 @@ class Converter(TransformerOps, LayoutOps):
                 raise InputError(f"ONNX output '{o.name}' is not computed from an input")
             lay = self.values[src].layout
             if lay is not None:
-                raise UnsupportedOp(f"ONNX output '{o.name}' has the batch in ONNX axis "
+                prod = self.producer.get(src)
+                by = f" (computed by {self.label(prod)})" if prod is not None else ""
+                raise UnsupportedOp(f"ONNX output '{o.name}'{by} has the batch in ONNX axis "
                                     f"{lay.bax} ({lay.describe()}, N the batch); pbxc outputs "
                                     "keep the batch alone at axis 0")
             v = self.value(self.producer.get(src) or _NoNode(o.name), src)
