@@ -210,7 +210,11 @@ def _fmt_value(v: Any) -> str:
 def graph_text(graph: Any) -> str:
     rows = []
     for node in graph.topological():
-        parts = [*node.inputs, *(f"{role}=@{key}" for role, key, _ in node.params)]
+        if node.kind.value == "concat":   # operands in written order, constants as @key
+            parts = [node.inputs[s] if isinstance(s, int) else f"@{node.param_key(s)}"
+                     for s in node.operand_slots()]
+        else:
+            parts = [*node.inputs, *(f"{role}=@{key}" for role, key, _ in node.params)]
         settings = node.activation_params or tuple(
             (k, v) for k, v in node.attrs if v is not None)
         parts += [f"{k}={_fmt_value(v)}" for k, v in settings]

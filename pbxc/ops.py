@@ -56,7 +56,6 @@ class OpKind(enum.Enum):
     SELECT = "select"
     MEAN = "mean"
     SUM = "sum"
-    CONSTANT = "constant"
 
 
 # Kind groups, used by passes to share rules.
@@ -131,6 +130,9 @@ class OpSignature:
     params: tuple[ParamSpec, ...] = ()
     attrs: tuple[AttrSpec, ...] = ()
     summary: str = ""
+    # concat: a positional operand may be a weight reference ``@key``, a constant tensor of the
+    # per-sample shape (a class token), bound under the role ``operand_role(k)``
+    constant_operands: bool = False
 
     @property
     def variadic(self) -> bool:
@@ -144,6 +146,8 @@ class OpSignature:
 
     def usage(self) -> str:
         parts = ["x"] if self.max_inputs == 1 else ["a", "b", "..."] if self.variadic else ["a", "b"]
+        if self.constant_operands:
+            parts = ["a", "@constant", "..."]
         if self.params:
             parts.append("@prefix")
         for a in self.attrs:
@@ -195,6 +199,11 @@ def _avgpool_attrs(arity: int) -> tuple[AttrSpec, ...]:
         AttrSpec("count_include_pad", AttrType.BOOL, True),
         AttrSpec("ceil_mode", AttrType.BOOL, False),
     )
+
+
+def operand_role(position: int) -> str:
+    """The weight role of a constant operand of concat at ``position`` (0-based, written order)."""
+    return f"operand{position}"
 
 
 _LAYOUT = {1: "[C, L]", 2: "[C, H, W]", 3: "[C, D, H, W]"}
@@ -269,7 +278,9 @@ SIGNATURES: dict[str, OpSignature] = {
                     summary="elementwise sum of values (broadcasting), or x + constant"),
         OpSignature(OpKind.CONCAT, "concat", min_inputs=2, max_inputs=None, attrs=(
             AttrSpec("axis", AttrType.INT, 0),
-        ), summary="join along a per-sample axis (0 = channels/features)"),
+        ), constant_operands=True,
+            summary="join values and constant tensors (@key, per-sample shape: a class "
+                    "token) in written order along a per-sample axis (0 = channels/features)"),
         OpSignature(OpKind.BATCHNORM, "batchnorm", params=(
             ParamSpec("weight", "weight"), ParamSpec("bias", "bias"),
             ParamSpec("running_mean", "running_mean"), ParamSpec("running_var", "running_var"),

@@ -59,6 +59,9 @@ SUPPORTED = frozenset({
 _CUDA_HINTS = {k: " (conv3d and the transposed convolutions run on the numpy backend only)"
                for k in (OpKind.CONV3D, OpKind.CONV_TRANSPOSE1D, OpKind.CONV_TRANSPOSE2D,
                          OpKind.CONV_TRANSPOSE3D)}
+_CUDA_HINTS[OpKind.CONCAT] = (" (concat, of values or with constant operands such as a class "
+                              "token, runs on the numpy backend and in `pbxc compile`'s NumPy "
+                              "module only)")
 #: ops whose epilogue kernel may also compute the activation that alone consumes them
 FUSABLE = frozenset({OpKind.LINEAR, OpKind.CONV1D, OpKind.CONV2D, OpKind.BATCHNORM,
                      OpKind.NORMALIZE, OpKind.ADD})

@@ -370,17 +370,47 @@ def add_vjp(v, xs, y, local, p):
     return [v for _ in xs]
 
 
-def concat_forward(xs, p, axis):
-    return np.concatenate(xs, axis=1 + axis)
+def _concat_sizes(xs, p, axis, slots):
+    """Each operand's extent along the joined axis: values are (N, *shape) (or stand-ins that
+    keep their shape), constants (*shape) of one sample."""
+    return [xs[s].shape[1 + axis] if isinstance(s, int) else p[s].shape[axis] for s in slots]
 
 
-def concat_jvp(ts, xs, y, local, p, axis):
-    return np.concatenate(ts, axis=2 + axis)
+def concat_forward(xs, p, axis, slots):
+    """Operands in written order; ``slots``: an int picks a value of ``xs``, a str the constant
+    tensor ``p[role]`` (one sample's, the same for every sample: broadcast over the batch)."""
+    n = xs[0].shape[0]
+    parts = [xs[s] if isinstance(s, int) else np.broadcast_to(p[s], (n, *p[s].shape))
+             for s in slots]
+    return np.concatenate(parts, axis=1 + axis)
 
 
-def concat_vjp(v, xs, y, local, p, axis):
-    cuts = np.cumsum([x.shape[1 + axis] for x in xs])[:-1]
-    return list(np.split(v, cuts, axis=2 + axis))
+def concat_jvp(ts, xs, y, local, p, axis, slots):
+    """A constant operand's block has zero tangent."""
+    lead = ts[0].shape[:2]
+    parts = [ts[s] if isinstance(s, int) else np.zeros((*lead, *p[s].shape), dtype=ts[0].dtype)
+             for s in slots]
+    return np.concatenate(parts, axis=2 + axis)
+
+
+def concat_vjp(v, xs, y, local, p, axis, slots):
+    """The cotangent split by operand; the constants' blocks are dropped."""
+    cuts = np.cumsum(_concat_sizes(xs, p, axis, slots))[:-1]
+    pieces = np.split(v, cuts, axis=2 + axis)
+    return [piece for s, piece in zip(slots, pieces) if isinstance(s, int)]
+
+
+def concat_relevance(relevance, xs, p, axis, slots):
+    """LRP through concat: each value keeps the relevance of its block (routing); a constant
+    operand's block is absorbed like a bias (Bach et al. 2015, eq. 58: relevance of a term that
+    does not depend on the input stays there), returned per sample for the ledger's ``bias``."""
+    cuts = np.cumsum(_concat_sizes(xs, p, axis, slots))[:-1]
+    pieces = np.split(relevance, cuts, axis=1 + axis)
+    absorbed = np.zeros(relevance.shape[0], dtype=relevance.dtype)
+    for s, piece in zip(slots, pieces):
+        if not isinstance(s, int):
+            absorbed = absorbed + piece.reshape(piece.shape[0], -1).sum(axis=1)
+    return [piece for s, piece in zip(slots, pieces) if isinstance(s, int)], absorbed
 
 
 # ---- per-channel and per-element affine maps

@@ -317,10 +317,10 @@ class NumpyModuleRenderer:
                 out.append(f"    _r = [{r}.reshape(E[{var(node.inputs[0], 'v')!r}].shape)]")
             elif node.kind in (OpKind.ACTIVATION, OpKind.PRELU):
                 out.append(f"    _r = [{r}]")
-            elif node.kind is OpKind.CONCAT:
-                out.append(f"    _r = concat_vjp({r}[:, None], {xs}, None, None, None"
-                           f"{_attrs(node)})")
-                out.append("    _r = [piece[:, 0] for piece in _r]")
+            elif node.kind is OpKind.CONCAT:   # constant operands' blocks: the bias
+                out.append(f"    _r, _b = concat_relevance({r}, {xs}, "
+                           f"P[{py_literal(node.name)}]{_attrs(node)})")
+                out.append("    bias = bias + _b")
             else:
                 message = f"lrp has no rule for op {node.kind.value!r} (value {node.name!r})"
                 out.append(f"    raise ValueError({py_literal(message)})")

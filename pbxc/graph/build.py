@@ -23,6 +23,7 @@ from pbxc.ops import (
     AttrType,
     OpKind,
     OpSignature,
+    operand_role,
 )
 from pbxc.parse import ast
 
@@ -168,8 +169,11 @@ class _Builder:
             return nested
         return None
 
-    def _split_positional(self, call: ast.Call, sig_inputs: tuple[int, int | None]
+    def _split_positional(self, call: ast.Call, sig_inputs: tuple[int, int | None],
+                          constants: bool = False
                           ) -> tuple[list[ast.Arg], list[ast.Arg], dict[str, ast.Arg]]:
+        """Operands (leading values; with ``constants``, weight references ``@key`` among
+        them too: concat's constant tensors), the remaining positional arguments, keywords."""
         positional: list[ast.Arg] = []
         keywords: dict[str, ast.Arg] = {}
         for arg in call.args:
@@ -185,7 +189,8 @@ class _Builder:
         _, max_in = sig_inputs
         inputs: list[ast.Arg] = []
         for arg in positional:
-            if isinstance(arg.value, (ast.Ref, ast.Call)) and (max_in is None or len(inputs) < max_in):
+            operand = (ast.Ref, ast.Call, ast.ParamRef) if constants else (ast.Ref, ast.Call)
+            if isinstance(arg.value, operand) and (max_in is None or len(inputs) < max_in):
                 inputs.append(arg)
             else:
                 break
@@ -209,9 +214,37 @@ class _Builder:
         self.pending_refs.extend((name, r, p) for r, p in refs)
         return tuple(r for r, _ in refs)
 
+    def _constant_operands(self, name: str, call: ast.Call, sig: OpSignature,
+                           operands: list[ast.Arg]
+                           ) -> tuple[tuple[str, ...] | None, list[tuple[str, str, SourcePos]]]:
+        """concat's operands: values (resolved as inputs) and constant tensors ``@key``, bound
+        as weights under ``operand_role(k)`` for their written position k."""
+        values = [a for a in operands if not isinstance(a.value, ast.ParamRef)]
+        constants = [(k, a) for k, a in enumerate(operands) if isinstance(a.value, ast.ParamRef)]
+        if len(operands) < sig.min_inputs:
+            self.bag.error(f"{call.op}() takes at least {sig.min_inputs} operands (values or "
+                           f"constant tensors @key), got {len(operands)}", call.pos,
+                           [f"usage: {sig.usage()}"])
+            return None, []
+        if not values:
+            keys = ", ".join(f"@{a.value.key}" for _, a in constants)  # type: ignore[union-attr]
+            self.bag.error(f"{call.op}() of constants only ({keys}): at least one operand must "
+                           "be a value computed from the model's inputs", constants[0][1].pos,
+                           [f"usage: {sig.usage()}"])
+            return None, []
+        refs = self._resolve_inputs(name, call, values, 0, None)
+        bound = [(operand_role(k), a.value.key, a.value.pos)  # type: ignore[union-attr]
+                 for k, a in constants]
+        return refs, bound
+
     def _build_op(self, name: str, call: ast.Call, sig: OpSignature) -> None:
-        inputs, rest, keywords = self._split_positional(call, (sig.min_inputs, sig.max_inputs))
-        refs = self._resolve_inputs(name, call, inputs, sig.min_inputs, sig.max_inputs)
+        inputs, rest, keywords = self._split_positional(call, (sig.min_inputs, sig.max_inputs),
+                                                        sig.constant_operands)
+        constant_operands: list[tuple[str, str, SourcePos]] = []
+        if sig.constant_operands:
+            refs, constant_operands = self._constant_operands(name, call, sig, inputs)
+        else:
+            refs = self._resolve_inputs(name, call, inputs, sig.min_inputs, sig.max_inputs)
         params: dict[str, tuple[str | None, SourcePos]] = {}
         prefix: ast.ParamRef | None = None
         if rest and isinstance(rest[0].value, ast.ParamRef):
@@ -304,7 +337,8 @@ class _Builder:
                 self.bag.error(f"{call.op}() takes two input values or one value and a "
                                "constant, not both", call.pos, [f"usage: {sig.usage()}"])
                 return
-        self.nodes[name] = OpNode(name, sig.kind, refs, call.pos, tuple(bound), tuple(attrs))
+        self.nodes[name] = OpNode(name, sig.kind, refs, call.pos,
+                                  tuple(bound) + tuple(constant_operands), tuple(attrs))
 
     def _convert_attr(self, op: str, spec: AttrSpec, arg: ast.Arg) -> Any:
         value = arg.value

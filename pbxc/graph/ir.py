@@ -13,7 +13,7 @@ from typing import Any
 import networkx as nx
 
 from pbxc.errors import SourcePos
-from pbxc.ops import OpKind
+from pbxc.ops import OpKind, operand_role
 from pbxc.parse import ast
 
 
@@ -47,6 +47,15 @@ class OpNode:
             if r == role:
                 return pos
         return self.pos
+
+    def operand_slots(self) -> tuple[int | str, ...]:
+        """concat's operands in written order: an int indexes ``inputs`` (a value), a str is
+        the weight role (``operand<k>``, k the written position) of a constant tensor.
+        ``inputs`` holds the values only, so graph edges and every pass see values alone."""
+        roles = {r for r, _, _ in self.params if r.startswith("operand")}
+        values = iter(range(len(self.inputs)))
+        return tuple(operand_role(k) if operand_role(k) in roles else next(values)
+                     for k in range(len(self.inputs) + len(roles)))
 
     @property
     def label(self) -> str:

@@ -301,14 +301,30 @@ def _axis(ctx: _Ctx, rank: int) -> int:
 
 
 def _concat(ctx: _Ctx) -> Shape:
-    first = ctx.inputs[0]
+    """Values and constant tensors (``@key``, of the per-sample shape, the same for every
+    sample) in written order; equal shapes off the (per-sample) axis."""
+    node = ctx.node
+    operands: list[tuple[str, Shape, str | None]] = []   # (what, shape, constant's role)
+    for slot in node.operand_slots():
+        if isinstance(slot, int):
+            operands.append((f"'{node.inputs[slot]}'", ctx.inputs[slot], None))
+        else:
+            key = node.param_key(slot)
+            assert key is not None   # every constant slot is a bound role
+            operands.append((f"constant '{key}'", tuple(ctx.weights[key].shape), slot))
+    reference = next(o for o in operands if o[2] is None)   # a value: constants are checked
+    first = reference[1]
     axis = _axis(ctx, len(first))
     total = 0
-    for name, shape in zip(ctx.node.inputs, ctx.inputs):
+    for what, shape, role in operands:
         if len(shape) != len(first) or any(
                 a != b for i, (a, b) in enumerate(zip(shape, first)) if i != axis):
-            raise ctx.fail(f"'{name}' has shape {fmt(shape)}, which does not match "
-                           f"{fmt(first)} off axis {axis}")
+            message = (f"{what} has shape {fmt(shape)}, which does not match "
+                       f"{fmt(first)} of {reference[0]} off axis {axis}")
+            if role is None:
+                raise ctx.fail(message)
+            raise ShapeError(f"concat '{node.name}': {message}; a constant operand has the "
+                             "per-sample shape (no batch axis)", node.param_pos(role))
         total += shape[axis]
     return (*first[:axis], total, *first[axis + 1:])
 

@@ -520,7 +520,9 @@ class Converter(TransformerOps, LayoutOps):
         ins = [i for i in node.input if i]
         if node.op_type in ("Shape", "Size"):
             src = self.alias_out.get(ins[0], ins[0]) if ins else ""
-            return src in self.values or src in self.consts
+            # a value's shape, or the shape of a constant that depends on the batch size (the
+            # TorchScript exporter's `cls.expand(x.shape[0], -1, -1)`: Shape of a Reshape of it)
+            return src in self.values or src in self.consts or src in self.batch_consts
         if node.op_type == "CastLike" and len(ins) == 2:   # reads only the dtype of its second
             src = self.alias_out.get(ins[1], ins[1])
             return (ins[0] in self.consts or ins[0] in self.batch_consts) and \

@@ -2,7 +2,7 @@
 
 A mixin of :class:`pbxc.interop.onnx_import.Converter`: each ``op_<Name>`` maps one ONNX node
 to the per-sample ops of the issue-12 contract (``transpose``, ``matmul``, ``slice``,
-``select``, ``mean``/``sum``, ``layernorm``, ``constant``). ONNX axes include the batch axis
+``select``, ``mean``/``sum``, ``layernorm``; a Concat's constant operand as ``@p``). ONNX axes include the batch axis
 (axis 0); pbxc's exclude it, so every axis is converted and an op that moves or reduces the
 batch axis is an error naming the node.
 """
@@ -200,7 +200,9 @@ class TransformerOps:
 
     def constant_operand(self, node: Any, name: str) -> Any:
         """A constant beside values (the class token of a Concat, often an ``Expand`` over the
-        batch): the same for every sample, written ``constant(@p)``."""
+        batch): the same for every sample, stored as a weight of the per-sample shape; the
+        returned value's name is ``@p``, which concat takes as an operand
+        (``concat(@p, x, axis=k)``)."""
         from pbxc.interop.onnx_import import Value
 
         if name in self.batch_consts:
@@ -220,11 +222,31 @@ class TransformerOps:
             c = c[0]
         self.consts.setdefault(f"{name}__per_sample", c)
         w = np.asarray(self.weight(node, f"{name}__per_sample"))
-        p = self.prefix(node, None, "constant")
+        p = self.constant_key(node, name)
         self.weights[p] = np.ascontiguousarray(w)
-        v = Value(self.fresh(p), tuple(w.shape), tuple(w.shape))
-        self.emit(v.name, f"constant(@{p})")
-        return v
+        return Value(f"@{p}", tuple(w.shape), tuple(w.shape))
+
+    graph: Any
+    used_prefixes: set[str]
+
+    def constant_key(self, node: Any, name: str) -> str:
+        """The weight key of a constant operand: the initializer it is expanded from (the
+        class token's parameter name, ``cls``), when that is a free key; else one from the
+        node's name."""
+        from pbxc.interop.onnx_import import PARAM_RE
+
+        initializers = {t.name for t in self.graph.initializer}
+        source = name
+        while source not in initializers:
+            n = self.producer.get(source)
+            if n is None or n.op_type not in ("Expand", "Identity") or not n.input:
+                break
+            source = n.input[0]
+        if source in initializers and PARAM_RE.match(source) and \
+                source not in self.used_prefixes and source not in self.weights:
+            self.used_prefixes.add(source)
+            return str(source)
+        return str(self.prefix(node, None, "constant"))
 
     # ---- canonicalisation: LayerNorm decomposed by an exporter (or written by hand)
     producer: dict[str, Any]

@@ -151,7 +151,11 @@ def _kernel_attrs(node: OpNode) -> tuple[tuple[str, Any], ...]:
         return tuple(attrs)
     if kind is OpKind.RESHAPE:
         return (("shape", tuple(node.shape or ())),)
-    if kind in (OpKind.CONCAT, OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
+    if kind is OpKind.CONCAT:   # operands in written order: value indices, constants' roles
+        rank = len(node.shape or ())
+        return (("axis", int(node.attr("axis")) % max(rank, 1)),
+                ("slots", node.operand_slots()))
+    if kind in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
         rank = len(node.shape or ())
         return (("axis", int(node.attr("axis")) % max(rank, 1)),)
     if kind is OpKind.BATCHNORM:

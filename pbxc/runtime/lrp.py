@@ -7,7 +7,8 @@ conv), parameter-free linear maps (avgpool, global_avgpool, add) and per-channel
 z with modified parameters, s = R / stab(z), backward c = rho(W)^T s through the same
 transposed kernels as the reverse-mode Jacobian, R = a c. Other ops route relevance: max
 pooling to each window's argmax (the first maximum in row-major order, as PyTorch),
-flatten/reshape by reshaping, concat by splitting, elementwise activations unchanged.
+flatten/reshape by reshaping, concat by splitting (a constant operand's block, a class
+token, is absorbed and booked as the concat's bias), elementwise activations unchanged.
 A softmax or log-softmax output is skipped: relevance starts at its input, the logits.
 
 Every layer's ledger entry records the relevance it received, what it passed on, and what its
@@ -190,10 +191,6 @@ def _route(node: OpNode, xs: list[Array], out: Array, relevance: Array) -> list[
         return [relevance]
     if node.kind is OpKind.MUL:   # a product of two values: K.product_relevance's rule
         return K.product_relevance(relevance, xs, kernel_attrs(node)["lrp"])  # (policies: lrp())
-    if node.kind is OpKind.CONCAT:
-        axis = 1 + int(kernel_attrs(node)["axis"])
-        cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
-        return list(np.split(relevance, cuts, axis=axis))
     raise unsupported(node)
 
 
@@ -489,6 +486,11 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
             axis = 1 + int(kernel_attrs(node)["axis"])
             r0, bias = softmax_relevance(r_out, xs[0], values[node.name], axis)
             r_in, label = [r0], "attnlrp-softmax"
+        elif node.kind is OpKind.CONCAT:   # values route; constant operands absorb (bias)
+            r_in, bias = K.concat_relevance(r_out, xs, model.params[node.name],
+                                            **kernel_attrs(node))
+            if len(r_in) < len(kernel_attrs(node)["slots"]):
+                label = "route (constants: bias)"
         elif node.kind in ROUTED:
             r_in = _route(node, xs, values[node.name], r_out)
         elif node.kind in OUTPUT_ONLY:

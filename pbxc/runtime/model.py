@@ -12,7 +12,7 @@ import numpy as np
 from pbxc.codegen import fused_kernels
 from pbxc.codegen.fused_kernels import NumexprKernels
 from pbxc.codegen.numpy_printer import render_activation_functions
-from pbxc.errors import Diagnostic, InputError, SourcePos
+from pbxc.errors import Diagnostic, InputError, SourcePos, WeightError
 from pbxc.graph.ir import ModelGraph, OpNode
 from pbxc.lower.memory import PassPlan, pass_plan
 from pbxc.lower.plan import cheaper_dense, path_nodes
@@ -192,6 +192,16 @@ def _slopes_binary(df: Callable[[np.ndarray], np.ndarray], kinks: tuple[float, .
     return bool(np.isin(values, (0.0, 1.0)).all())
 
 
+def _check_constant_dtype(node: OpNode, key: str, pos: SourcePos, array: np.ndarray,
+                          dtype: np.dtype) -> None:
+    """A constant operand of concat enters the values as it is: its dtype is the model's
+    (never cast silently; a weight of a layer is a parameter of the model's arithmetic)."""
+    if array.dtype != dtype:
+        raise WeightError(f"constant '{key}' of concat '{node.name}' is {array.dtype} but the "
+                          f"model computes in {dtype}; store it as {dtype} (pbxc does not "
+                          "convert a constant operand silently)", pos)
+
+
 def _first_bad_index(array: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
 
@@ -216,7 +226,9 @@ class Model:
         cast: dict[str, np.ndarray] = {}
         for node in self.nodes:
             bound = {}
-            for role, key, _ in node.params:
+            for role, key, pos in node.params:
+                if node.kind is OpKind.CONCAT:
+                    _check_constant_dtype(node, key, pos, weights[key], self.dtype)
                 if key not in cast:
                     cast[key] = np.ascontiguousarray(weights[key], dtype=self.dtype)
                 bound[role] = cast[key]

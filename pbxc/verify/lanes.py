@@ -222,8 +222,17 @@ def apply(node: OpNode, xs: list[Array], params: Mapping[str, Array], kit: Kit) 
         for other in xs[1:]:
             total = total + other
         return total
-    if kind is OpKind.CONCAT:
-        return np.concatenate(xs, axis=attrs["axis"] + 1)
+    if kind is OpKind.CONCAT:   # a constant operand: its value in lane 0, zero tangents
+        parts = []
+        for slot in node.operand_slots():
+            if isinstance(slot, int):
+                parts.append(xs[slot])
+                continue
+            block = np.empty((x.shape[0], *p[slot].shape), dtype=x.dtype)
+            block[...] = x.dtype.type(0) if x.dtype != object else 0
+            block[0] = p[slot]
+            parts.append(block)
+        return np.concatenate(parts, axis=attrs["axis"] + 1)
     if kind is OpKind.BATCHNORM:
         scale = p["weight"] / kit.sqrt(p["running_var"] + kit.const(np.float64(attrs["eps"])))
         shift = p["bias"] - p["running_mean"] * scale

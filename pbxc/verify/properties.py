@@ -315,9 +315,12 @@ def check_lrp_conservation(ctx: Context, inputs: dict[str, Array], cfg: CheckCon
 
 def _has_bias(node: OpNode) -> bool:
     """Whether the node's LRP rule sees a bias: a bias weight, batchnorm and normalize's
-    shifts, a constant added or subtracted, a nonzero padding value."""
+    shifts, a constant added or subtracted, a nonzero padding value, concat's constant
+    operands (a class token absorbs its block's relevance as a bias)."""
     if node.kind in (OpKind.ADD, OpKind.SUB) and len(node.inputs) == 1:
         return True
+    if node.kind is OpKind.CONCAT:
+        return bool(node.params)
     if node.kind is OpKind.PAD:
         return float(node.attr("value") or 0.0) != 0.0
     return node.param_key("bias") is not None or node.kind in (OpKind.BATCHNORM,

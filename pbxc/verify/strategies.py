@@ -2,8 +2,8 @@
 
 ``random_models()`` draws a DAG of the supported ops (linear, conv2d, conv_transpose2d, max and
 average pooling (ceil_mode too), adaptive pooling, upsampling, padding, batch norm, normalize,
-residual adds, products and gates, constants, prelu, concat, flatten, global pooling and
-activations, a user-defined one included) with random shapes and weights, ending in a
+residual adds, products and gates, constants, prelu, concat (with constant operands), flatten,
+global pooling and activations, a user-defined one included) with random shapes and weights, ending in a
 ``logits`` vector. Used by the project's property tests on every backend.
 """
 
@@ -177,8 +177,15 @@ def random_models(draw: st.DrawFn, max_ops: int = 5) -> RandomModel:
         else:  # concat along axis 0
             same = sorted(v for v, sh in values.items() if sh[1:] == s[1:] and len(sh) == len(s))
             other = draw(st.sampled_from(same))
-            lines.append(f"{name} = concat({src}, {other})")
-            out = (s[0] + values[other][0], *s[1:])
+            operands = [src, other]
+            extra = 0
+            token = draw(st.sampled_from(["", "before", "after"]))   # a constant operand
+            if token:
+                extra = draw(st.integers(1, 2))
+                weights[f"{name}.token"] = rng.normal(size=(extra, *s[1:]))
+                operands.insert(0 if token == "before" else 2, f'@"{name}.token"')
+            lines.append(f"{name} = concat({', '.join(operands)})")
+            out = (s[0] + values[other][0] + extra, *s[1:])
         ops.append(op)
         values[name] = out
     last = name

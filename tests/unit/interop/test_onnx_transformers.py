@@ -273,17 +273,52 @@ class PatchEmbed(nn.Module):
         return self.head(t[:, 0])
 
 
-# dynamo=False is not covered: its `cls.expand(x.shape[0], ...)` goes through
-# Shape/ConstantOfShape/Equal/Where/Expand of the input, which is not folded yet (reported)
-@pytest.mark.parametrize("dynamo", [True])
+# both exporters: dynamo folds the expand into an initializer at the example batch; the
+# TorchScript exporter's `cls.expand(x.shape[0], ...)` goes through Shape/ConstantOfShape/
+# Equal/Where/Expand of a shape computed from the input, which folds at two probe batches
+@pytest.mark.parametrize("dynamo", [False, True])
 def test_vit_patch_embedding_class_token(tmp_path: Path, dynamo: bool) -> None:
+    """The class token imports as a constant operand, `concat(@cls, tokens)`; the model
+    matches torch in float64 and onnxruntime in float32 (which has no float64 Conv)."""
+    ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = PatchEmbed().double()
     m = export(model, torch.randn(2, 1, 32, 32, dtype=torch.float64), tmp_path / "p.onnx",
                dynamo, 18)
     res = convert_onnx(m)
     text = res.text
-    assert "conv2d(" in text and "transpose(" in text and "constant(@" in text, text
-    assert "concat(" in text and "select(" in text and "axis=-2, index=0" in text, text
-    ck = text.split("constant(@", 1)[1].split(")", 1)[0]
+    assert "conv2d(" in text and "transpose(" in text and "constant(" not in text, text
+    assert "select(" in text and "axis=-2, index=0" in text, text
+    (cat,) = [ln for ln in body(text) if "concat(" in ln]
+    assert "concat(@" in cat and cat.endswith(")") and "axis" not in cat, cat   # axis 0: default
+    ck = cat.split("concat(@", 1)[1].split(",", 1)[0]
+    if not dynamo:
+        assert ck == "cls", cat    # named after the parameter it is expanded from
     np.testing.assert_array_equal(res.weights[ck], model.cls.detach().numpy()[0])
+    assert res.weights[ck].dtype == np.float64
+    np.savez(tmp_path / "w.npz", **res.weights)
+    net = pbxc.loads(text.replace('"weights.npz"', '"w.npz"'), path=str(tmp_path / "p.pbx"))
+    assert net.graph.node(cat.split(" = ")[0]).operand_slots()[0] == "operand0"
+    x = np.random.default_rng(3).normal(size=(2, 1, 32, 32))
+    got = net(x)
+    np.testing.assert_allclose(got, model(torch.from_numpy(x)).detach().numpy(), rtol=1e-12,
+                               atol=1e-12)
+    assert net.lrp(x).ledger.conservation_error.max() < 1e-12
+    assert np.abs(net.dfd(x, baseline=0.1).summation_error).max() < 1e-12
+    # float32: the same module exported in float32, against onnxruntime
+    m32 = export(model.float(), torch.randn(2, 1, 32, 32), tmp_path / "p32.onnx", dynamo, 18)
+    res32 = convert_onnx(m32)
+    assert res32.weights[_class_token_key(res32.text)].dtype == np.float32
+    np.savez(tmp_path / "w32.npz", **res32.weights)
+    net32 = pbxc.loads(res32.text.replace('"weights.npz"', '"w32.npz"'),
+                       path=str(tmp_path / "p32.pbx"))
+    x32 = x.astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "p32.onnx"), providers=["CPUExecutionProvider"])
+    got32 = net32(x32)
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, sess.run(None, {"x": x32})[0], rtol=1e-5, atol=1e-6)
+
+
+def _class_token_key(text: str) -> str:
+    (cat,) = [ln for ln in body(text) if "concat(" in ln]
+    return cat.split("concat(@", 1)[1].split(",", 1)[0]
