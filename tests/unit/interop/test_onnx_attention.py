@@ -317,7 +317,7 @@ def test_verify_holds_for_every_property(model: Imported) -> None:
                               examples=0)
     assert lrp0.counterexample is not None
     (node,) = lrp0.counterexample.outcome.nodes
-    assert model.f64.graph.node(node).op.value == "softmax"
+    assert model.f64.graph.node(node).kind.value == "softmax"
 
 
 # ---------------------------------------------------------------- refusals name the node
