@@ -241,7 +241,7 @@ class LayoutOps:
         strides = [math.prod(target[i + 1:]) for i in range(len(target))]
         cands = [i for i, (t, s) in enumerate(zip(target, strides))
                  if s <= after and after * b <= s * t and after % s == 0 and
-                 (s * t) % (after * b) == 0 and (b > 1 and after < s * t or b == 1)]
+                 (s * t) % (after * b) == 0 and ((b > 1 and after < s * t) or b == 1)]
         if b == 1 and cands:   # batch 1: prefer an axis of size 1 at the batch's place
             ones = [i for i in cands if target[i] == 1 and strides[i] == after]
             cands = ones[:1] or cands[:1]
@@ -300,7 +300,6 @@ class LayoutOps:
         a = self.check_attrs(node, {"axes": None})
         v, lay = self.lay_in(node, node.input[0])
         axes = self._axes(node, a)  # type: ignore[attr-defined]
-        r = len(lay.dims)
         if axes is None:
             norm = [i for i, d in enumerate(lay.dims) if d == 1 and i != lay.bax]
         else:
@@ -309,7 +308,6 @@ class LayoutOps:
             raise self.fail(node, f"axes {axes} of {lay.describe()} are not of size 1")
         dims = tuple(d for j, d in enumerate(lay.dims) if j not in norm)
         bax = lay.bax - sum(1 for j in norm if j < lay.bax)
-        del r
         new = Layout(dims, bax, lay.pre, lay.post)
         self.lay_define(node, self.reshape_expr(v, new.shape), v, new)
 
