@@ -490,8 +490,8 @@ class LayoutOps:
         if c.shape[lay.bax] != 1:
             raise self.batch_error(node, lay, f"a constant of shape {list(c.shape)} varies "
                                    "along the batch's axis")
-        for j, (cd, d) in enumerate(zip(c.shape, lay.dims)):
-            if j != lay.bax and cd not in (1, d):
+        for j in range(r):
+            if j != lay.bax and c.shape[j] not in (1, lay.dims[j]):
                 raise self.fail(node, f"constant of shape {list(c.shape)} does not broadcast "
                                 f"to {lay.describe()}")
         k = len(lay.pre) + len(lay.post)
