@@ -30,6 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from pbxc.errors import Diagnostic, InputError, UnsupportedOp
+from pbxc.interop.onnx_layout import Layout, LayoutOps
 from pbxc.interop.onnx_transformers import TransformerOps
 from pbxc.outputs import write_files
 
@@ -83,6 +84,8 @@ class Value:
     name: str
     shape: tuple[int, ...]
     onnx_shape: tuple[int, ...]
+    # issue 12: the batch is not (alone) at ONNX axis 0 (pbxc/interop/onnx_layout.py)
+    layout: Layout | None = None
 
 
 @dataclass
@@ -199,7 +202,7 @@ def validate_model(model: Any) -> None:
         raise InputError(diags)
 
 
-class Converter(TransformerOps):
+class Converter(TransformerOps, LayoutOps):
     def __init__(self, model: Any, name: str, dtype: str | None = None,
                  outputs: Sequence[str] | None = None) -> None:
         import onnx
@@ -224,11 +227,15 @@ class Converter(TransformerOps):
         self.batch_consts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.values: dict[str, Value] = {}
         self.inferred: dict[str, tuple[int, ...] | None] = {}
+        self.inferred_full: dict[str, tuple[int | None, ...]] = {}
         self.elem_type: dict[str, int] = {}
         for vi in [*g.value_info, *g.output, *g.input]:
             tt = vi.type.tensor_type
             self.elem_type[vi.name] = tt.elem_type
             dims = tt.shape.dim
+            if tt.HasField("shape"):
+                self.inferred_full[vi.name] = tuple(
+                    int(d.dim_value) if d.HasField("dim_value") else None for d in dims)
             if tt.HasField("shape") and len(dims) and all(d.HasField("dim_value")
                                                           for d in dims[1:]):
                 self.inferred[vi.name] = tuple(int(d.dim_value) for d in dims[1:])
@@ -349,6 +356,10 @@ class Converter(TransformerOps):
                                 "computed from the model's input")
             raise self.fail(node, f"input '{name}' is not defined")
         v = self.values[name]
+        if v.layout is not None:
+            raise self.fail(node, f"input '{name}' has its batch moved to ONNX axis "
+                            f"{v.layout.bax} ({v.layout.describe()}, N the batch, after a "
+                            "Transpose or Reshape); this op needs the batch alone at axis 0")
         if layout == "onnx" and v.shape != v.onnx_shape:
             if len(v.onnx_shape) == 1:
                 new = Value(self.fresh(v.name + "_flat"), v.onnx_shape, v.onnx_shape)
@@ -407,7 +418,7 @@ class Converter(TransformerOps):
 
     def alias(self, tensor: str, v: Value, onnx_shape: Sequence[int] | None = None) -> None:
         self.values[tensor] = Value(v.name, v.shape, tuple(v.onnx_shape if onnx_shape is None
-                                                           else onnx_shape))
+                                                           else onnx_shape), v.layout)
 
     def per_sample_const(self, node: Any, c: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """A constant operand broadcast to one sample's shape (a leading batch axis of size 1
@@ -546,7 +557,8 @@ class Converter(TransformerOps):
                     feeds[i] = self.consts[i]
                 else:  # the value a Shape (or CastLike) reads: only its shape and dtype
                     v = self.values[self.alias_out.get(i, i)]
-                    feeds[i] = np.broadcast_to(np.zeros((), self.dtype), (b, *v.onnx_shape))
+                    full = v.layout.full(b) if v.layout is not None else (b, *v.onnx_shape)
+                    feeds[i] = np.broadcast_to(np.zeros((), self.dtype), full)
             inputs = [helper.make_tensor_value_info(
                 k2, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
                 for k2, a in feeds.items()]
@@ -901,6 +913,13 @@ class Converter(TransformerOps):
             src = self.alias_out.get(o.name, o.name)
             if src not in self.values:
                 raise InputError(f"ONNX output '{o.name}' is not computed from an input")
+            lay = self.values[src].layout
+            if lay is not None:
+                prod = self.producer.get(src)
+                by = f" (computed by {self.label(prod)})" if prod is not None else ""
+                raise UnsupportedOp(f"ONNX output '{o.name}'{by} has the batch in ONNX axis "
+                                    f"{lay.bax} ({lay.describe()}, N the batch); pbxc outputs "
+                                    "keep the batch alone at axis 0")
             v = self.value(self.producer.get(src) or _NoNode(o.name), src)
             classes = self.classes.get(o.name)
             meta = ""
@@ -952,6 +971,11 @@ class Converter(TransformerOps):
             return
         if node.domain not in ("", "ai.onnx"):
             raise self.fail(node, f"op domain '{node.domain}' is not supported")
+        if any(self.has_layout(i) for i in node.input if i):   # the batch has moved
+            lay_handler = getattr(self, f"lay_{op}", None)
+            if lay_handler is not None:
+                lay_handler(node)
+                return
         handler = getattr(self, f"op_{op}", None)
         if handler is None:
             raise self.fail(node, f"op '{op}' is not supported (attributes: "
@@ -976,12 +1000,18 @@ class Converter(TransformerOps):
                     tensor=tensor)
 
     def op_Gemm(self, node: Any) -> None:
-        a = self.check_attrs(node, {"alpha": None, "beta": None, "transA": (0,),
-                                    "transB": (0, 1)})
         x = self.value(node, node.input[0])
         if len(x.shape) != 1:
             raise self.fail(node, f"Gemm needs a [batch, features] input, got per-sample shape "
                             f"{list(x.shape)}")
+        w, b = self.gemm_weights(node)
+        self.linear(node, x, w, b, node.input[1])
+
+    def gemm_weights(self, node: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Gemm's B and C as a linear layer's [out, in] weight and bias (alpha, beta and
+        transB folded in, in the weights' own dtype)."""
+        a = self.check_attrs(node, {"alpha": None, "beta": None, "transA": (0,),
+                                    "transB": (0, 1)})
         w = self.weight(node, node.input[1])
         if w.ndim != 2:
             raise self.fail(node, f"Gemm needs a 2-D B, got shape {list(w.shape)}")
@@ -1001,15 +1031,18 @@ class Converter(TransformerOps):
                 raise self.fail(node, f"bias C of shape {list(c.shape)} is not supported "
                                 "([out], [1, out] or a scalar)")
             b = c
-        self.linear(node, x, w, b, node.input[1])
+        return w, b
 
     def _matmul(self, node: Any, bias: np.ndarray | None, tensor: str | None = None) -> None:
         self.check_attrs(node, {})
-        x = self.value(node, node.input[0])
+        x = self.raw_value(node, node.input[0])
         w = self.weight(node, node.input[1])
         if w.ndim != 2:
             raise self.fail(node, f"MatMul with a constant of rank {w.ndim} is not supported "
                             "(a 2-D weight [in, out])")
+        if x.layout is not None:   # issue 12: the batch has moved (attention's projections)
+            self.lay_linear(node, x, x.layout, w.T, bias, node.input[1], tensor)
+            return
         self.linear(node, x, w.T, bias, node.input[1], tensor)
 
     def op_MatMul(self, node: Any) -> None:
@@ -1335,6 +1368,15 @@ class Converter(TransformerOps):
     def op_Reshape(self, node: Any) -> None:
         a = self.check_attrs(node, {"allowzero": (0, 1)})
         x = self.value(node, node.input[0], layout="pbx")
+        try:   # issue 12: a reshape that moves the batch or merges it with other axes
+            moved = self.lay_reshape(node, Layout((1, *x.onnx_shape), 0), node.input[1],
+                                     bool(a.get("allowzero", 0)))
+        except NodeError:
+            moved = None
+        if moved is not None and not moved.canonical:
+            v = self.value(node, node.input[0])
+            self.lay_define(node, self.reshape_expr(v, moved.shape), v, moved)
+            return
         rest = self.per_sample_target(node, node.input[1])
         allowzero = bool(a.get("allowzero", 0))
         if allowzero and 0 in rest:
@@ -1390,6 +1432,10 @@ class Converter(TransformerOps):
         a = self.check_attrs(node, {"axes": None})
         x = self.value(node, node.input[0], layout="pbx")
         axes = self._axes(node, a)
+        if axes and any(ax == 0 or ax == -(len(x.onnx_shape) + 1 + len(axes))
+                        for ax in axes):   # issue 12: a new axis before the batch
+            self.lay_Unsqueeze(node)
+            return
         if not axes:
             raise self.fail(node, "Unsqueeze needs axes")
         rank = len(x.onnx_shape) + 1 + len(axes)
@@ -1460,6 +1506,9 @@ class Converter(TransformerOps):
                     f"value={_fmt(value)})", self.shape_of(node, shape))
 
     def _pass_through(self, node: Any) -> None:
+        if self.has_layout(node.input[0]):
+            self.lay_pass(node)
+            return
         x = self.value(node, node.input[0], layout="pbx")
         self.alias(node.output[0], x)
 
@@ -1482,7 +1531,7 @@ class Converter(TransformerOps):
         a = self.check_attrs(node, {"to": None, "saturate": None, "round_mode": None})
         to = int(a["to"])
         src = self.elem_type.get(node.input[0])
-        x = self.value(node, node.input[0], layout="pbx")
+        x = self.raw_value(node, node.input[0], layout="pbx")
         if to not in FLOAT_TYPES:
             raise self.fail(node, f"Cast to {ONNX_TYPE_NAMES.get(to, to)} is not supported "
                             "(float types only: pbxc differentiates its values)")
@@ -1495,11 +1544,14 @@ class Converter(TransformerOps):
             self.notes.append(f"{self.label(node)}: Cast to {target} becomes the identity "
                               f"(--dtype {self.dtype})")
         del src
-        self.alias(node.output[0], x)
+        self.alias(node.output[0], x)   # keeps a moved batch's layout
 
     # ------------------------------------------------------------ activations
 
     def _activation(self, node: Any, expr: str) -> None:
+        if self.has_layout(node.input[0]):
+            self.lay_unary(node, expr)
+            return
         x = self.value(node, node.input[0])
         self.define(node, expr.format(x=x.name), x.shape)
 
@@ -1764,6 +1816,9 @@ class Converter(TransformerOps):
         self.define(node, f"mish({x.name})", x.shape)
 
     def pattern_gelu(self, node: Any, data: tuple[str, str]) -> None:
+        if self.has_layout(data[0]):
+            self.lay_unary(node, f"{data[1]}({{x}})", data[0])
+            return
         x = self.value(node, data[0])
         self.define(node, f"{data[1]}({x.name})", x.shape)
 

@@ -35,6 +35,7 @@ class TransformerOps:
     opset: int
     consts: dict[str, np.ndarray]
     dtype: str
+    lay_Transpose: Any
 
     def op_Transpose(self, node: Any) -> None:
         a = self.check_attrs(node, {"perm": None})
@@ -43,9 +44,9 @@ class TransformerOps:
         perm = [int(p) for p in a.get("perm", list(range(full))[::-1])]
         if sorted(perm) != list(range(full)):
             raise self.fail(node, f"perm {perm} is not a permutation of 0..{full - 1}")
-        if perm[0] != 0:
-            raise self.fail(node, f"Transpose with perm {perm} moves the batch axis (axis 0), "
-                            "which pbxc keeps first and implicit")
+        if perm[0] != 0:   # the batch moves: tracked (pbxc/interop/onnx_layout.py)
+            self.lay_Transpose(node)
+            return
         per_sample = [p - 1 for p in perm[1:]]
         if per_sample == list(range(full - 1)):
             self.alias(node.output[0], x)

@@ -56,11 +56,29 @@ def test_transpose_keeps_batch_first_and_converts_perm() -> None:
     assert "output y = transpose(x, perm=(1, 2, 0))" in convert_onnx(m).text
 
 
-def test_transpose_moving_the_batch_axis_is_an_error_naming_the_node() -> None:
+def test_a_moved_batch_is_tracked_and_refused_where_it_cannot_be_kept() -> None:
+    """A Transpose that moves the batch is followed (issue 12): back at axis 0 it is the
+    identity; left moved at an output, or fed to an op that needs it first, it is an error
+    naming the output or the node."""
+    back = make_model([
+        helper.make_node("Transpose", ["x"], ["t"], name="/attn/T", perm=[1, 0, 2]),
+        helper.make_node("Relu", ["t"], ["r"], name="/attn/relu"),
+        helper.make_node("Transpose", ["r"], ["y"], name="/attn/T2", perm=[1, 0, 2]),
+    ], [vi("x", ["N", 5, 4])], [vi("y", ["N", 5, 4])], {})
+    assert body(convert_onnx(back).text) == ["attn_relu = relu(x)", "output y = attn_relu"]
     m = make_model([helper.make_node("Transpose", ["x"], ["y"], name="/attn/T", perm=[1, 0, 2])],
                    [vi("x", ["N", 5, 4])], [vi("y", [5, "N", 4])], {})
-    with pytest.raises(UnsupportedOp, match=r"'/attn/T' \(Transpose\).*moves the batch axis"):
+    with pytest.raises(UnsupportedOp, match=r"output 'y' \(computed by ONNX node '/attn/T' "
+                       r"\(Transpose\)\) has the batch in ONNX axis 1 \(\[5, N, 4\]"):
         convert_onnx(m)
+    ln = make_model([
+        helper.make_node("Transpose", ["x"], ["t"], name="/attn/T", perm=[1, 0, 2]),
+        helper.make_node("LayerNormalization", ["t", "w"], ["u"], name="/ln", axis=-1),
+        helper.make_node("Transpose", ["u"], ["y"], name="/attn/T2", perm=[1, 0, 2]),
+    ], [vi("x", ["N", 5, 4])], [vi("y", ["N", 5, 4])], {"w": np.ones(4, np.float32)}, opset=17)
+    with pytest.raises(UnsupportedOp, match=r"'/ln' \(LayerNormalization\).*batch moved "
+                       r"to ONNX axis 1"):
+        convert_onnx(ln)
 
 
 def test_matmul_of_two_values_and_of_a_constant() -> None:
@@ -202,27 +220,6 @@ def test_mixer_block_imports_to_the_named_ops(tmp_path: Path, dynamo: bool,
     x = np.random.default_rng(1).normal(size=(3, 8, 16)).astype(np.float32)
     want = model(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(net(x), want, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("dynamo", [False, True])
-def test_multihead_attention_export_is_refused_at_the_batch_move(tmp_path: Path,
-                                                                dynamo: bool) -> None:
-    """torch's multi-head attention (batch_first=True) transposes to sequence-first inside
-    the exported graph; pbxc keeps the batch axis first and implicit, so the import lists
-    that Transpose by name (known limitation, see specs/onnx.md)."""
-    torch.manual_seed(0)
-
-    class Attn(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.MultiheadAttention(16, 2, batch_first=True)
-
-        def forward(self, x: Any) -> Any:
-            return self.a(x, x, x, need_weights=False)[0]
-
-    m = export(Attn(), torch.randn(1, 8, 16), tmp_path / "a.onnx", dynamo, 18)
-    with pytest.raises(UnsupportedOp, match=r"\(Transpose\).*moves the batch axis"):
-        convert_onnx(m)
 
 
 class HandLayerNorm(nn.Module):
