@@ -169,10 +169,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def graph_json(graph: Any) -> dict[str, Any]:
+def graph_json(graph: Any, sources: dict[int, str] | None = None) -> dict[str, Any]:
+    sources = sources or {}
     nodes = []
     for node in graph.topological():
         nodes.append({
+            **({"onnx": sources[node.pos.line]} if node.pos.line in sources else {}),
             "name": node.name, "op": node.label, "kind": node.kind.value,
             "inputs": list(node.inputs), "shape": list(node.shape or ()),
             "params": {role: key for role, key, _ in node.params},
@@ -207,7 +209,24 @@ def _fmt_value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def graph_text(graph: Any) -> str:
+ONNX_SOURCE = "  # onnx: "
+
+
+def onnx_sources(path: str) -> dict[int, str]:
+    """Line -> the ONNX node a statement was imported from: the trailing ``# onnx:`` comment
+    `pbxc import` writes on each statement (none in hand-written files)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {i: ln.rsplit(ONNX_SOURCE, 1)[1].strip() for i, ln in enumerate(lines, 1)
+            if ONNX_SOURCE in ln}
+
+
+def graph_text(graph: Any, sources: dict[int, str] | None = None) -> str:
+    """One row per node: its source line, name, shape, the op as pbxc recognised it and, for
+    an imported model, the ONNX node it came from."""
+    sources = sources or {}
     rows = []
     for node in graph.topological():
         if node.kind.value == "concat":   # operands in written order, constants as @key
@@ -220,8 +239,9 @@ def graph_text(graph: Any) -> str:
         parts += [f"{k}={_fmt_value(v)}" for k, v in settings]
         op = node.activation or node.kind.value
         call = f"{op}({', '.join(parts)})" if node.kind.value != "input" else "input"
+        origin = sources.get(node.pos.line)
         rows.append(f"{node.pos.line:>5}  {node.name:<24} {_fmt_shape(node.shape or ()):<14} "
-                    f"{call}")
+                    f"{call}" + (f"   <- onnx {origin}" if origin else ""))
     return "\n".join(["line  name                     shape          op", *rows]) + "\n"
 
 
@@ -230,12 +250,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
     check_output(args.output, args.force)
     graph, _ = check_file(args.model)
+    sources = onnx_sources(args.model)
     if args.format == "json":
-        text = json.dumps(graph_json(graph), indent=2) + "\n"
+        text = json.dumps(graph_json(graph, sources), indent=2) + "\n"
     elif args.format == "dot":
         text = graph_dot(graph)
     else:
-        text = graph_text(graph)
+        text = graph_text(graph, sources)
     if args.output:
         def write(tmp: Path) -> None:
             tmp.write_text(text, encoding="utf-8")

@@ -250,6 +250,10 @@ class Converter(TransformerOps, LayoutOps):
         self.used_prefixes: set[str] = set()
         self.weights: dict[str, np.ndarray] = {}
         self.statements: list[str] = []
+        #: statement index -> the ONNX node it was converted from ("name (OpType)"), written
+        #: as the statement's trailing ``# onnx:`` comment
+        self.sources: dict[int, str] = {}
+        self.source_node: str | None = None
         self.defined_at: dict[str, int] = {}   # .pbx name -> index of its statement
         self.header: list[str] = []
         self.declarations: list[str] = []
@@ -407,6 +411,8 @@ class Converter(TransformerOps, LayoutOps):
 
     def emit(self, name: str, expr: str) -> None:
         self.defined_at[name] = len(self.statements)
+        if self.source_node is not None:   # `pbxc graph` shows it beside the recognised op
+            self.sources[len(self.statements)] = self.source_node
         self.statements.append(f"{name} = {expr}")
 
     def define(self, node: Any, expr: str, shape: Sequence[int],
@@ -876,7 +882,10 @@ class Converter(TransformerOps, LayoutOps):
                 if self.foldable(node):
                     self.fold(node)
                     continue
-                self.convert(node, patterns.get(id(node)))
+                pattern = patterns.get(id(node))
+                self.source_node = f"{node.name or node.output[0]} ({node.op_type}" + (
+                    f", end of the {pattern[0]} pattern)" if pattern is not None else ")")
+                self.convert(node, pattern)
             except _Cascade:
                 self.failed.update(o for o in node.output if o)
             except NodeError as err:
@@ -891,6 +900,7 @@ class Converter(TransformerOps, LayoutOps):
                 f"{n} ONNX node{'s' if n > 1 else ''} cannot be imported; supported ops: "
                 f"{', '.join(SUPPORTED_OPS)} (specs/onnx.md)"))
             raise UnsupportedOp(self.errors)
+        self.source_node = None
         self.finish_outputs()
         return self.text()
 
@@ -944,7 +954,8 @@ class Converter(TransformerOps, LayoutOps):
         if self.declarations:
             lines += ["", *self.declarations]
         lines.append("")
-        lines += self.statements
+        lines += [st + (f"  # onnx: {_comment(self.sources[i])}" if i in self.sources else "")
+                  for i, st in enumerate(self.statements)]
         return "\n".join(lines) + "\n"
 
     def convert_constant(self, node: Any) -> None:

@@ -318,6 +318,8 @@ def test_a_squeeze_excitation_gate_on_a_1x1_map_is_written_second(tmp_path: Path
     model = make_model(nodes, [vi("x", ["N", 4, 1, 1])], [vi("y", ["N", 4, 1, 1])], inits)
     res = convert_onnx(model, weights_file="w.npz")
     mul = next(line for line in res.text.splitlines() if "mul(" in line)
+    mul, source = mul.split("  # onnx: ")
+    assert source == "/se/mul (Mul)"
     signal, gate = mul.split("mul(")[1].rstrip(")").split(", ")[:2]
     assert (signal, gate) == ("relu", "se_gate"), mul
     m = load(res, tmp_path, dtype="float64")

@@ -9,6 +9,7 @@ ops are in pbxc/ops.py."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def i64(*v: int) -> np.ndarray:
 
 
 def body(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if "=" in ln and not ln.startswith("#")]
+    """The statements, without their ``# onnx:`` source comments."""
+    return [ln.split("  # onnx: ")[0] for ln in text.splitlines()
+            if "=" in ln and not ln.startswith("#")]
 
 
 # ---------------------------------------------------------------- handlers, text level
@@ -253,6 +256,32 @@ def test_decomposed_layernorm_is_rebuilt(tmp_path: Path, dynamo: bool) -> None:
     (wk,) = [k for k in res.weights if k.endswith(".weight")]
     assert res.weights[wk].dtype == np.float64
     np.testing.assert_array_equal(res.weights[wk], model.w.detach().numpy())
+
+
+def test_pbxc_graph_shows_the_onnx_node_of_each_recognised_op(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 12: `pbxc graph` of an imported model shows, per node, the .pbx line, the op
+    pbxc recognised and the ONNX node it was converted from (a pattern by its last node):
+    here the nine nodes of a hand-written LayerNorm rebuilt as one layernorm."""
+    from pbxc.cli import main
+
+    torch.manual_seed(0)
+    model = HandLayerNorm().double()
+    export(model, torch.randn(2, 8, 16, dtype=torch.float64), tmp_path / "l.onnx", False, 18)
+    assert main(["import", str(tmp_path / "l.onnx"), "-o", str(tmp_path / "l.pbx")]) == 0
+    text = (tmp_path / "l.pbx").read_text()
+    (line,) = [ln for ln in text.splitlines() if "layernorm(" in ln]
+    origin = line.split("  # onnx: ")[1]
+    assert origin.endswith(", end of the layernorm pattern)"), line
+    capsys.readouterr()
+    assert main(["graph", str(tmp_path / "l.pbx")]) == 0
+    out = capsys.readouterr().out
+    (row,) = [r for r in out.splitlines() if "layernorm(" in r]
+    assert row.endswith(f"<- onnx {origin}"), out
+    assert main(["graph", str(tmp_path / "l.pbx"), "--format", "json"]) == 0
+    nodes = json.loads(capsys.readouterr().out)["nodes"]
+    assert [n["onnx"] for n in nodes if n["kind"] == "layernorm"] == [origin]
+    assert all("onnx" not in n for n in nodes if n["kind"] == "input")
 
 
 class PatchEmbed(nn.Module):
