@@ -188,14 +188,13 @@ def _pass_fn(spec: dict[str, Any]) -> Any:
     return deeplift
 
 
-def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
+def timed(fn: Any, repeat: int) -> dict[str, Any]:
+    """``fn`` called 1 + ``repeat`` times: the first call's time, the median warm wall and
+    CPU time, and the peak memory above the resident size before each call."""
     import gc
-    import warnings
 
-    warnings.simplefilter("ignore")
-    fn = _pass_fn(spec)
     times, cpus, peaks = [], [], []
-    for _ in range(1 + spec["repeat"]):
+    for _ in range(1 + repeat):
         gc.collect()
         _reset_peak()
         base = _status("VmRSS")
@@ -210,12 +209,21 @@ def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     return {"first_s": times[0], "warm_s": warm, "cpu_s": cpu, "peak_bytes": max(peaks)}
 
 
-def measure(spec: dict[str, Any], max_gb: float, timeout: float) -> dict[str, Any]:
-    """Run one measurement in a fresh subprocess with an address-space limit."""
+def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    return timed(_pass_fn(spec), spec["repeat"])
+
+
+def measure(spec: dict[str, Any], max_gb: float, timeout: float, module: str = "cnn"
+            ) -> dict[str, Any]:
+    """Run one measurement (``module``'s ``measure_here``) in a fresh subprocess with an
+    address-space limit."""
     code = (f"import json, resource, sys; sys.path.insert(0, {str(HERE)!r}); "
             f"limit = int({max_gb!r} * (1 << 30)); "
             "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); "
-            "from cnn import measure_here; "
+            f"from {module} import measure_here; "
             "print('RESULT', json.dumps(measure_here(json.loads(sys.argv[1]))))")
     try:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)],

@@ -27,17 +27,16 @@ first call and warm median, peak memory as VmHWM - VmRSS before the call).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from cnn import _reset_peak, _status, cache_dir  # noqa: E402
+import cnn  # noqa: E402
+from cnn import cache_dir  # noqa: E402
 
 IMAGE, PATCH, DIM, LAYERS, HEADS, HIDDEN, CLASSES = 32, 4, 64, 2, 4, 128, 10
 TOKENS = (IMAGE // PATCH) ** 2
@@ -232,45 +231,15 @@ def _pass_fn(spec: dict[str, Any]) -> Any:
 
 
 def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
-    import gc
-    import time
     import warnings
 
     warnings.simplefilter("ignore")
-    fn = _pass_fn(spec)
-    times, cpus, peaks = [], [], []
-    for _ in range(1 + spec["repeat"]):
-        gc.collect()
-        _reset_peak()
-        base = _status("VmRSS")
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-        peaks.append(_status("VmHWM") - base)
-        del result
-    warm = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
-    cpu = sorted(cpus[1:])[len(cpus[1:]) // 2] if len(cpus) > 1 else cpus[0]
-    return {"first_s": times[0], "warm_s": warm, "cpu_s": cpu, "peak_bytes": max(peaks)}
+    return cnn.timed(_pass_fn(spec), spec["repeat"])
 
 
 def measure(spec: dict[str, Any], max_gb: float, timeout: float) -> dict[str, Any]:
     """One measurement in a fresh subprocess with an address-space limit."""
-    code = (f"import json, resource, sys; sys.path.insert(0, {str(HERE)!r}); "
-            f"limit = int({max_gb!r} * (1 << 30)); "
-            "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); "
-            "from vit import measure_here; "
-            "print('RESULT', json.dumps(measure_here(json.loads(sys.argv[1]))))")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])  # type: ignore[no-any-return]
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": tail[:160]}
+    return cnn.measure(spec, max_gb, timeout, module="vit")
 
 
 def _have(module: str) -> bool:
