@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -219,8 +220,10 @@ def onnx_sources(path: str) -> dict[int, str]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return {}
-    return {i: ln.rsplit(ONNX_SOURCE, 1)[1].strip() for i, ln in enumerate(lines, 1)
-            if ONNX_SOURCE in ln}
+    # control characters (a terminal's escape sequences) never reach the output
+    return {i: re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", "?",
+                      ln.rsplit(ONNX_SOURCE, 1)[1].strip())
+            for i, ln in enumerate(lines, 1) if ONNX_SOURCE in ln}
 
 
 def graph_text(graph: Any, sources: dict[int, str] | None = None) -> str:

@@ -222,3 +222,16 @@ def test_explain_dfd_rule_revealcancel(tmp_path: Path) -> None:
     np.testing.assert_allclose(outs["revealcancel"]["delta"], outs["rescale"]["delta"])
     assert main(["explain", str(EXAMPLES / "breast_cancer_mlp.pbx"), "-m", "lrp", "-i",
                  str(tmp_path / "x.npy"), "--dfd-rule", "revealcancel"]) == 2
+
+
+def test_graph_shows_an_onnx_source_comment_without_control_characters(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`pbxc graph` echoes the `# onnx:` comment `pbxc import` writes; what a hand-edited file
+    puts there never brings a terminal escape sequence to the output."""
+    f = tmp_path / "m.pbx"
+    f.write_text("model m\ninput x: float64[2]\n"
+                 "output y = relu(x)  # onnx: /r (Relu)\x1b[2J\x07\n", encoding="utf-8")
+    assert main(["graph", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "<- onnx /r (Relu)?[2J?" in out
+    assert "\x1b" not in out and "\x07" not in out
