@@ -208,7 +208,7 @@ def default_point(model: object, rows: Mapping[str, Array],
     ``DEFAULT_CACHE_BYTES``: the default's forward pass does not depend on the input, and at
     batch 1 it is half of DFD's forward work. Its arrays are read-only."""
     cache: dict[object, tuple[dict[str, Array], Linearization]] = \
-        model.__dict__.setdefault("default_points", {})
+        model.default_points  # type: ignore[attr-defined]
     key = None if keep is None else frozenset(keep)
     hit = cache.get(key)
     if hit is not None and _same_rows(hit[0], rows):

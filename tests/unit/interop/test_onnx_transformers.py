@@ -258,8 +258,9 @@ def test_decomposed_layernorm_is_rebuilt(tmp_path: Path, dynamo: bool) -> None:
     np.testing.assert_array_equal(res.weights[wk], model.w.detach().numpy())
 
 
+@pytest.mark.parametrize("dynamo", [False, True])
 def test_pbxc_graph_shows_the_onnx_node_of_each_recognised_op(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], dynamo: bool) -> None:
     """Issue 12: `pbxc graph` of an imported model shows, per node, the .pbx line, the op
     pbxc recognised and the ONNX node it was converted from (a pattern by its last node):
     here the nine nodes of a hand-written LayerNorm rebuilt as one layernorm."""
@@ -267,7 +268,7 @@ def test_pbxc_graph_shows_the_onnx_node_of_each_recognised_op(
 
     torch.manual_seed(0)
     model = HandLayerNorm().double()
-    export(model, torch.randn(2, 8, 16, dtype=torch.float64), tmp_path / "l.onnx", False, 18)
+    export(model, torch.randn(2, 8, 16, dtype=torch.float64), tmp_path / "l.onnx", dynamo, 18)
     assert main(["import", str(tmp_path / "l.onnx"), "-o", str(tmp_path / "l.pbx")]) == 0
     text = (tmp_path / "l.pbx").read_text()
     (line,) = [ln for ln in text.splitlines() if "layernorm(" in ln]
