@@ -216,6 +216,17 @@ def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     return timed(_pass_fn(spec), spec["repeat"])
 
 
+def result_columns(r: dict[str, Any], first: bool, digits: int) -> str:
+    """A measurement's columns: warm s, CPU s, (first s), peak MiB; or "failed"."""
+    if "error" in r:
+        return f"{'failed':>8} {'':>8} {'':>8} {'':>9}" if first else \
+            f"{'failed':>8} {'':>8} {'':>9}"
+    text = f"{r['warm_s']:>8.{digits}f} {r['cpu_s']:>8.{digits}f} "
+    if first:
+        text += f"{r['first_s']:>8.{digits}f} "
+    return text + f"{r['peak_bytes'] / (1 << 20):>9.1f}"
+
+
 def measure(spec: dict[str, Any], max_gb: float, timeout: float, module: str = "cnn"
             ) -> dict[str, Any]:
     """Run one measurement (``module``'s ``measure_here``) in a fresh subprocess with an
@@ -259,16 +270,8 @@ def run_models(models: list[str], size: int, batches: list[int], dtypes: list[st
 
 def _row(name: str, dtype: str, batch: int, pass_name: str, ours: dict[str, Any],
          peer: dict[str, Any]) -> str:
-    mib = 1 << 20
-
     def cols(r: dict[str, Any], first: bool) -> str:
-        if "error" in r:
-            return f"{'failed':>8} {'':>8} {'':>8} {'':>9}" if first else \
-                f"{'failed':>8} {'':>8} {'':>9}"
-        text = f"{r['warm_s']:>8.3f} {r['cpu_s']:>8.3f} "
-        if first:
-            text += f"{r['first_s']:>8.3f} "
-        return text + f"{r['peak_bytes'] / mib:>9.1f}"
+        return result_columns(r, first, 3)
 
     ratio_t = ratio_m = "-"
     if "error" not in ours and "error" not in peer:

@@ -250,7 +250,6 @@ def _have(module: str) -> bool:
 
 def run_vit(batches: list[int], dtypes: list[str], max_gb: float, repeat: int,
             timeout: float) -> None:
-    mib = 1 << 20
     print(f"ViT {IMAGE}x{IMAGE}, patch {PATCH}, dim {DIM}, {LAYERS} layers, {HEADS} heads, "
           f"mean token; one subprocess per measurement, address space <= {max_gb:g} GB; "
           "peak = VmHWM - VmRSS before the call")
@@ -263,13 +262,7 @@ def run_vit(batches: list[int], dtypes: list[str], max_gb: float, repeat: int,
     pbx = exported()
 
     def cols(r: dict[str, Any], first: bool) -> str:
-        if "error" in r:
-            return f"{'failed':>8} {'':>8} {'':>8} {'':>9}" if first else \
-                f"{'failed':>8} {'':>8} {'':>9}"
-        text = f"{r['warm_s']:>8.4f} {r['cpu_s']:>8.4f} "
-        if first:
-            text += f"{r['first_s']:>8.4f} "
-        return text + f"{r['peak_bytes'] / mib:>9.1f}"
+        return cnn.result_columns(r, first, 4)
 
     for dtype in dtypes:
         for batch in batches:
