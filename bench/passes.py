@@ -9,8 +9,11 @@
 
 Models: the 784-512-512-512-10 tanh MLP (seeded weights) and the shipped digits CNN. Peers
 that are not installed are reported as such (torch, jax, captum, zennit). The FLOP-bound
-limit of a pass is its multiply-adds divided by the GEMM rate measured in this run; for the
-Jacobian they are the chosen plan's, for LRP and DFD two and three forward passes' worth.
+limit of a pass is its multiply-adds divided by the GEMM rate measured in this run: for the
+Jacobian the chosen plan's products plus the forward pass that gives its D matrices; for LRP
+two forward passes' worth (the forward, the transposed products); for DFD two and one row
+(the forward at the input, the transposed products, the shared default's forward at one
+row, which DFD evaluates once per call).
 The hessian section times model.hessian (one target logit) beside
 torch.func.vmap(torch.func.hessian) on a 30-64-32-2 and the 784-512-512-512-10 tanh MLP; its
 limit is the Hessian plan's multiply-adds over the same GEMM rate.
@@ -180,8 +183,11 @@ def run(batches: list[int], dtypes: list[str], quick: bool) -> None:
                 plan = plan_jacobian(model.graph, model.input_names[0], model.output_names[0],
                                      batch)
                 fwd = forward_macs(model) * batch
-                limits = {"jacobian": plan.flops_per_sample * batch / rate,
-                          "lrp": 2 * fwd / rate, "dfd": 3 * fwd / rate, "forward": fwd / rate}
+                # every pass runs the forward pass too (the Jacobian's D matrices, LRP's z,
+                # DFD's z and f(z)); DFD's shared default is one more forward row
+                limits = {"jacobian": (plan.flops_per_sample * batch + fwd) / rate,
+                          "lrp": 2 * fwd / rate, "dfd": (2 + 1 / batch) * fwd / rate,
+                          "forward": fwd / rate}
                 ours = our_passes(model, x)
                 peers = peers_for(name, dtype, x)
                 peers["jacobian"]["finite differences"] = finite_differences(model, x)

@@ -62,9 +62,11 @@ def _erfc(x):
 
 
 def _sigmoid(x):
-    # 1 / (1 + exp(-x)) without overflow for either sign of x
+    # 1 / (1 + exp(-x)) without overflow for either sign of x: 1 / (1 + e) for x >= 0 and
+    # e / (1 + e) below, with e = exp(-|x|) <= 1, so the numerator is max(e, x >= 0) (1 or
+    # e; NaN stays NaN). Branch-free: np.where on mixed signs costs 2-3.5x the whole routine.
     e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1, e) / (1 + e)   # one division, the same rounding
+    return np.maximum(e, x >= 0) / (1 + e)   # one division, the same rounding
 
 
 def _softplus(x):
@@ -289,6 +291,11 @@ def _args(*xs):
 
 
 def _finish(value, *like):
-    # the routine's value broadcast to its arguments' shape, in their floating-point type
+    # the routine's value broadcast to its arguments' shape, in their floating-point type; a
+    # fresh array that already is that (no view, not an argument) is returned as it is,
+    # without a copy
     shape = np.broadcast_shapes(*(np.shape(a) for a in like))
+    if (type(value) is np.ndarray and value.base is None and value.shape == shape
+            and value.dtype == like[0].dtype and not any(value is a for a in like)):
+        return value
     return np.array(np.broadcast_to(np.asarray(value), shape), dtype=like[0].dtype)

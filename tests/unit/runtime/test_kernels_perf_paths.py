@@ -51,6 +51,37 @@ def test_sigmoid_single_division_against_mpmath(dtype: type) -> None:
     np.testing.assert_array_equal(got, np.where(x >= 0, 1 / (1 + e), e / (1 + e)))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_branch_free_sigmoid_equals_the_where_form_on_every_special_value(dtype: type) -> None:
+    rng = np.random.default_rng(1)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 88.7, -88.7, 103.0, -103.0,
+               745.0, -745.0, 1e300, -1e300]
+    with np.errstate(all="ignore"):
+        x = np.concatenate([rng.standard_normal(4096) * 30, special]).astype(dtype)
+        e = np.exp(-np.abs(x))
+        want = np.where(x >= 0, 1, e) / (1 + e)
+        got = _sigmoid(x)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)   # NaN where NaN, bit for bit elsewhere
+    assert _sigmoid(np.float64(-0.0)) == 0.5 and np.isnan(_sigmoid(np.float64("nan")))
+
+
+def test_finish_copies_only_what_it_must() -> None:
+    from pbxc.symbolic.numeric import _finish
+
+    z = np.arange(6.0).reshape(2, 3)
+    fresh = z * 2.0
+    assert _finish(fresh, z) is fresh                      # already the routine's array
+    same = _finish(z, z)
+    assert same is not z and np.array_equal(same, z)       # never the caller's own input
+    view = _finish(fresh[:, :], z)
+    assert view is not fresh and view.base is None          # a view is copied
+    widened = _finish(z.astype(np.float32), z)
+    assert widened.dtype == np.float64                     # the arguments' type
+    spread = _finish(np.float64(1.5), z)
+    assert spread.shape == (2, 3) and spread.flags.writeable
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 @pytest.mark.parametrize("setting, expect", [("1", "True"), ("0", "False")])
 def test_allocator_tuning_and_its_opt_out(setting: str, expect: str) -> None:
