@@ -11,9 +11,9 @@ Models: the 784-512-512-512-10 tanh MLP (seeded weights) and the shipped digits 
 that are not installed are reported as such (torch, jax, captum, zennit). The FLOP-bound
 limit of a pass is its multiply-adds divided by the GEMM rate measured in this run: for the
 Jacobian the chosen plan's products plus the forward pass that gives its D matrices; for LRP
-two forward passes' worth (the forward, the transposed products); for DFD two and one row
-(the forward at the input, the transposed products, the shared default's forward at one
-row, which DFD evaluates once per call).
+two forward passes' worth (the forward, the transposed products); for DFD the same two
+and one row more (the shared default's forward at one row: counted, though a warm call
+reuses the one its first call kept).
 The hessian section times model.hessian (one target logit) beside
 torch.func.vmap(torch.func.hessian) on a 30-64-32-2 and the 784-512-512-512-10 tanh MLP; its
 limit is the Hessian plan's multiply-adds over the same GEMM rate.
