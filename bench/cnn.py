@@ -31,6 +31,11 @@ caches built on an earlier call and the interpreter are not counted; pbxc's firs
 includes the dense convolution cache it builds). Each subprocess has an address-space limit
 of ``--max-gb`` so that a configuration too big for the machine fails with a MemoryError
 instead of swapping.
+
+The last column, ``limit s``, is the time the pass's multiply-adds would take at the GEMM
+rate measured at 512^3 in this run (the gradient and LRP two forward passes' worth, DFD two
+and one row for the shared default): no library computing the same products with the same
+GEMMs beats it by much, so a time target below it is out of reach on this machine.
 """
 
 from __future__ import annotations
@@ -250,14 +255,24 @@ def measure(spec: dict[str, Any], max_gb: float, timeout: float, module: str = "
 
 def run_models(models: list[str], size: int, batches: list[int], dtypes: list[str],
                passes: list[str], max_gb: float, repeat: int, timeout: float) -> None:
+    from common import forward_macs, gemm_rate
+
+    import pbxc
+
+    rates = {dtype: gemm_rate(dtype) for dtype in dtypes}
     print(f"torchvision CNNs at 3x{size}x{size}; one subprocess per measurement, address "
           f"space <= {max_gb:g} GB; peak = VmHWM - VmRSS before the call")
+    print("GEMM rate at 512^3: " + ", ".join(f"{d} {2 * r / 1e9:.1f} GFLOP/s"
+                                             for d, r in rates.items())
+          + "; limit = the pass's multiply-adds at that rate (gradient and LRP: two forward "
+          "passes, DFD: two and one row)")
     header = (f"{'model':<12} {'dtype':<8} {'batch':>5}  {'pass':<9} {'pbxc s':>8} "
               f"{'cpu s':>8} {'first s':>8} {'pbxc MiB':>9}  {'peer':<16} {'peer s':>8} "
-              f"{'cpu s':>8} {'peer MiB':>9} {'t ratio':>7} {'m ratio':>7}")
+              f"{'cpu s':>8} {'peer MiB':>9} {'t ratio':>7} {'m ratio':>7} {'limit s':>8}")
     print(header)
     for name in models:
         pbx = exported(name, size)
+        macs = forward_macs(pbxc.load(pbx, dtype="float32"))
         for dtype in dtypes:
             for batch in batches:
                 for pass_name in passes:
@@ -265,11 +280,13 @@ def run_models(models: list[str], size: int, batches: list[int], dtypes: list[st
                             "size": size, "pass": pass_name, "repeat": repeat}
                     ours = measure({**spec, "lib": "pbxc"}, max_gb, timeout)
                     peer = measure({**spec, "lib": "peer"}, max_gb, timeout)
-                    print(_row(name, dtype, batch, pass_name, ours, peer), flush=True)
+                    forwards = 2 + 1 / batch if pass_name == "dfd" else 2
+                    limit = forwards * macs * batch / rates[dtype]
+                    print(_row(name, dtype, batch, pass_name, ours, peer, limit), flush=True)
 
 
 def _row(name: str, dtype: str, batch: int, pass_name: str, ours: dict[str, Any],
-         peer: dict[str, Any]) -> str:
+         peer: dict[str, Any], limit: float) -> str:
     def cols(r: dict[str, Any], first: bool) -> str:
         return result_columns(r, first, 3)
 
@@ -278,7 +295,8 @@ def _row(name: str, dtype: str, batch: int, pass_name: str, ours: dict[str, Any]
         ratio_t = f"{ours['warm_s'] / peer['warm_s']:.2f}"
         ratio_m = f"{ours['peak_bytes'] / max(peer['peak_bytes'], 1):.2f}"
     line = (f"{name:<12} {dtype:<8} {batch:>5}  {pass_name:<9} {cols(ours, True)}  "
-            f"{PEERS[pass_name]:<16} {cols(peer, False)} {ratio_t:>7} {ratio_m:>7}")
+            f"{PEERS[pass_name]:<16} {cols(peer, False)} {ratio_t:>7} {ratio_m:>7} "
+            f"{limit:>8.3f}")
     for who, r in (("pbxc", ours), (PEERS[pass_name], peer)):
         if "error" in r:
             line += f"\n    ({who} failed: {r['error']})"

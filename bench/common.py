@@ -73,6 +73,14 @@ def median_time(fn: Callable[[], object], repeat: int = 7, min_time: float = 0.2
     return statistics.median(times)
 
 
+def forward_macs(model: pbxc.Model) -> int:
+    """Multiply-adds of one sample's forward pass through the weighted layers."""
+    from pbxc.lower.plan import vector_cost
+    from pbxc.ops import WEIGHTED
+
+    return sum(vector_cost(n, model.graph) for n in model.nodes if n.kind in WEIGHTED)
+
+
 def gemm_rate(dtype: str, n: int = 512) -> float:
     """Multiply-adds per second of an n x n x n matrix product, measured now."""
     rng = np.random.default_rng(0)

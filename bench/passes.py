@@ -37,6 +37,7 @@ from common import (
     EXAMPLES,
     MLP_WIDTHS,
     digits_inputs,
+    forward_macs,
     gemm_rate,
     load_digits,
     load_mlp,
@@ -45,8 +46,7 @@ from common import (
 )
 from vit import run_vit
 
-from pbxc.lower.plan import plan_jacobian, vector_cost
-from pbxc.ops import WEIGHTED
+from pbxc.lower.plan import plan_jacobian
 
 
 def have(module: str) -> bool:
@@ -83,11 +83,6 @@ def torch_digits(dtype: str):  # type: ignore[no-untyped-def]
         module.weight.data = torch.from_numpy(w[f"{key}.weight"])
         module.bias.data = torch.from_numpy(w[f"{key}.bias"])
     return net.to(getattr(torch, dtype)).eval()
-
-
-def forward_macs(model) -> int:  # type: ignore[no-untyped-def]
-    """Multiply-adds of one sample's forward pass through the weighted layers."""
-    return sum(vector_cost(n, model.graph) for n in model.nodes if n.kind in WEIGHTED)
 
 
 def peers_for(name: str, dtype: str, x: np.ndarray) -> dict[str, dict[str, Callable[[], object]]]:
