@@ -221,9 +221,8 @@ class FusedKernels:
         if not (_plain(relevance, z) and relevance.ndim >= 2 and self.ready()):
             return None
         eps = z.dtype.type(epsilon)
-        batch = relevance.shape[0]
         if bias is None:
-            table, inner = np.zeros((batch, 0), dtype=z.dtype), 1
+            table, inner = np.zeros((1, 0), dtype=z.dtype), 1
         else:
             table, inner = _bias_table(np.asarray(bias, dtype=z.dtype), z.shape)
         s = np.empty_like(relevance)
