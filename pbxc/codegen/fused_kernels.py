@@ -298,7 +298,7 @@ def _bias_table(b: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, int]
     consecutive elements of a sample: a per-channel bias stays C numbers."""
     batch, sample = shape[0], shape[1:]
     if b.ndim == len(shape) and b.shape[0] == batch and batch > 1:   # per sample: as is
-        full = np.ascontiguousarray(np.broadcast_to(b, shape))
+        full = np.array(np.broadcast_to(b, shape), order="C")
         return full.reshape(batch, -1), 1
     if b.ndim == len(shape):
         b = b[0]
@@ -324,10 +324,20 @@ def _secant_args(*arrays: np.ndarray) -> list[np.ndarray] | None:
     return [_rows(a) for a in arrays]
 
 
+_SHARED: FusedKernels | None = None
+_SHARED_LOCK = threading.Lock()
+
+
 def available() -> FusedKernels | None:
-    """The fused kernels when numba is installed and ``PBXC_FUSED`` is not 0, else None."""
+    """The process's fused kernels when numba is installed and ``PBXC_FUSED`` is not 0, else
+    None (one instance: numba's compiled loops serve every model)."""
+    global _SHARED
     if os.environ.get(FUSED_ENV, "1") == "0":
         return None
-    if importlib.util.find_spec("numba") is None:
-        return None
-    return FusedKernels()
+    if _SHARED is None:
+        with _SHARED_LOCK:
+            if _SHARED is None:
+                if importlib.util.find_spec("numba") is None:
+                    return None
+                _SHARED = FusedKernels()
+    return _SHARED
