@@ -56,7 +56,17 @@ def _epsilon_step(r, z, eps, bias, inner, s):  # pragma: no cover - compiled by 
                 q = r[i, k] / (zk + eps if zk >= 0 else zk - eps)
                 s[i, k] = q
                 acc += np.float64(r[i, k] - q * zk)
-        else:
+        elif inner == 1:   # a bias value per element
+            row = i if bias.shape[0] > 1 else 0
+            accb = 0.0
+            for k in range(n):
+                zk = z[i, k]
+                q = r[i, k] / (zk + eps if zk >= 0 else zk - eps)
+                s[i, k] = q
+                acc += np.float64(r[i, k] - q * zk)
+                accb += np.float64(q) * np.float64(bias[row, k])
+            share[i] = accb
+        else:   # a bias value per channel of ``inner`` elements
             row = i if bias.shape[0] > 1 else 0
             accb = 0.0
             for c in range(channels):
@@ -155,7 +165,7 @@ def _relu(z, zero, out):  # pragma: no cover - compiled by numba
     return odd
 
 
-_LOOPS = {"epsilon_step": _epsilon_step, "product_sums": _product_sums, "sums": _sums,
+_LOOPS: dict[str, Any] = {"epsilon_step": _epsilon_step, "product_sums": _product_sums, "sums": _sums,
           "secant": _secant, "relu_secant": _relu_secant, "relu": _relu}
 
 
@@ -199,12 +209,13 @@ class FusedKernels:
             warnings.warn(f"numba does not import ({exc}); the fused kernels are off",
                           RuntimeWarning, stacklevel=3)
             return None
-        loops = {}
+        loops: dict[str, Any] = {}
+        jit: Any = numba.njit
         for name, fn in _LOOPS.items():
             try:
-                loops[name] = numba.njit(cache=True, error_model="numpy", nogil=True)(fn)
+                loops[name] = jit(cache=True, error_model="numpy", nogil=True)(fn)
             except RuntimeError:   # no writable cache directory: compile in memory
-                loops[name] = numba.njit(error_model="numpy", nogil=True)(fn)
+                loops[name] = jit(error_model="numpy", nogil=True)(fn)
         return loops
 
     def _loop(self, name: str) -> Any:
@@ -306,10 +317,11 @@ def _bias_table(b: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, int]
     lead = 0
     while lead < len(sample) and b.shape[lead] == sample[lead]:
         lead += 1
-    if all(d == 1 for d in b.shape[lead:]):   # (C1, .., Ck, 1, .., 1): channels, then inner
+    rest: tuple[int, ...] = tuple(b.shape[lead:])
+    if all(size == 1 for size in rest):   # (C1, .., Ck, 1, .., 1): channels, then inner
         inner = int(np.prod(sample[lead:], dtype=np.int64))
-        return np.ascontiguousarray(b).reshape(1, -1), inner
-    return np.ascontiguousarray(np.broadcast_to(b, sample)).reshape(1, -1), 1
+        return np.array(b, order="C").reshape(1, -1), inner   # writable copies: one
+    return np.array(np.broadcast_to(b, sample), order="C").reshape(1, -1), 1   # signature
 
 
 def _secant_args(*arrays: np.ndarray) -> list[np.ndarray] | None:
