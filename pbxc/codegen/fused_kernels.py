@@ -169,6 +169,13 @@ _LOOPS: dict[str, Any] = {"epsilon_step": _epsilon_step, "product_sums": _produc
           "secant": _secant, "relu_secant": _relu_secant, "relu": _relu}
 
 
+#: arrays smaller than this take the plain path: they fit in cache, where NumPy's vectorised
+#: passes beat one scalar loop (measured: the 784-512-512-512-10 MLP at batch 32, 16384
+#: elements a layer, ran 4% slower fused; at batch 256, 131072, 7% faster). A property of the
+#: shapes alone, so a given call always takes the same path.
+MIN_ELEMENTS = 1 << 16
+
+
 def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
@@ -176,9 +183,10 @@ def _rows(a: np.ndarray) -> np.ndarray:
 def _plain(*arrays: np.ndarray) -> bool:
     """All C-contiguous float arrays of one shape and dtype (what the loops take as is)."""
     first = arrays[0]
-    return all(isinstance(a, np.ndarray) and a.dtype == first.dtype and a.shape == first.shape
-               and a.flags.c_contiguous and a.ndim >= 1 for a in arrays) and \
-        first.dtype.kind == "f" and first.size > 0
+    return isinstance(first, np.ndarray) and first.size >= MIN_ELEMENTS and \
+        first.dtype.kind == "f" and all(
+            isinstance(a, np.ndarray) and a.dtype == first.dtype and a.shape == first.shape
+            and a.flags.c_contiguous and a.ndim >= 1 for a in arrays)
 
 
 class FusedKernels:
@@ -329,7 +337,8 @@ def _secant_args(*arrays: np.ndarray) -> list[np.ndarray] | None:
     stride), or None unless they are float arrays of one shape and dtype."""
     z = arrays[1]
     if not all(isinstance(a, np.ndarray) and a.shape == z.shape and a.dtype == z.dtype
-               for a in arrays) or z.dtype.kind != "f" or z.ndim < 1 or not z.size:
+               for a in arrays) or z.dtype.kind != "f" or z.ndim < 1 \
+            or z.size < MIN_ELEMENTS:
         return None
     if z.ndim == 1:
         return [a.reshape(1, -1) for a in arrays]

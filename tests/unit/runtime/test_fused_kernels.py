@@ -20,6 +20,21 @@ pytest.importorskip("numba")
 FUSED = fused_kernels.FusedKernels()
 
 
+@pytest.fixture(autouse=True)
+def _small_arrays_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' arrays are small: take the fused loops whatever the size."""
+    monkeypatch.setattr(fused_kernels, "MIN_ELEMENTS", 0)
+
+
+def test_small_arrays_take_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused_kernels, "MIN_ELEMENTS", 1 << 16)
+    a = np.ones((2, 1 << 14))
+    assert FUSED.sums(a) is None and FUSED.relu(a) is None
+    assert FUSED.epsilon_step(a, a, 1e-6, None) is None
+    big = np.ones((2, 1 << 15))
+    assert FUSED.sums(big) is not None and FUSED.relu(big) is not None
+
+
 def _edgy(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """Normal values with exact zeros, tiny and huge magnitudes mixed in."""
     a = rng.normal(size=shape)
@@ -194,12 +209,12 @@ def test_an_unwritable_numba_cache_dir_still_runs(tmp_path: Any) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     code = ("import numpy as np; from pbxc.codegen import fused_kernels as F;"
-            "k = F.FusedKernels(); print(k.sums(np.ones((2, 3)))[0])")
+            "k = F.FusedKernels(); print(k.sums(np.ones((2, 1 << 16)))[0])")
     env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(blocker / "cache")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "[3. 3.]" in done.stdout
+    assert "[65536. 65536.]" in done.stdout
 
 
 def _tiny_model(tmp_path: Any) -> Any:
