@@ -157,6 +157,24 @@ def _relu_secant(z0, z, f0, f1, big, out, rest):  # pragma: no cover - compiled 
     return count
 
 
+def _gather(rest, count, z0, z):  # pragma: no cover - compiled by numba
+    """The flat indices where ``rest`` holds, and z0 and z there (row-major order, as
+    ``z0[rest]``), ``count`` of them."""
+    batch, n = rest.shape
+    index = np.empty(count, np.int64)
+    g0 = np.empty(count, z.dtype)
+    g1 = np.empty(count, z.dtype)
+    j = 0
+    for i in range(batch):
+        for k in range(n):
+            if rest[i, k]:
+                index[j] = i * n + k
+                g0[j] = z0[i, k]
+                g1[j] = z[i, k]
+                j += 1
+    return index, g0, g1
+
+
 def _relu(z, zero, out):  # pragma: no cover - compiled by numba
     """out = z where z > 0, else +0.0; returns whether z holds a NaN or -inf (where the
     reference's z * (z > 0) + 0.0 is NaN)."""
@@ -171,7 +189,7 @@ def _relu(z, zero, out):  # pragma: no cover - compiled by numba
 
 
 _LOOPS: dict[str, Any] = {"epsilon_step": _epsilon_step, "product_sums": _product_sums, "sums": _sums,
-          "secant": _secant, "relu_secant": _relu_secant, "relu": _relu}
+          "secant": _secant, "relu_secant": _relu_secant, "gather": _gather, "relu": _relu}
 
 
 #: arrays smaller than this take the plain path: they fit in cache, where NumPy's vectorised
@@ -305,6 +323,20 @@ class FusedKernels:
         count = self._loop("relu_secant")(*args, z.dtype.type(np.finfo(z.dtype).max),
                                           _rows(out), _rows(rest))
         return out, rest, int(count)
+
+    def redo(self, out: np.ndarray, rest: np.ndarray, count: int, z0: np.ndarray,
+             z: np.ndarray, fn: Any) -> None:
+        """``out[rest] = fn(z0[rest], z[rest])`` for an elementwise ``fn`` (bit for bit: the
+        same entries in the same order), gathering in one pass instead of three."""
+        if not count:
+            return
+        args = _secant_args(z0, z)
+        if args is None:
+            out[rest] = fn(z0[rest], z[rest])
+            return
+        index, g0, g1 = self._loop("gather")(_rows(rest) if rest.ndim > 1 else
+                                             rest.reshape(1, -1), count, *args)
+        out.reshape(-1)[index] = fn(g0, g1)
 
     def relu(self, z: np.ndarray) -> np.ndarray | None:
         """relu(z), bit for bit the plain ``_relu``; None where that would be None (a NaN or

@@ -149,9 +149,8 @@ class ActivationTable:
                 got = loop(z0, z, f0, f1)
         if got is not None:
             out, rest, count = got
-            if count:
-                with np.errstate(all="ignore"):
-                    out[rest] = fn(z0[rest], z[rest])
+            with np.errstate(all="ignore"):
+                self.fused.redo(out, rest, count, z0, z, fn)
             return out
         if self.keys[node_name] == _RELU:   # the secant is exact for relu: one quotient
             with np.errstate(all="ignore"):
