@@ -142,16 +142,15 @@ class ActivationTable:
             with np.errstate(all="ignore"):
                 out = fn(z0, z)
             return np.broadcast_to(np.asarray(out, dtype=z.dtype), shape)
-        got = None
-        if self.fused is not None:   # the same quotient and tests in one pass (bit for bit)
-            loop = self.fused.relu_secant if self.keys[node_name] == _RELU else self.fused.secant
+        fused = self.fused
+        if fused is not None:   # the same quotient and tests in one pass (bit for bit)
+            loop = fused.relu_secant if self.keys[node_name] == _RELU else fused.secant
             with np.errstate(all="ignore"):
                 got = loop(z0, z, f0, f1)
-        if got is not None:
-            out, rest, count = got
-            with np.errstate(all="ignore"):
-                self.fused.redo(out, rest, count, z0, z, fn)
-            return out
+                if got is not None:
+                    out, rest, count = got
+                    fused.redo(out, rest, count, z0, z, fn)
+                    return out
         if self.keys[node_name] == _RELU:   # the secant is exact for relu: one quotient
             with np.errstate(all="ignore"):
                 out = np.subtract(f1, f0)
