@@ -706,7 +706,8 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
     transposed product instead of two. ``dense``, the op's (out, in) matrix when it is
     cheaper than its kernel (a small convolution), takes the transposed products with the
     unmodified weights. ``fused``: the runtime's fused elementwise kernels
-    (``pbxc.codegen.fused_kernels``, bit for bit these lines), or None."""
+    (``pbxc.codegen.fused_kernels``: these lines' elementwise results bit for bit, their
+    per-sample sums in float64), or None."""
     table = globals()
     w, b = table[f"{op}_lrp_params"](p, xs, **attrs)
     forward, transpose = table[f"{op}_lrp_forward"], table[f"{op}_lrp_transpose"]
@@ -717,11 +718,13 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
     stab_abs = np.zeros(batch, dtype=relevance.dtype)
     for coef, terms in rule_groups:
         z = zb = relevance.dtype.type(0)  # a scalar of the relevance dtype, no upcast
+        zb_small = None   # zb before broadcasting (the fused step reads it)
         passes = []
         if z_out is not None and tuple(terms) == UNMODIFIED:
             z = z_out
             if b is not None:
-                zb = np.broadcast_to(bias_view(b, z), z.shape)
+                zb_small = bias_view(b, z)
+                zb = np.broadcast_to(zb_small, z.shape)
             passes.append((1.0, xs, w))
             terms = ()
         for sign, in_mod, w_mod, b_mod in terms:
@@ -734,21 +737,36 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
                 zb = zb + sign * bt
             z = z + sign * zt
             passes.append((sign, ins, wt))
-        z = np.broadcast_to(z, relevance.shape)
-        fuse = fused is not None and placement != "slides" and z.dtype.type(epsilon) > 0
-        if fuse:   # stabilise and divide in one pass
-            s = fused.quotient(relevance, z, epsilon)
+        step = None
+        if fused is not None and placement != "slides" and relevance.dtype.type(epsilon) > 0:
+            # stabilise, divide and both per-sample shares in one pass (None: not suited)
+            step = fused.epsilon_step(relevance, z, epsilon,
+                                      zb_small if zb_small is not None
+                                      else (zb if np.ndim(zb) else None))
+        if step is not None:
+            s, stab_part, bias_part = step
         else:
+            z = np.broadcast_to(z, relevance.shape)
             zs = lrp_stabilise(z, epsilon, placement)
             s = lrp_divide(relevance, zs, epsilon, placement)
+        alone = fused is not None and len(rule_groups) == 1 and len(passes) == 1
         for sign, ins, wt in passes:
             if dense is not None and wt is w:   # c = W^T s depends on the weights alone
                 cs = [(s.reshape(len(s), -1) @ dense).reshape(xs[0].shape)]
             else:
                 cs = transpose(s, wt, xs, **attrs)
             for i, c in enumerate(cs):
-                term = ins[i] * c if coef * sign == 1 else (coef * sign) * ins[i] * c
+                term = None
+                if alone and coef * sign == 1:   # x c and the ledger's sums of it, one pass
+                    term = fused.product_sums(ins[i], c)
+                if term is None:
+                    term = ins[i] * c if coef * sign == 1 else (coef * sign) * ins[i] * c
                 r_in[i] = term if r_in[i] is None else r_in[i] + term
+        if step is not None:
+            if np.ndim(zb):
+                bias_abs += coef * bias_part
+            stab_abs += coef * stab_part
+            continue
         if np.ndim(zb):
             bias_abs += coef * _per_sample_dot(s, zb)
         if epsilon == 0:   # no stabiliser: exactly the relevance of units with z = 0 is lost
@@ -756,7 +774,7 @@ def lrp_rule_step(op, relevance, xs, p, rule_groups, epsilon, placement, z_out=N
             if dead.any():
                 stab_abs += coef * _per_sample_sum(relevance * dead)
         else:   # per element: sum(R) - sum(s z) would cancel badly in float32
-            share = fused.residual(relevance, s, z) if fuse else relevance - s * z
+            share = relevance - s * z
             stab_abs += coef * _per_sample_sum(share)
     r_in = [np.zeros_like(x) if r is None else r for r, x in zip(r_in, xs)]
     return r_in, bias_abs, stab_abs

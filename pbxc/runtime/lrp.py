@@ -454,6 +454,9 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
     # per-sample sums of relevance arrays handed on unchanged (routed ops), by destination
     known: dict[str, tuple[Array, Array, Array]] = {}
     dense_ops: frozenset[str] = getattr(model, "dense_ops", frozenset())
+    fused = getattr(model, "fused", None)
+    if fused is not None:
+        fused.forget()
 
     def dense_for(node: OpNode) -> Array | None:
         if node.name not in dense_ops:
@@ -464,7 +467,10 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
         """Per-sample sum and absolute sum, once per array (routed ops pass theirs on)."""
         hit = known.pop(name, None) if name is not None else None
         if hit is None or hit[0] is not r:
-            hit = (r, _per_sample(r), _per_sample(np.abs(r)))
+            both = fused.sums(r) if fused is not None else None   # one pass, float64
+            if both is None:
+                both = _per_sample(r), _per_sample(np.abs(r))
+            hit = (r, *both)
         return hit[1], hit[2]
 
     for node in reversed(nodes):
@@ -486,7 +492,7 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
                                                model.params[node.name],
                                                node_rule.groups_data(), node_rule.epsilon,
                                                node_rule.placement, values[node.name],
-                                               dense_for(node), getattr(model, "fused", None),
+                                               dense_for(node), fused,
                                                **kernel_attrs(node))
         elif node.kind in MAXPOOL and kernel_base(node) == "maxpool2d":
             assert node.name in lin.local
@@ -533,6 +539,8 @@ def lrp(model: Any, inputs: Any, target: Any = None, composite: Composite | str 
                 known[name] = (r_i, t, a)
         del r_out, r_in, xs
         release(lin, schedule, node.name, keep)
+    if fused is not None:
+        fused.forget()
     result = {name: relevance.get(name, np.zeros_like(x)) for name, x in prepared.items()}
     reached = sum((_per_sample(r) for r in result.values()), np.zeros(batch, logits.dtype))
     ledger = Ledger(layers, _per_sample(seed), reached)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from pbxc.codegen import fused_kernels
-from pbxc.codegen.fused_kernels import NumexprKernels
+from pbxc.codegen.fused_kernels import FusedKernels
 from pbxc.codegen.numpy_printer import render_activation_functions
 from pbxc.errors import Diagnostic, InputError, SourcePos
 from pbxc.graph.ir import ModelGraph, OpNode
@@ -105,11 +105,13 @@ class ActivationTable:
     convention: str
     source: str
     binary_slopes: frozenset[ActivationKey] = frozenset()   # f' takes only 0 and 1
-    fused: NumexprKernels | None = None   # fused secant kernels (the ``fast`` extra)
+    fused: FusedKernels | None = None   # fused relu and secant loops (the ``fast`` extra)
 
     def __call__(self, node_name: str, z: np.ndarray) -> np.ndarray:
         if self.keys[node_name] == _RELU and isinstance(z, np.ndarray) and z.dtype.kind == "f":
-            out = _relu(z)
+            out = self.fused.relu(z) if self.fused is not None else None
+            if out is None:
+                out = _relu(z)
             if out is not None:
                 return out
         return self._apply(self.routines[self.keys[node_name]]["f"], z)
@@ -140,6 +142,15 @@ class ActivationTable:
             with np.errstate(all="ignore"):
                 out = fn(z0, z)
             return np.broadcast_to(np.asarray(out, dtype=z.dtype), shape)
+        fused = self.fused
+        if fused is not None:   # the same quotient and tests in one pass (bit for bit)
+            loop = fused.relu_secant if self.keys[node_name] == _RELU else fused.secant
+            with np.errstate(all="ignore"):
+                got = loop(z0, z, f0, f1)
+                if got is not None:
+                    out, rest, count = got
+                    fused.redo(out, rest, count, z0, z, fn)
+                    return out
         if self.keys[node_name] == _RELU:   # the secant is exact for relu: one quotient
             with np.errstate(all="ignore"):
                 out = np.subtract(f1, f0)
@@ -152,12 +163,6 @@ class ActivationTable:
                     out[rest] = fn(z0[rest], z[rest])
             return out
         floor = np.finfo(z.dtype).tiny / np.finfo(z.dtype).eps
-        if self.fused is not None:   # the same tests in two fused passes (bit for bit)
-            with np.errstate(all="ignore"):
-                out, rest = self.fused.secant(z0, z, f0, f1)
-                if rest.any():
-                    out[rest] = fn(z0[rest], z[rest])
-            return out
         with np.errstate(all="ignore"):
             d, df = z - z0, f1 - f0
             out = np.asarray(df / d, dtype=z.dtype)   # the secant
@@ -288,7 +293,7 @@ class Model:
         # DFD's forward pass at the last shared default, per plan (pbxc.runtime.dfd)
         self.default_points: dict[object, Any] = {}
         self.dense_ops = cheaper_dense(self.nodes, graph)   # applied as cached matrices
-        # numexpr's fused elementwise kernels for LRP and DFD, when installed (``fast``)
+        # numba's fused elementwise loops for LRP and DFD, when installed (``fast``)
         self.fused = fused_kernels.available()
 
     def pass_plan(self, pass_name: str, output: str, wrt: str | None = None) -> PassPlan:

@@ -67,19 +67,21 @@ def test_generated_module_needs_only_numpy(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.load(EXAMPLES / "wine_swish_mlp_reference.npz")["inputs"][:3])
     script = (
         "import sys\n"
-        "for blocked in ('pbxc', 'sympy', 'scipy', 'lark', 'networkx', 'torch'):\n"
+        "for blocked in ('pbxc', 'sympy', 'scipy', 'lark', 'networkx', 'torch', 'numba',\n"
+        "                'llvmlite'):\n"
         "    sys.modules[blocked] = None  # importing it now fails\n"
         "import importlib.util, numpy as np\n"
         f"spec = importlib.util.spec_from_file_location('wine', {str(files[0])!r})\n"
         "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
         f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
         "print(mod.forward(x)['logits'].argmax(axis=1).tolist(), mod.gradient(x).shape)\n"
+        "print(np.isfinite(mod.lrp(x)[0]).all())\n"   # LRP's kernels without numba too
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     expected = model.forward(np.load(tmp_path / "x.npy")).argmax(axis=1).tolist()
-    assert proc.stdout.strip() == f"{expected} (3, 13)"
+    assert proc.stdout.strip() == f"{expected} (3, 13)\nTrue"
 
 
 def test_compile_refuses_foreign_directory_and_leaves_nothing(tmp_path: Path) -> None:
