@@ -15,9 +15,13 @@ Per-sample sums are accumulated in float64, in index order, one sample after ano
 returned in the relevance dtype: deterministic, and at least as accurate as NumPy's pairwise
 sums in the array's dtype (in float32, much more), but not bit for bit those sums.
 
-On by default when numba is installed; ``PBXC_FUSED=0`` turns it off (the plain NumPy path).
-Arrays under ``MIN_ELEMENTS`` take the plain path too (in cache, NumPy's vectorised passes
-are faster than one scalar loop); the choice depends on the shapes alone. numba is imported,
+On by default when numba is installed, for arrays of ``AUTO_MIN_ELEMENTS`` (4M) elements or
+more: numba's start (below) would stall the first call of a small one, which gains a few
+milliseconds at most. ``PBXC_FUSED=1`` takes every array of ``MIN_ELEMENTS`` (65536) or more
+(for long-running processes that make many calls: ResNet-50's batch-1 LRP runs 10-20% faster
+warm), ``PBXC_FUSED=0`` none (the plain NumPy path). Smaller arrays always take the plain
+path (in cache, NumPy's vectorised passes are faster than one scalar loop); the choice
+depends on the shapes and the setting alone. numba is imported,
 and each loop compiled, on first use only, for the array types a run meets (``cache=True``:
 later processes load them from numba's cache, ``NUMBA_CACHE_DIR`` or ``__pycache__``; where no
 cache directory is writable they are compiled in memory). Measured on the 2-core development
@@ -203,10 +207,20 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
-def _plain(*arrays: np.ndarray) -> bool:
-    """All C-contiguous float arrays of one shape and dtype (what the loops take as is)."""
+#: the default (``PBXC_FUSED`` unset or ``auto``): only arrays of at least this many elements
+#: (16 MiB of float32) take the loops, so that numba starts only for calls that repay its
+#: start (about 0.3 s once per process): ResNet-50 at 224x224 reaches it from batch 6 (its
+#: first stage's 256 x 56 x 56 maps), where an LRP call takes seconds, while batch-1 calls
+#: and small models never start numba and their first call is not stalled.
+AUTO_MIN_ELEMENTS = 1 << 22
+
+
+def _plain(*arrays: np.ndarray, least: int | None = None) -> bool:
+    """All C-contiguous float arrays of one shape and dtype (what the loops take as is), of
+    at least ``least`` elements (None: ``MIN_ELEMENTS``)."""
     first = arrays[0]
-    return isinstance(first, np.ndarray) and first.size >= MIN_ELEMENTS and \
+    least = MIN_ELEMENTS if least is None else least
+    return isinstance(first, np.ndarray) and first.size >= least and \
         first.dtype.kind == "f" and all(
             isinstance(a, np.ndarray) and a.dtype == first.dtype and a.shape == first.shape
             and a.flags.c_contiguous and a.ndim >= 1 for a in arrays)
@@ -215,7 +229,9 @@ def _plain(*arrays: np.ndarray) -> bool:
 class FusedKernels:
     """The fused kernels; numba is imported and the loops compiled on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_elements: int | None = None) -> None:
+        #: the smallest array the loops take (None: ``MIN_ELEMENTS``, read at each call)
+        self.min_elements = min_elements
         self._lock = threading.Lock()
         self._loops: dict[str, Any] | None = None
         self._failed = False
@@ -260,7 +276,7 @@ class FusedKernels:
         bit ``lrp_divide(R, lrp_stabilise(z, eps, "sign"), eps, "sign")``; ``bias``: zb,
         anything that broadcasts onto z (None: no bias). None where the arrays do not suit
         (the caller takes the plain path)."""
-        if not (_plain(relevance, z) and relevance.ndim >= 2 and self.ready()):
+        if not (_plain(relevance, z, least=self.min_elements) and relevance.ndim >= 2 and self.ready()):
             return None
         eps = z.dtype.type(epsilon)
         if bias is None:
@@ -275,7 +291,7 @@ class FusedKernels:
     def product_sums(self, x: np.ndarray, c: np.ndarray) -> np.ndarray | None:
         """x * c (bit for bit), its per-sample sum and absolute sum noted for :meth:`sums`;
         None where the arrays do not suit."""
-        if not (_plain(x, c) and self.ready()):
+        if not (_plain(x, c, least=self.min_elements) and self.ready()):
             return None
         out = np.empty_like(x)
         total, size = self._loop("product_sums")(_rows(x), _rows(c), _rows(out))
@@ -288,7 +304,7 @@ class FusedKernels:
         hit = self._noted.pop(id(a), None)
         if hit is not None and hit[0] is a:
             return hit[1], hit[2]
-        if not (_plain(a) and self.ready()):
+        if not (_plain(a, least=self.min_elements) and self.ready()):
             return None
         total, size = self._loop("sums")(_rows(a))
         return total.astype(a.dtype), size.astype(a.dtype)
@@ -303,7 +319,7 @@ class FusedKernels:
         """DFD's secant (f1 - f0) / (z - z0), where it may not be trusted and how many: the
         tests of ``ActivationTable.multiplier``, |df| < (|f1| + |f0|) / 4, |df| or |dz| <=
         tiny / eps, non-finite. None where the arrays do not suit."""
-        args = _secant_args(z0, z, f0, f1)
+        args = _secant_args(z0, z, f0, f1, least=self.min_elements)
         if args is None or not self.ready():
             return None
         info = np.finfo(z.dtype)
@@ -316,7 +332,7 @@ class FusedKernels:
     def relu_secant(self, z0: np.ndarray, z: np.ndarray, f0: np.ndarray, f1: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, int] | None:
         """relu's secant |(f1 - f0) / (z - z0)|, where it is not finite and how many."""
-        args = _secant_args(z0, z, f0, f1)
+        args = _secant_args(z0, z, f0, f1, least=self.min_elements)
         if args is None or not self.ready():
             return None
         out, rest = np.empty(z.shape, z.dtype), np.empty(z.shape, np.bool_)
@@ -330,7 +346,7 @@ class FusedKernels:
         same entries in the same order), gathering in one pass instead of three."""
         if not count:
             return
-        args = _secant_args(z0, z)
+        args = _secant_args(z0, z, least=self.min_elements)
         if args is None:
             out[rest] = fn(z0[rest], z[rest])
             return
@@ -341,7 +357,7 @@ class FusedKernels:
     def relu(self, z: np.ndarray) -> np.ndarray | None:
         """relu(z), bit for bit the plain ``_relu``; None where that would be None (a NaN or
         -inf in z) or z does not suit."""
-        if not (_plain(z) and self.ready()):
+        if not (_plain(z, least=self.min_elements) and self.ready()):
             return None
         out = np.empty_like(z)
         if self._loop("relu")(z.reshape(-1), z.dtype.type(0), out.reshape(-1)):
@@ -369,33 +385,45 @@ def _bias_table(b: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, int]
     return np.array(np.broadcast_to(b, sample), order="C").reshape(1, -1), 1   # signature
 
 
-def _secant_args(*arrays: np.ndarray) -> list[np.ndarray] | None:
+def _secant_args(*arrays: np.ndarray, least: int | None = None) -> list[np.ndarray] | None:
     """The four secant operands as (B, n) views (a shared baseline row keeps its zero
     stride), or None unless they are float arrays of one shape and dtype."""
     z = arrays[1]
     if not all(isinstance(a, np.ndarray) and a.shape == z.shape and a.dtype == z.dtype
                for a in arrays) or z.dtype.kind != "f" or z.ndim < 1 \
-            or z.size < MIN_ELEMENTS:
+            or z.size < (MIN_ELEMENTS if least is None else least):
         return None
     if z.ndim == 1:
         return [a.reshape(1, -1) for a in arrays]
     return [_rows(a) for a in arrays]
 
 
-_SHARED: FusedKernels | None = None
+_SHARED: dict[str, FusedKernels] = {}
 _SHARED_LOCK = threading.Lock()
 
 
+def fused_mode() -> str:
+    """``PBXC_FUSED``: "0" (off), "1" (every array of ``MIN_ELEMENTS`` or more) or "auto"
+    (the default: arrays of ``AUTO_MIN_ELEMENTS`` or more). Another value warns and means
+    "auto"."""
+    text = os.environ.get(FUSED_ENV, "").strip().lower()
+    if text in ("0", "1"):
+        return text
+    if text not in ("", "auto"):
+        warnings.warn(f"{FUSED_ENV}={text!r} is not 0, 1 or auto; using auto", stacklevel=3)
+    return "auto"
+
+
 def available() -> FusedKernels | None:
-    """The process's fused kernels when numba is installed and ``PBXC_FUSED`` is not 0, else
-    None (one instance: numba's compiled loops serve every model)."""
-    global _SHARED
-    if os.environ.get(FUSED_ENV, "1") == "0":
+    """The process's fused kernels for the ``PBXC_FUSED`` mode when numba is installed, else
+    None (one instance per mode: numba's compiled loops serve every model)."""
+    mode = fused_mode()
+    if mode == "0":
         return None
-    if _SHARED is None:
+    if mode not in _SHARED:
         with _SHARED_LOCK:
-            if _SHARED is None:
+            if mode not in _SHARED:
                 if importlib.util.find_spec("numba") is None:
                     return None
-                _SHARED = FusedKernels()
-    return _SHARED
+                _SHARED[mode] = FusedKernels(None if mode == "1" else AUTO_MIN_ELEMENTS)
+    return _SHARED[mode]

@@ -6,6 +6,7 @@ of an exact (math.fsum) reference, float32 and float64, kernels and whole passes
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from typing import Any
@@ -171,9 +172,44 @@ def test_the_fused_secant_is_the_reference(dtype: str, tmp_path: Any) -> None:
 
 def test_the_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(fused_kernels.FUSED_ENV, raising=False)
-    assert fused_kernels.available() is not None   # on by default where numba is installed
+    auto = fused_kernels.available()   # on by default where numba is installed: large arrays
+    assert auto is not None and auto.min_elements == fused_kernels.AUTO_MIN_ELEMENTS
+    monkeypatch.setenv(fused_kernels.FUSED_ENV, "1")
+    every = fused_kernels.available()
+    assert every is not None and every.min_elements is None   # MIN_ELEMENTS, read per call
     monkeypatch.setenv(fused_kernels.FUSED_ENV, "0")
     assert fused_kernels.available() is None
+    monkeypatch.setenv(fused_kernels.FUSED_ENV, "fast")
+    with pytest.warns(UserWarning, match="not 0, 1 or auto"):
+        assert fused_kernels.available() is auto
+
+
+def test_by_default_only_large_arrays_take_the_loops() -> None:
+    auto = fused_kernels.FusedKernels(fused_kernels.AUTO_MIN_ELEMENTS)
+    below = np.ones((4, fused_kernels.AUTO_MIN_ELEMENTS // 4 - 1))
+    assert auto.sums(below) is None and auto.relu(below.reshape(-1)) is None
+    assert auto.epsilon_step(below, below, 1e-6, None) is None
+    at = np.ones((4, fused_kernels.AUTO_MIN_ELEMENTS // 4))
+    total, size = auto.sums(at)  # type: ignore[misc]
+    assert np.array_equal(total, at.sum(axis=1)) and np.array_equal(size, total)
+
+
+@pytest.mark.parametrize("setting, started", [(None, "False"), ("1", "True")])
+def test_a_small_call_starts_numba_only_when_asked(tmp_path: Any, setting: str | None,
+                                                   started: str) -> None:
+    """The default setting keeps numba's start (about 0.3 s) off the first call of a model
+    whose arrays are under AUTO_MIN_ELEMENTS (here 72000-element arrays, which ``1`` takes)."""
+    path = _tiny_model(tmp_path)
+    code = ("import sys, numpy as np, pbxc; "
+            f"m = pbxc.load({str(path)!r}); x = np.ones((1000, 2, 6, 6)); "
+            "m.lrp(x, composite='epsilon'); m.dfd(x); print('numba' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != fused_kernels.FUSED_ENV}
+    if setting is not None:
+        env[fused_kernels.FUSED_ENV] = setting
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == started
 
 
 def test_no_writable_cache_just_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -239,6 +275,7 @@ def test_lrp_and_dfd_passes_are_the_same_fused(tmp_path: Any, monkeypatch: pytes
 
     path = _tiny_model(tmp_path)
     x = np.random.default_rng(6).normal(size=(5, 2, 6, 6)).astype(dtype)
+    monkeypatch.setenv(fused_kernels.FUSED_ENV, "1")   # every array (the fixture: any size)
     fused = pbxc.load(path, dtype=dtype)
     monkeypatch.setenv(fused_kernels.FUSED_ENV, "0")
     plain = pbxc.load(path, dtype=dtype)
