@@ -21,7 +21,7 @@ from pbxc.lower.memory import forward_uses
 from pbxc.lower.plan import JacobianPlan, path_nodes, plan_jacobian, size
 from pbxc.ops import CONV_TRANSPOSED, CONVOLUTIONS, OpKind
 from pbxc.runtime.linearize import Point, jvp_rule, vjp_rule
-from pbxc.runtime.numpy_forward import forward_rule, local_data
+from pbxc.runtime.numpy_forward import forward_with_local
 from pbxc.runtime.released import Released
 
 Array = np.ndarray
@@ -106,8 +106,7 @@ def linearize(model: object, inputs: Mapping[str, Array], derivatives: bool = Tr
         else:   # the ops' own kernels even where a dense matrix is cheaper: the forward
             # values stay those of Model.forward, bit for bit (LRP's 1/z amplifies any change)
             params = model.params[node.name]  # type: ignore[attr-defined]
-            values[node.name] = forward_rule(node)(node, xs, params)
-            extra = local_data(node, xs, params)
+            values[node.name], extra = forward_with_local(node, xs, params)
             if extra is not None:
                 local[node.name] = extra
         del xs
