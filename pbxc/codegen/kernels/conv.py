@@ -159,9 +159,11 @@ def _zero_outside(cols, lead, dst, tile):
     for ax, d in enumerate(dst):
         before = (*lead, *dst[:ax])
         if d.start > 0:
-            cols[(*before, slice(0, d.start))] = 0
+            low = (*before, slice(0, d.start))
+            cols[low] = 0
         if d.stop < tile[ax]:
-            cols[(*before, slice(d.stop, None))] = 0
+            high = (*before, slice(d.stop, None))
+            cols[high] = 0
 
 
 def _buffer(work, shape, dtype):
@@ -195,7 +197,8 @@ def im2col_nd(x, kernel, stride, pads, dilation, out, rows=None, sample_major=Fa
             cols[lead] = 0
             continue
         src, dst = found
-        cols[(*lead, *dst)] = xt[(_ALL, _ALL, *src)]
+        into, start = (*lead, *dst), (_ALL, _ALL, *src)
+        cols[into] = xt[start]
         _zero_outside(cols, lead, dst, tile)
     return cols
 
@@ -215,7 +218,8 @@ def col2im_add_nd(cols, dest, stride, pads, dilation, out, rows=None, sample_maj
             continue
         src, dst = found
         lead = (_ALL, _ALL, *offset) if sample_major else (_ALL, *offset, _ALL)
-        dt[(_ALL, _ALL, *src)] += cols[(*lead, *dst)]
+        into, start = (_ALL, _ALL, *src), (*lead, *dst)
+        dt[into] += cols[start]
 
 
 # Per-sample GEMMs: each sample's columns (or, transposed, its cotangent as it lies) in one
