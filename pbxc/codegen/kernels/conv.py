@@ -18,7 +18,9 @@ rest of the column stays zero.
 
 Workspace: both kernels run tile by tile over the batch and, when one sample alone would
 exceed it, over the rows of the first output axis, so the columns, the GEMM result and its
-transposed copy together stay within ``conv_workspace()`` bytes (default 256 MiB; the
+transposed copy together stay within ``conv_workspace()`` bytes (where _per_sample_gemms
+admits it, sample by sample instead: one sample's columns, one buffer for all samples, and
+the GEMM writes the output in place) (default 256 MiB; the
 environment variable ``PBXC_WORKSPACE_MB`` or ``set_conv_workspace(nbytes)`` change it). Only a
 single output row of a single sample is never split. Tiling over the batch is exact (every
 output element is the same GEMM dot product); tiling over rows changes the order in which
