@@ -267,7 +267,8 @@ def conv_nd(x, weight, bias, stride, padding, dilation, groups, out_spatial=None
     # per-sample GEMMs: the workspace holds the columns only (none when pointwise)
     direct_bytes = 0 if pointwise else dtype.itemsize * rest * c * ksize
     if (groups == 1 and x.dtype == dtype and _per_sample_gemms(o, c * ksize, out[0] * rest)
-            and out[0] * direct_bytes <= _WORKSPACE[0]):
+            and out[0] * direct_bytes <= _WORKSPACE[0]
+            and (x.flags.c_contiguous or not pointwise)):   # (views, not copies, of x)
         positions = out[0] * rest
         if pointwise:   # the columns are the input itself: one stacked GEMM per tile
             for b0, b1, _, _ in _conv_tiles(n, out[0], 0):
@@ -328,7 +329,7 @@ def conv_nd_transpose(g, weight, in_spatial, stride, padding, dilation, groups):
         # col2im is the identity: per sample, one GEMM straight into the result (no
         # workspace: nothing but the result is written)
         result = np.empty((n, c, *in_spatial), dtype=dtype)
-        if g.dtype == dtype:   # the same per-sample GEMMs, in one call
+        if g.dtype == dtype and g.flags.c_contiguous:   # the same per-sample GEMMs, in one call
             np.matmul(w2t[0], g.reshape(n, o, positions), out=result.reshape(n, c, positions))
         else:
             for b in range(n):
