@@ -93,20 +93,43 @@ def maxpool2d(x, kernel, stride, padding):
                 zip(x.shape[2:], kernel, stride, pads))
     values = np.full((*x.shape[:2], *out), -np.inf, dtype=x.dtype)
     index = np.zeros(values.shape, dtype=np.uint8 if kh * kw < 256 else np.intp)
-    for i, offset in enumerate(_kernel_offsets((kh, kw))):
-        found = _conv_slices(offset, x.shape[2:], out, stride, pads, (1, 1), (0, out[0]))
-        if found is None:
-            continue
-        src, dst = found
-        into, start = (_ALL, _ALL, *dst), (_ALL, _ALL, *src)
-        part, best = x[start], values[into]
-        if i:
-            larger = np.greater(part, best).astype(index.dtype)
-            larger *= index.dtype.type(i)
-            sub = index[into]
-            np.maximum(sub, larger, out=sub)
-        np.maximum(best, part, out=best)
+    plan = [(i, offset, _conv_slices(offset, x.shape[2:], out, stride, pads, (1, 1),
+                                     (0, out[0])))
+            for i, offset in enumerate(_kernel_offsets((kh, kw)))]
+    # a block of planes at a time, so that its maxima and indices stay in cache over the
+    # offsets (each element's operations are the same, in the same order)
+    xp, vp, ip, ranges = _plane_blocks(x, values, index)
+    for p0, p1 in ranges:
+        xb, vb, ib = xp[p0:p1], vp[p0:p1], ip[p0:p1]
+        for i, _offset, found in plan:
+            if found is None:
+                continue
+            src, dst = found
+            into, start = (_ALL, _ALL, *dst), (_ALL, _ALL, *src)
+            part, best = xb[start], vb[into]
+            if i:
+                larger = np.greater(part, best).astype(index.dtype)
+                larger *= index.dtype.type(i)
+                sub = ib[into]
+                np.maximum(sub, larger, out=sub)
+            np.maximum(best, part, out=best)
     return values, index.astype(np.intp)
+
+
+POOL_BLOCK_BYTES = 1 << 20
+
+
+def _plane_blocks(x, *outs):
+    """x (n, C, H, W) and arrays of x's leading shape, each seen as (n*C, 1, ...) planes (views),
+    with ranges of planes of about POOL_BLOCK_BYTES of x; where a reshape would copy (x not
+    C-contiguous), the arrays themselves and one range."""
+    arrays = (x, *outs)
+    if x.ndim != 4 or not all(a.flags.c_contiguous for a in arrays):
+        return (*arrays, [(0, x.shape[0])])
+    views = tuple(a.reshape(-1, 1, *a.shape[2:]) for a in arrays)
+    per = max(1, POOL_BLOCK_BYTES // max(1, x.shape[2] * x.shape[3] * x.itemsize))
+    total = views[0].shape[0]
+    return (*views, [(p, min(p + per, total)) for p in range(0, total, per)])
 
 
 def _scatter_windows(per_offset, in_hw, kernel, stride, padding, dtype, lead):
@@ -157,9 +180,31 @@ def maxpool2d_transpose(g, index, in_hw, kernel, stride, padding):
         values = np.broadcast_to(g, (*lead, oh, ow)).reshape(*lead, -1)
         np.put_along_axis(out, dest, values, axis=-1)   # index may broadcast over a tangent axis
         return out.reshape(*lead, h, w)
+    if g.shape == index.shape and g.ndim >= 3 and g.flags.c_contiguous and \
+            index.flags.c_contiguous:
+        return _maxpool_scatter_blocks(g, index, in_hw, kernel, stride, padding)
     kw = kernel[1]
     return _scatter_windows(lambda p, q: np.where(index == p * kw + q, g, 0), in_hw, kernel,
                             stride, padding, g.dtype, g.shape[:-2])
+
+
+def _maxpool_scatter_blocks(g, index, in_hw, kernel, stride, padding):
+    """maxpool2d_transpose's window scatter (_scatter_windows) a block of planes at a time
+    (about POOL_BLOCK_BYTES of the padded result each, which stays in cache over the
+    offsets): each element gets the same additions in the same order, bit for bit."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    (h, w), (oh, ow) = in_hw, g.shape[-2:]
+    gp, ip = g.reshape(-1, oh, ow), index.reshape(-1, oh, ow)
+    total = gp.shape[0]
+    out = np.zeros((total, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
+    per = max(1, POOL_BLOCK_BYTES // max(1, out[0].nbytes))
+    for p0 in range(0, total, per):
+        gb, ib, ob = gp[p0:p0 + per], ip[p0:p0 + per], out[p0:p0 + per]
+        for p in range(kh):
+            for q in range(kw):
+                ob[:, p:p + sh * (oh - 1) + 1:sh, q:q + sw * (ow - 1) + 1:sw] += \
+                    np.where(ib == p * kw + q, gb, 0)
+    return out[:, ph:ph + h, pw:pw + w].reshape(*g.shape[:-2], h, w)
 
 
 def avgpool2d_counts(in_hw, kernel, stride, padding, count_include_pad, dtype):
@@ -304,6 +349,12 @@ def maxpool2d_local(xs, p, kernel, stride, padding):
 
 def maxpool2d_forward(xs, p, kernel, stride, padding):
     return maxpool2d(xs[0], kernel, stride, padding)[0]
+
+
+def maxpool2d_forward_local(xs, p, kernel, stride, padding):
+    """(values, argmax) from one pooling pass: the forward and the local data together
+    (``<op>_forward_local``: what a linearization computes, instead of two passes)."""
+    return maxpool2d(xs[0], kernel, stride, padding)
 
 
 def maxpool2d_jvp(ts, xs, y, local, p, kernel, stride, padding):

@@ -30,3 +30,15 @@ def local_data(node: OpNode, xs: list[Array], params: Params) -> Array | None:
     """What the op's Jacobian needs besides its inputs and output (max pooling: argmax)."""
     kernel = getattr(K, kernel_name(node, "local"), None)
     return None if kernel is None else kernel(xs, params, **kernel_attrs(node))
+
+
+def forward_with_local(node: OpNode, xs: list[Array], params: Params
+                       ) -> tuple[Array, Array | None]:
+    """The forward value and local_data together: one kernel call where the op has an
+    ``<op>_forward_local`` (max pooling finds its maxima once for both), bit for bit the
+    two separate calls."""
+    both = getattr(K, kernel_name(node, "forward_local"), None)
+    if both is not None:
+        value, local = both(xs, params, **kernel_attrs(node))
+        return value, local
+    return forward_rule(node)(node, xs, params), local_data(node, xs, params)

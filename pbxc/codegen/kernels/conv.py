@@ -18,7 +18,9 @@ rest of the column stays zero.
 
 Workspace: both kernels run tile by tile over the batch and, when one sample alone would
 exceed it, over the rows of the first output axis, so the columns, the GEMM result and its
-transposed copy together stay within ``conv_workspace()`` bytes (default 256 MiB; the
+transposed copy together stay within ``conv_workspace()`` bytes (where _per_sample_gemms
+admits it, sample by sample instead: one sample's columns, one buffer for all samples, and
+the GEMM writes the output in place) (default 256 MiB; the
 environment variable ``PBXC_WORKSPACE_MB`` or ``set_conv_workspace(nbytes)`` change it). Only a
 single output row of a single sample is never split. Tiling over the batch is exact (every
 output element is the same GEMM dot product); tiling over rows changes the order in which
@@ -134,6 +136,12 @@ def _conv_slices(offset, in_spatial, out, stride, pads, dilation, rows):
     return tuple(src), tuple(dst)
 
 
+def _conv_plan(kernel, in_spatial, out, stride, pads, dilation, rows):
+    """Every kernel offset with its _conv_slices (None: it reads nothing in these rows)."""
+    return [(offset, _conv_slices(offset, in_spatial, out, stride, pads, dilation, rows))
+            for offset in _kernel_offsets(kernel)]
+
+
 def _conv_tiles(batch, rows, row_bytes):
     """(b0, b1, r0, r1) tiles: whole samples while one fits the workspace, else row blocks."""
     limit = _WORKSPACE[0]
@@ -146,37 +154,95 @@ def _conv_tiles(batch, rows, row_bytes):
             for b in range(batch) for r in range(0, rows, per_rows)]
 
 
-def im2col_nd(x, kernel, stride, pads, dilation, out, rows=None):
+def _zero_outside(cols, lead, dst, tile):
+    """Zero the positions of one kernel offset's column block ``cols[lead]`` (spatial shape
+    ``tile``) that lie outside the box ``dst`` im2col wrote: one slab per axis and side,
+    the earlier axes restricted to the box (the slabs are disjoint)."""
+    for ax, d in enumerate(dst):
+        before = (*lead, *dst[:ax])
+        if d.start > 0:
+            low = (*before, slice(0, d.start))
+            cols[low] = 0
+        if d.stop < tile[ax]:
+            high = (*before, slice(d.stop, None))
+            cols[high] = 0
+
+
+def _buffer(work, shape, dtype):
+    """A view of the reusable flat buffer ``work`` (or a new array) with this shape."""
+    size = int(np.prod(shape))
+    if work is None or work.size < size or work.dtype != dtype:
+        return np.empty(shape, dtype=dtype)
+    return work[:size].reshape(shape)
+
+
+def im2col_nd(x, kernel, stride, pads, dilation, out, rows=None, sample_major=False,
+              work=None, plan=None):
     """(n, C, *in) -> columns (C, *kernel, n, r1 - r0, *out[1:]) for output rows [r0, r1) of
-    the first spatial axis: one strided copy per kernel offset; padding reads as zero."""
+    the first spatial axis: one strided copy per kernel offset; padding reads as zero.
+
+    ``sample_major`` gives the layout (n, C, *kernel, r1 - r0, *out[1:]) instead (one
+    sample's columns contiguous: per-sample GEMMs). ``work``, a flat array, is reused for
+    the columns when it is large enough; ``plan`` is _conv_plan's for these rows. Only the
+    positions no input reaches are zeroed."""
     n, c = x.shape[:2]
     rows = (0, out[0]) if rows is None else rows
-    shape = (c, *kernel, n, rows[1] - rows[0], *out[1:])
-    padded = any(b or e for b, e in pads)
-    cols = np.zeros(shape, dtype=x.dtype) if padded else np.empty(shape, dtype=x.dtype)
-    xt = x.swapaxes(0, 1)   # (C, n, *in), a view
-    for offset in _kernel_offsets(kernel):
-        found = _conv_slices(offset, x.shape[2:], out, stride, pads, dilation, rows)
+    tile = (rows[1] - rows[0], *out[1:])
+    shape = (n, c, *kernel, *tile) if sample_major else (c, *kernel, n, *tile)
+    cols = _buffer(work, shape, x.dtype)
+    xt = x if sample_major else x.swapaxes(0, 1)   # (C, n, *in), a view
+    if plan is None:
+        plan = _conv_plan(kernel, x.shape[2:], out, stride, pads, dilation, rows)
+    for offset, found in plan:
+        lead = (_ALL, _ALL, *offset) if sample_major else (_ALL, *offset, _ALL)
         if found is None:
+            cols[lead] = 0
             continue
         src, dst = found
-        into, start = (_ALL, *offset, _ALL, *dst), (_ALL, _ALL, *src)
+        into, start = (*lead, *dst), (_ALL, _ALL, *src)
         cols[into] = xt[start]
+        _zero_outside(cols, lead, dst, tile)
     return cols
 
 
-def col2im_add_nd(cols, dest, stride, pads, dilation, out, rows=None):
-    """The adjoint of im2col_nd: add each offset's columns into ``dest`` (n, C, *in) in place."""
-    kernel = cols.shape[1:cols.ndim - len(out) - 1]
+def col2im_add_nd(cols, dest, stride, pads, dilation, out, rows=None, sample_major=False,
+                  plan=None):
+    """The adjoint of im2col_nd: add each offset's columns into ``dest`` (n, C, *in) in place
+    (``cols`` in im2col_nd's layout, ``sample_major`` and ``plan`` as there)."""
+    kernel = cols.shape[2:cols.ndim - len(out)] if sample_major else \
+        cols.shape[1:cols.ndim - len(out) - 1]
     rows = (0, out[0]) if rows is None else rows
-    dt = dest.swapaxes(0, 1)   # (C, n, *in), a view
-    for offset in _kernel_offsets(kernel):
-        found = _conv_slices(offset, dest.shape[2:], out, stride, pads, dilation, rows)
+    dt = dest if sample_major else dest.swapaxes(0, 1)   # (C, n, *in), a view
+    if plan is None:
+        plan = _conv_plan(kernel, dest.shape[2:], out, stride, pads, dilation, rows)
+    for offset, found in plan:
         if found is None:
             continue
         src, dst = found
-        into, start = (_ALL, _ALL, *src), (_ALL, *offset, _ALL, *dst)
+        lead = (_ALL, _ALL, *offset) if sample_major else (_ALL, *offset, _ALL)
+        into, start = (_ALL, _ALL, *src), (*lead, *dst)
         dt[into] += cols[start]
+
+
+# Per-sample GEMMs: each sample's columns (or, transposed, its cotangent as it lies) in one
+# GEMM writing that sample's block of the result in place, instead of one GEMM of
+# (rows, n * positions) over the tile's samples and a batch-major copy. Only where it is
+# faster (from DIRECT_MIN_POSITIONS output positions per sample: below, at ResNet's 14x14
+# and 7x7, the batched GEMM's wider shape runs faster) and where OpenBLAS gives bit for bit
+# the batched GEMM's values: the GEMM computes every element as the same dot product in
+# the same order, except in the micro-kernels of a ragged last column block and in its
+# small-matrix kernels, so the positions are a multiple of DIRECT_POSITION_MULTIPLE and
+# the per-sample M*N*K at least DIRECT_MIN_MNK (measured on random shapes in both
+# precisions: tests/unit/runtime/test_conv_family.py checks bit equality on every path).
+DIRECT_MIN_POSITIONS = [256]
+DIRECT_POSITION_MULTIPLE = 16
+DIRECT_MIN_MNK = 1 << 21
+
+
+def _per_sample_gemms(rows, depth, positions):
+    """Whether per-sample GEMMs of (rows, depth) x (depth, positions) replace the batched one."""
+    return (positions >= DIRECT_MIN_POSITIONS[0] and positions % DIRECT_POSITION_MULTIPLE == 0
+            and rows * depth * positions >= DIRECT_MIN_MNK)
 
 
 def conv_nd(x, weight, bias, stride, padding, dilation, groups, out_spatial=None):
@@ -196,24 +262,50 @@ def conv_nd(x, weight, bias, stride, padding, dilation, groups, out_spatial=None
     dtype = np.result_type(x, weight)
     y = np.empty((n, o, *out), dtype=dtype)
     rest = int(np.prod(out[1:]))
-    # the columns, the GEMM result and its batch-major copy, per sample and output row
-    row_bytes = dtype.itemsize * rest * (c * ksize + 2 * o)
     w2 = weight.reshape(groups, opg, cpg * ksize)
     pointwise = _pointwise(kernel, stride, pads) and tuple(x.shape[2:]) == out
-    for b0, b1, r0, r1 in _conv_tiles(n, out[0], row_bytes):
-        if pointwise:   # the columns are the input itself (a view for one sample)
-            cols = x[b0:b1, :, r0:r1].swapaxes(0, 1)
-        else:
-            cols = im2col_nd(x[b0:b1], kernel, stride, pads, dilation, out, (r0, r1))
-        cols = cols.reshape(groups, cpg * ksize, -1)
-        if groups == 1 and b1 - b0 == 1 and (r0, r1) == (0, out[0]):
-            # one whole sample: the GEMM writes its (O, *out) block of y in place
-            np.matmul(w2[0], cols[0], out=y[b0].reshape(o, -1))
-        else:
-            prod = w2[0] @ cols[0] if groups == 1 else np.matmul(w2, cols)
-            y[b0:b1, :, r0:r1] = prod.reshape(o, b1 - b0, r1 - r0, *out[1:]).swapaxes(0, 1)
-            del prod
-        del cols
+    # per-sample GEMMs: the workspace holds the columns only (none when pointwise)
+    direct_bytes = 0 if pointwise else dtype.itemsize * rest * c * ksize
+    if (groups == 1 and x.dtype == dtype and _per_sample_gemms(o, c * ksize, out[0] * rest)
+            and out[0] * direct_bytes <= _WORKSPACE[0]
+            and (x.flags.c_contiguous or not pointwise)):   # (views, not copies, of x)
+        positions = out[0] * rest
+        if pointwise:   # the columns are the input itself: one stacked GEMM per tile
+            for b0, b1, _, _ in _conv_tiles(n, out[0], 0):
+                np.matmul(w2[0], x[b0:b1].reshape(b1 - b0, c, positions),
+                          out=y[b0:b1].reshape(b1 - b0, o, positions))
+        else:   # sample by sample: one sample's columns, reused, stay in cache for its GEMM
+            work = None
+            plan = _conv_plan(kernel, x.shape[2:], out, stride, pads, dilation, (0, out[0]))
+            for b in range(n):
+                cols = im2col_nd(x[b:b + 1], kernel, stride, pads, dilation, out,
+                                 sample_major=True, work=work, plan=plan)
+                work = cols.reshape(-1)
+                np.matmul(w2[0], work.reshape(c * ksize, positions), out=y[b].reshape(o, positions))
+                del cols
+            del work
+    else:
+        # the columns, the GEMM result and its batch-major copy, per sample and output row
+        row_bytes = dtype.itemsize * rest * (c * ksize + 2 * o)
+        work = None
+        for b0, b1, r0, r1 in _conv_tiles(n, out[0], row_bytes):
+            if pointwise:   # the columns are the input itself (a view for one sample)
+                cols = x[b0:b1, :, r0:r1].swapaxes(0, 1)
+            else:
+                cols = im2col_nd(x[b0:b1], kernel, stride, pads, dilation, out, (r0, r1),
+                                 work=work)
+                if work is None:
+                    work = cols.reshape(-1)
+            cols = cols.reshape(groups, cpg * ksize, -1)
+            if groups == 1 and b1 - b0 == 1 and (r0, r1) == (0, out[0]):
+                # one whole sample: the GEMM writes its (O, *out) block of y in place
+                np.matmul(w2[0], cols[0], out=y[b0].reshape(o, -1))
+            else:
+                prod = w2[0] @ cols[0] if groups == 1 else np.matmul(w2, cols)
+                y[b0:b1, :, r0:r1] = prod.reshape(o, b1 - b0, r1 - r0, *out[1:]).swapaxes(0, 1)
+                del prod
+            del cols
+        del work
     if bias is not None:
         y += bias.reshape(1, -1, *(1,) * len(out))
     return y
@@ -231,17 +323,37 @@ def conv_nd_transpose(g, weight, in_spatial, stride, padding, dilation, groups):
     c, opg, ksize = cpg * groups, o // groups, int(np.prod(kernel))
     dtype = np.result_type(g, weight)
     rest = int(np.prod(out[1:]))
-    # the cotangent's channel-major copy and the columns, per sample and output row
-    row_bytes = dtype.itemsize * rest * (o + c * ksize)
+    positions = out[0] * rest
     w2t = weight.reshape(groups, opg, cpg * ksize).transpose(0, 2, 1)   # (g, cpg*K, opg)
     if groups == 1 and _pointwise(kernel, stride, pads) and tuple(in_spatial) == out:
         # col2im is the identity: per sample, one GEMM straight into the result (no
         # workspace: nothing but the result is written)
         result = np.empty((n, c, *in_spatial), dtype=dtype)
-        for b in range(n):
-            np.matmul(w2t[0], g[b].reshape(o, -1), out=result[b].reshape(c, -1))
+        if g.dtype == dtype and g.flags.c_contiguous:   # the same per-sample GEMMs, in one call
+            np.matmul(w2t[0], g.reshape(n, o, positions), out=result.reshape(n, c, positions))
+        else:
+            for b in range(n):
+                np.matmul(w2t[0], g[b].reshape(o, -1), out=result[b].reshape(c, -1))
         return result
     result = np.zeros((n, c, *in_spatial), dtype=dtype)
+    # per-sample GEMMs: each sample's cotangent is already (O, positions); the workspace
+    # holds the columns only
+    direct_bytes = dtype.itemsize * rest * c * ksize
+    work = None
+    if (groups == 1 and g.dtype == dtype and _per_sample_gemms(c * ksize, o, positions)
+            and out[0] * direct_bytes <= _WORKSPACE[0]):
+        plan = _conv_plan(kernel, tuple(in_spatial), out, stride, pads, dilation, (0, out[0]))
+        for b in range(n):   # one sample's columns, reused, stay in cache for col2im
+            cols = _buffer(work, (c * ksize, positions), dtype)
+            work = cols.reshape(-1)
+            np.matmul(w2t[0], g[b].reshape(o, positions), out=cols)
+            col2im_add_nd(cols.reshape(1, c, *kernel, *out), result[b:b + 1], stride, pads,
+                          dilation, out, sample_major=True, plan=plan)
+            del cols
+        del work
+        return result
+    # the cotangent's channel-major copy and the columns, per sample and output row
+    row_bytes = dtype.itemsize * rest * (o + c * ksize)
     for b0, b1, r0, r1 in _conv_tiles(n, out[0], row_bytes):
         gt = np.ascontiguousarray(g[b0:b1, :, r0:r1].swapaxes(0, 1)).reshape(groups, opg, -1)
         cols = w2t[0] @ gt[0] if groups == 1 else np.matmul(w2t, gt)

@@ -272,3 +272,85 @@ def test_random_configurations_match_torch(cfg: dict) -> None:
     got = C.conv_transpose_nd(x, wt, None, cfg["stride"], sym, cfg["out_pad"],
                               cfg["dilation"], g)
     np.testing.assert_allclose(got, yt.numpy(), rtol=1e-12, atol=1e-12)
+
+
+# groups = 1 variants meeting the per-sample gate (positions a multiple of 16, M*N*K >= 2^21),
+# with pointwise and strided 1x1 kernels (ResNet's downsample) and a padded 7x7 stride-2 stem
+DIRECT_CASES = [
+    (1, 16, 96, (1025,), (3,), (2,), ((2, 1),), (2,)),
+    (2, 8, 96, (33, 32), (3, 2), (2, 1), ((1, 0), (0, 2)), (1, 2)),
+    (2, 3, 64, (64, 64), (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),
+    (2, 16, 32, (32, 32), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    (2, 32, 64, (32, 32), (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    (2, 32, 64, (64, 63), (1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1)),
+    (3, 8, 32, (8, 16, 17), (3, 2, 2), (1, 1, 1), ((1, 1), (0, 1), (1, 0)), (1, 1, 2)),
+]
+
+
+@pytest.fixture
+def direct_threshold() -> Iterator[list[int]]:
+    previous = C.DIRECT_MIN_POSITIONS[0]
+    yield C.DIRECT_MIN_POSITIONS
+    C.DIRECT_MIN_POSITIONS[0] = previous
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: f"{c[0]}d-k{c[4]}-s{c[5]}")
+def test_per_sample_gemms_agree_bit_for_bit(case: tuple, dtype: type,
+                                            direct_threshold: list[int]) -> None:
+    """The per-sample path (columns of one sample, GEMM into y[b]; for the transpose the
+    cotangent read as it lies, col2im per sample) against the batched one (one GEMM over the
+    tile's samples): where the gate admits it, every output element is the same dot product
+    in the same order and col2im adds the offsets in the same order: bit for bit."""
+    _dims, cin, cout, size, kernel, stride, pads, dil = case
+    x = RNG.normal(size=(3, cin, *size)).astype(dtype)
+    w = RNG.normal(size=(cout, cin, *kernel)).astype(dtype)
+    bias = RNG.normal(size=cout).astype(dtype)
+    args = (stride, pads, dil, 1)
+    depth = cin * int(np.prod(kernel))
+    direct_threshold[0] = 10 ** 9   # batched
+    y0 = C.conv_nd(x, w, bias, *args)
+    g = RNG.normal(size=y0.shape).astype(dtype)
+    t0 = C.conv_nd_transpose(g, w, size, *args)
+    direct_threshold[0] = 256   # per sample
+    positions = int(np.prod(y0.shape[2:]))
+    assert C._per_sample_gemms(cout, depth, positions)
+    assert C._per_sample_gemms(depth, cout, positions)
+    y1 = C.conv_nd(x, w, bias, *args)
+    t1 = C.conv_nd_transpose(g, w, size, *args)
+    assert y1.dtype == t1.dtype == dtype
+    assert np.array_equal(y0, y1)
+    assert np.array_equal(t0, t1)
+
+
+def test_per_sample_gate() -> None:
+    """Ragged positions and small GEMMs keep the batched path (their BLAS kernels may round
+    differently from the batched GEMM's)."""
+    assert C._per_sample_gemms(64, 576, 3136)
+    assert not C._per_sample_gemms(512, 4608, 49)        # 7x7: the batched GEMM is faster
+    assert not C._per_sample_gemms(64, 147, 260)         # ragged
+    assert not C._per_sample_gemms(4, 100, 1024)         # small
+
+
+def test_im2col_zeroes_every_position_no_input_reaches() -> None:
+    """im2col writes into a reused buffer without zero-filling it first: a buffer full of
+    NaN gives the same columns as a fresh zeroed one (padding, stride and dilation leave
+    unwritten borders on every side; one offset reads nothing at all)."""
+    x = RNG.normal(size=(2, 3, 5, 6))
+    kernel, stride, pads, dil = (3, 4), (2, 1), ((2, 3), (4, 1)), (2, 2)
+    out = tuple(C.conv_out_size(s, k, st, p, d)
+                for s, k, st, p, d in zip(x.shape[2:], kernel, stride, pads, dil))
+    for sample_major in (False, True):
+        fresh = C.im2col_nd(x, kernel, stride, pads, dil, out, sample_major=sample_major)
+        work = np.full(fresh.size + 5, np.nan)
+        reused = C.im2col_nd(x, kernel, stride, pads, dil, out, sample_major=sample_major,
+                             work=work)
+        assert np.shares_memory(reused, work)
+        assert not np.isnan(reused).any()
+        assert np.array_equal(reused, fresh)
+        # the reference: explicit zero padding, then a strided read per offset
+        xp = np.pad(x, ((0, 0), (0, 0), *pads))
+        for k0, k1 in itertools.product(range(kernel[0]), range(kernel[1])):
+            ref = xp[:, :, k0 * dil[0]::stride[0], k1 * dil[1]::stride[1]][:, :, :out[0], :out[1]]
+            got = fresh[:, :, k0, k1] if sample_major else fresh[:, k0, k1].swapaxes(0, 1)
+            assert np.array_equal(got, ref)

@@ -231,3 +231,37 @@ def test_relu_multiplier_quotient_is_the_where_form_bit_for_bit(dtype: type) -> 
     d[5] = (np.finfo(dtype).tiny * rng.normal(size=50)).astype(dtype)
     got, want = K.relu_multiplier(d0, d), K._relu_multiplier_where(d0, d)
     assert got.dtype == dtype and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("pool", [((3, 3), (2, 2), (1, 1)), ((3, 2), (1, 2), (1, 0))])
+@pytest.mark.parametrize("ties", [False, True])
+def test_maxpool_in_plane_blocks_matches_the_whole_array(pool: tuple, ties: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """maxpool2d and its window scatter run a block of planes at a time (cache): with blocks
+    of one plane the values, indices and cotangent scatter are bit for bit the reference
+    window argmax and _scatter_windows on the whole array; forward_local is forward + local."""
+    kernel, stride, padding = pool
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 4, 9, 8))
+    if ties:
+        x = np.round(x)
+    monkeypatch.setattr(K, "POOL_BLOCK_BYTES", 1)
+    values, index = K.maxpool2d(x, kernel, stride, padding)
+    want_values, want_index = K._maxpool2d_windows(x, kernel, stride, padding)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(index, want_index)
+    both = K.maxpool2d_forward_local([x], {}, kernel, stride, padding)
+    np.testing.assert_array_equal(both[0], K.maxpool2d_forward([x], {}, kernel, stride, padding))
+    np.testing.assert_array_equal(both[1], K.maxpool2d_local([x], {}, kernel, stride, padding))
+    g = rng.standard_normal(index.shape)
+    g[0, 0, 0, 0] = -0.0
+    kw = kernel[1]
+    want = K._scatter_windows(lambda p, q: np.where(index == p * kw + q, g, 0), x.shape[2:],
+                              kernel, stride, padding, g.dtype, g.shape[:-2])
+    got = K.maxpool2d_transpose(g, index, x.shape[2:], kernel, stride, padding)
+    assert got.shape == x.shape
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(K, "POOL_BLOCK_BYTES", 1 << 20)   # one block
+    np.testing.assert_array_equal(K.maxpool2d_transpose(g, index, x.shape[2:], kernel, stride,
+                                                        padding), want)

@@ -4,6 +4,7 @@ peaks stay within the plan's prediction, and the results equal the keep-everythi
 from __future__ import annotations
 
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from pbxc.lower.memory import (
     release_schedule,
 )
 from pbxc.lower.plan import path_nodes
+from pbxc.runtime import jacobian as jacobian_module
 from pbxc.runtime.dfd import dfd, linearize_both
 from pbxc.runtime.jacobian import linearize, reverse_sweep
 from pbxc.runtime.released import Released, ReleasedValueError
@@ -207,3 +209,51 @@ def test_the_cli_chooses_the_batch_from_the_memory_limit(tmp_path: Path, capsys)
                                rtol=1e-12, atol=1e-15)
     assert main(["explain", str(tmp_path / "residual.pbx"), "-m", "lrp", "-i",
                  str(tmp_path / "x.npy"), "--memory-limit", "lots"]) == 2
+
+
+RESIDUAL_PBX = """model res
+weights "w.npz"
+input x: {dtype}[3, 8, 8]
+a = relu(conv2d(x, @c1, padding=1))
+b = relu(conv2d(a, @c2, padding=1))
+s = relu(add(conv2d(b, @c3, padding=1), a))
+t = relu(add(relu(conv2d(s, @c4, stride=2, padding=1)), maxpool2d(s, kernel=3, stride=2, padding=1)))
+output y = linear(flatten(t), @fc)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_in_place_reverse_sweep_is_the_allocating_one_bit_for_bit(
+        write_model: Callable[..., Path], dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reverse sweep updates the cotangents it owns in place (residual sums, an
+    activation's v * f'(z) after a convolution or a sum): the same values, bit for bit, as
+    the sweep that allocates every result; and the caller's seed is left untouched."""
+    rng = np.random.default_rng(5)
+    weights = {f"c{i}.weight": rng.normal(size=(6, 3 if i == 1 else 6, 3, 3)) for i in range(1, 5)}
+    weights |= {f"c{i}.bias": rng.normal(size=6) for i in range(1, 5)}
+    weights |= {"fc.weight": rng.normal(size=(4, 6 * 16)), "fc.bias": rng.normal(size=4)}
+    model = pbxc.load(write_model(RESIDUAL_PBX.format(dtype=dtype), weights), dtype=dtype)
+    x = rng.normal(size=(5, 3, 8, 8)).astype(dtype)
+    seed = rng.normal(size=(5, 2, 4)).astype(dtype)
+    kept = seed.copy()
+    nodes = path_nodes(model.graph, "x", "y")
+    scaled: list[str] = []
+    check = jacobian_module._scales_in_place
+
+    def counting(node: object, maps: object, v: np.ndarray) -> bool:
+        ok = check(node, maps, v)   # type: ignore[arg-type]
+        if ok:
+            scaled.append(node.name)   # type: ignore[attr-defined]
+        return ok
+
+    monkeypatch.setattr(jacobian_module, "_scales_in_place", counting)
+    got = []
+    for in_place in (True, False):
+        lin = linearize(model, {"x": x}, local_of=None)
+        got.append(reverse_sweep(model, lin, "x", "y", nodes, seed, in_place=in_place))
+    assert sorted(scaled) == ["a", "b", "s"]   # after a sum or a convolution, not the seed's
+    assert got[0].dtype == np.dtype(dtype)
+    assert got[0].tobytes() == got[1].tobytes()
+    assert seed.tobytes() == kept.tobytes()
+    grad = model.gradient(x)
+    assert np.abs(grad).sum() > 0
