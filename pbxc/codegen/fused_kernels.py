@@ -180,14 +180,14 @@ def _gather(rest, count, z0, z):  # pragma: no cover - compiled by numba
 
 
 def _relu(z, zero, out):  # pragma: no cover - compiled by numba
-    """out = z where z > 0, else +0.0; returns whether z holds a NaN or -inf (where the
-    reference's z * (z > 0) + 0.0 is NaN)."""
+    """out = z where z > 0, else +0.0 (-inf too); returns whether z holds a NaN (where the
+    reference, max(z, 0) + 0.0, hands over to the generated routine)."""
     n = z.shape[0]
     odd = False
     for k in range(n):
         v = z[k]
         out[k] = v if v > zero else zero
-        if not v > -np.inf:
+        if v != v:
             odd = True
     return odd
 
@@ -355,8 +355,8 @@ class FusedKernels:
         out.reshape(-1)[index] = fn(g0, g1)
 
     def relu(self, z: np.ndarray) -> np.ndarray | None:
-        """relu(z), bit for bit the plain ``_relu``; None where that would be None (a NaN or
-        -inf in z) or z does not suit."""
+        """relu(z), bit for bit the plain ``_relu``; None where that would be None (a NaN in
+        z) or z does not suit."""
         if not (_plain(z, least=self.min_elements) and self.ready()):
             return None
         out = np.empty_like(z)

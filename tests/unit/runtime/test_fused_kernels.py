@@ -114,11 +114,14 @@ def test_fused_relu_is_the_plain_one() -> None:
         got = FUSED.relu(z)
         assert got is not None
         np.testing.assert_array_equal(got.view(f"u{z.itemsize}"), _relu(z).view(f"u{z.itemsize}"))
-        for odd in (np.nan, -np.inf):
-            z2 = z.copy()
-            z2[2, 3] = odd
-            with np.errstate(invalid="ignore"):
-                assert FUSED.relu(z2) is None and _relu(z2) is None
+        z2 = z.copy()
+        z2[2, 3] = np.nan   # the routine's case: both hand over
+        with np.errstate(invalid="ignore"):
+            assert FUSED.relu(z2) is None and _relu(z2) is None
+        z2[2, 3] = -np.inf   # +0.0, as the routine's np.where(z > 0, z, 0.0)
+        got, want = FUSED.relu(z2), _relu(z2)
+        assert got is not None and want is not None and got[2, 3] == 0
+        np.testing.assert_array_equal(got.view(f"u{z.itemsize}"), want.view(f"u{z.itemsize}"))
     z3 = np.array([[np.inf, 2.0, -1.0]])
     np.testing.assert_array_equal(FUSED.relu(z3), _relu(z3))
 
