@@ -454,7 +454,7 @@ def piece_derivative(piece: PieceCalculus, index: int, z: sympy.Expr = Z
     df = piece.df.xreplace({Z: z})
     if not piece.patches:
         return [], df
-    branches = [patch_value(patch, z, z) for patch in piece.patches]
+    branches = [patch_value(patch, z, z, core=True) for patch in piece.patches]
     branches.append((df, S.true))
     return [], Piecewise(*branches)
 

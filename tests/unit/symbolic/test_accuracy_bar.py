@@ -97,3 +97,20 @@ def test_random_pairs_meet_the_bar(pairs: list[tuple[float, int, float]]) -> Non
             refs = reference_values(calc.reference(), a, b, keep)
             err, _ = relative_errors(values, refs, calc.slope_scale, float(np.finfo(dt).max))
             assert err.max() <= bar(name, dtype), (name, dtype, a, b, err)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh", "mish"])
+def test_derivative_at_the_edges_of_its_patch(name: str) -> None:
+    # f'(z) takes the Taylor patch only on its core (where the derivative's own condition
+    # number is past the limit), the stable derivative outside: both sides of each edge,
+    # densely, and the whole square the multiplier's patch covers, meet the bar
+    calc = derive(name)
+    patch = calc.pieces[0].patches[0]
+    assert 0 < patch.core_radius < patch.radius
+    edges = [patch.center - patch.core_radius, patch.center + patch.core_radius]
+    z = np.concatenate([e + np.linspace(-0.05, 0.05, 401) for e in edges]
+                       + [patch.center + np.linspace(-patch.radius, patch.radius, 801)])
+    for dtype in DTYPES:
+        measure = measure_derivative(bind(calc.derivative, dtype), calc.reference(),
+                                     calc.slope_scale, dtype, z)
+        assert measure.max_error <= bar(name, dtype), (dtype, measure)
