@@ -24,6 +24,7 @@ from pbxc.symbolic import numeric
 from pbxc.symbolic.activations import ActivationKey
 from pbxc.symbolic.calculus import DEFAULT_CONVENTION
 from pbxc.symbolic.derive import ActivationCalculus, derive
+from pbxc.symbolic.functions import Sigmoid, Softplus
 from pbxc.symbolic.routine import Routine
 
 #: Helpers every printed module defines: the source of ``pbxc.symbolic.numeric``, verbatim, so
@@ -54,6 +55,15 @@ class PbxNumPyPrinter(NumPyPrinter):
 
     def _print_Softplus(self, expr: sympy.Expr) -> str:
         return f"_softplus({self._print(expr.args[0])})"
+
+    def _print_NegAbsExp(self, expr: sympy.Expr) -> str:
+        return f"_neg_abs_exp({self._print(expr.args[0])})"
+
+    def _print_SigmoidOf(self, expr: sympy.Expr) -> str:
+        return f"_sigmoid_of({', '.join(self._print(a) for a in expr.args)})"
+
+    def _print_SoftplusOf(self, expr: sympy.Expr) -> str:
+        return f"_softplus_of({', '.join(self._print(a) for a in expr.args)})"
 
     def _print_NormalCdf(self, expr: sympy.Expr) -> str:
         return f"_normal_cdf({self._print(expr.args[0])})"
@@ -211,7 +221,8 @@ ALLOWED_FUNCTIONS = frozenset({
 #: pbxc's own functions (``symbolic.functions``) and the printers' division node
 OWN_FUNCTIONS = frozenset({
     "Sigmoid", "Softplus", "NormalCdf", "Gauss", "Expm1Ratio", "Log1pRatio", "SinhRatio",
-    "SinRatio", "AtanRatio", "SumError", "IsFinite", "SeriesPatch", "Div",
+    "SinRatio", "AtanRatio", "SumError", "IsFinite", "SeriesPatch", "Div", "NegAbsExp",
+    "SigmoidOf", "SoftplusOf",
 })
 
 
@@ -269,6 +280,58 @@ def protect_divisions(expr: sympy.Basic) -> sympy.Basic:
     return expr.func(*args)
 
 
+class NegAbsExp(sympy.Function):
+    """exp(-|x|), printed as ``_neg_abs_exp``: the exponential inside sigmoid(x) and
+    softplus(x). Its argument's sign is canonical (NegAbsExp(-x) is NegAbsExp(x), bit for bit
+    in floating point: |-x| == |x|), so that sympy.cse computes it once for sigmoid(x) and
+    sigmoid(-x) together: tanh' = 4 sigmoid(2z) sigmoid(-2z), SiLU', softplus and its
+    derivatives pay one exponential instead of two."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, arg: sympy.Expr) -> sympy.Expr | None:
+        if arg.could_extract_minus_sign():
+            return cls(-arg)
+        if isinstance(arg, Div) and arg.args[0].could_extract_minus_sign():
+            return cls(Div(-arg.args[0], arg.args[1]))   # (-a) / b == -(a / b)
+        return None
+
+
+class SigmoidOf(sympy.Function):
+    """sigmoid(x) from (x, exp(-|x|), 1 + exp(-|x|)), printed as ``_sigmoid_of``: bit for bit
+    ``_sigmoid(x)``, its exponential and denominator shared with sigmoid(-x)."""
+
+    nargs = 3
+
+
+class SoftplusOf(sympy.Function):
+    """softplus(x) from (x, exp(-|x|)), printed as ``_softplus_of``: bit for bit
+    ``_softplus(x)``."""
+
+    nargs = 2
+
+
+def share_exponentials(exprs: Sequence[sympy.Basic]) -> list[sympy.Basic]:
+    """Each Sigmoid and Softplus whose exponential exp(-|x|) another one of ``exprs`` also
+    needs (sigmoid(x) with sigmoid(-x) or softplus(+-x)) written over a shared NegAbsExp, which
+    CSE then computes once; the helpers give the same bits as ``_sigmoid``/``_softplus``. The
+    others stay as they are (renaming would only let CSE reorder their products)."""
+    uses: dict[sympy.Basic, set[sympy.Basic]] = {}
+    for expr in exprs:
+        for node in expr.atoms(Sigmoid, Softplus):
+            uses.setdefault(NegAbsExp(node.args[0]), set()).add(node)
+    shared = {node: e for e, nodes in uses.items() if len(nodes) > 1 for node in nodes}
+    if not shared:
+        return list(exprs)
+
+    def rewritten(node: sympy.Basic) -> sympy.Basic:
+        e, arg = shared[node], node.args[0]
+        return SigmoidOf(arg, e, 1 + e) if isinstance(node, Sigmoid) else SoftplusOf(arg, e)
+
+    return [expr.xreplace({n: rewritten(n) for n in shared if expr.has(n)}) for expr in exprs]
+
+
 def live_assignments(assignments: Sequence[tuple[sympy.Symbol, sympy.Expr]],
                      reduced: Sequence[sympy.Basic],
                      replacements: Mapping[sympy.Symbol, sympy.Basic]) -> set[sympy.Symbol]:
@@ -298,6 +361,7 @@ def routine_lines(routine: Routine, printer: Any) -> list[str]:
     """
     exprs = [protect_divisions(expr) for _, expr in routine.assignments]
     exprs.append(protect_divisions(routine.result))
+    exprs = share_exponentials(exprs)
     taken = {s.name for s in routine.args} | {s.name for s, _ in routine.assignments} | {
         c.symbol.name for c in routine.precision_constants}
     symbols = (sympy.Symbol(f"_x{i}", real=True) for i in itertools.count()

@@ -65,13 +65,29 @@ def _sigmoid(x):
     # 1 / (1 + exp(-x)) without overflow for either sign of x: 1 / (1 + e) for x >= 0 and
     # e / (1 + e) below, with e = exp(-|x|) <= 1, so the numerator is max(e, x >= 0) (1 or
     # e; NaN stays NaN). Branch-free: np.where on mixed signs costs 2-3.5x the whole routine.
-    e = np.exp(-np.abs(x))
-    return np.maximum(e, x >= 0) / (1 + e)   # one division, the same rounding
+    e = _neg_abs_exp(x)
+    return _sigmoid_of(x, e, 1 + e)
+
+
+def _neg_abs_exp(x):
+    # exp(-|x|): the one exponential of sigmoid(x), sigmoid(-x) and softplus(x), softplus(-x)
+    # (|-x| == |x| bit for bit), which generated routines compute once and share
+    return np.exp(-np.abs(x))
+
+
+def _sigmoid_of(x, e, one_plus_e):
+    # sigmoid(x) from e = exp(-|x|) and 1 + e: bit for bit _sigmoid(x)
+    return np.maximum(e, x >= 0) / one_plus_e   # one division, the same rounding
 
 
 def _softplus(x):
     # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
-    return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+    return _softplus_of(x, _neg_abs_exp(x))
+
+
+def _softplus_of(x, e):
+    # softplus(x) from e = exp(-|x|): bit for bit _softplus(x)
+    return np.maximum(x, 0) + np.log1p(e)
 
 
 # 1/sqrt(2) = _R2_HI + _R2_LO in each precision (the low part from a 40-digit value)

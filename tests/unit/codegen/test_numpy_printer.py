@@ -24,7 +24,7 @@ from pbxc.codegen.numpy_printer import (
 from pbxc.errors import UnsupportedOp
 from pbxc.ops import BUILTIN_ACTIVATIONS
 from pbxc.parse.parser import parse_text
-from pbxc.symbolic import derive
+from pbxc.symbolic import derive, numeric
 from pbxc.symbolic.accuracy import measure_multiplier, z0_grid
 from pbxc.symbolic.activations import Z
 from pbxc.symbolic.evaluate import run_routine
@@ -184,3 +184,65 @@ def test_render_function_still_serves_the_forward_pass() -> None:
     act = load(source).act
     np.testing.assert_allclose(act(np.array([-1.0, 0.0, 2.0])),
                                [-0.15865525393145707, 0.0, 1.9544997361036416], rtol=1e-15)
+
+
+def _special_pairs(dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    z0, z = _pairs(dtype)
+    info = np.finfo(dtype)
+    edge = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, info.max, -info.max, info.tiny,
+                     -info.tiny, info.smallest_subnormal, 1e-30, -1e-30, 40.0, -40.0, 800.0,
+                     -800.0], dtype=dtype)
+    a, b = np.meshgrid(edge, edge)
+    return np.concatenate([z0, a.ravel()]), np.concatenate([z, b.ravel()])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_shared_exponentials_are_bit_for_bit(monkeypatch: pytest.MonkeyPatch,
+                                            dtype: type) -> None:
+    """sigmoid(x), sigmoid(-x) and softplus over one exp(-|x|): the same bits as each helper
+    computing its own, for every built-in activation's f, f' and multiplier (NaN, inf, +-0,
+    subnormal and overflowing arguments included; signs of zeros compared). f'' is left to
+    the evaluator test's measure: where its CSE temporaries are renamed (GELU-tanh, mish) the
+    printer orders a sum's terms differently, and f'' cancels near its zeros."""
+    shared = render_activation_functions(NAMES, prefix="shared")
+    monkeypatch.setattr(numpy_printer, "share_exponentials", list)
+    plain = render_activation_functions(NAMES, prefix="plain")
+    assert "_neg_abs_exp" in shared.source and "_sigmoid_of(" in shared.source
+    assert "_sigmoid_of(" not in plain.source[len(NUMPY_PRELUDE):]
+    shared_module, plain_module = load(shared.source), load(plain.source)
+    z0, z = _special_pairs(dtype)
+    for key, names in shared.names.items():
+        for kind, name in names.items():
+            if kind == "d2f":
+                continue
+            args = [z0, z] if kind == "m" else [z]
+            got = getattr(shared_module, name)(*args)
+            want = getattr(plain_module, plain.names[key][kind])(*args)
+            assert got.dtype == want.dtype == dtype, (key.name, kind)
+            same = (got == want) & (np.signbit(got) == np.signbit(want))
+            same |= np.isnan(got) & np.isnan(want)
+            assert same.all(), (key.name, kind, z0[~same][:3], z[~same][:3])
+
+
+def test_tanh_derivative_pays_one_exponential() -> None:
+    """tanh' = 4 sigmoid(-2z) sigmoid(2z): one exp(-|2z|) and one 1 + e, shared."""
+    rendered = render_activation_functions(["tanh"], prefix="t")
+    source = rendered.source[len(NUMPY_PRELUDE):]
+    body = source[source.index("def t0_df("):source.index("def t0_d2f(")]
+    assert body.count("_neg_abs_exp(") == 1 and body.count("_sigmoid_of(") == 2
+    assert "np.exp(" not in body and "_sigmoid(" not in body
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exponential_helpers_match_the_whole_helpers(dtype: type) -> None:
+    z0, z = _special_pairs(dtype)
+    x = np.concatenate([z0, z])
+    e = numeric._neg_abs_exp(x)
+    assert np.array_equal(numeric._neg_abs_exp(-x), e, equal_nan=True)
+    for got, want in [(numeric._sigmoid_of(x, e, 1 + e), numeric._sigmoid(x)),
+                      (numeric._sigmoid_of(-x, e, 1 + e), numeric._sigmoid(-x)),
+                      (numeric._softplus_of(x, e), numeric._softplus(x)),
+                      (numeric._softplus_of(-x, e), numeric._softplus(-x))]:
+        assert got.dtype == dtype
+        assert np.array_equal(got, want, equal_nan=True)
+        assert np.array_equal(np.signbit(got), np.signbit(want))
