@@ -4,6 +4,7 @@ monkeypatching, never by editing the library)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -213,3 +214,54 @@ def test_cli_json_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert out["holds"] and "every property holds" in capsys.readouterr().out
     assert main(["verify", str(EXAMPLES / "breast_cancer_mlp.pbx"), "-p", "nope"]) == 2
     assert main(["verify"]) == 2
+
+
+LAYERNORM = '''model ln
+weights "w.npz"
+input x: float64[4, 8]
+h = layernorm(x, @ln, eps=1e-6)
+output logits = linear(flatten(h), @head)
+'''
+
+
+def _layernorm_model(write_model: Callable[..., Path]) -> pbxc.Model:
+    rng = np.random.default_rng(0)
+    path = write_model(LAYERNORM, {"ln.weight": 1 + 0.1 * rng.normal(size=8),
+                                   "ln.bias": rng.normal(size=8),
+                                   "head.weight": rng.normal(size=(3, 32)),
+                                   "head.bias": np.zeros(3)})
+    return pbxc.load(path, dtype="float64")
+
+
+def test_jacobian_fd_at_a_constant_token_is_not_a_false_violation(
+        write_model: Callable[..., Path]) -> None:
+    """A layer norm of a zero token (variance 0, curvature ~ eps^-3/2): central differences
+    alone miss 1e-6 there although the Jacobian is exact; Richardson's (h, h/2) holds."""
+    model = _layernorm_model(write_model)
+    x = np.zeros((1, 4, 8))
+    ctx = Context(model, scales={"x": np.ones((4, 8))})
+    config = config_for("jacobian_fd", np.float64)
+    assert config.tol == 1e-6
+    (plain,) = PROPERTIES["jacobian_fd"].check(ctx, {"x": x},
+                                               dataclasses.replace(config, tol=1.0))
+    assert plain.measured > 1e-6 and "Richardson" not in plain.detail   # step h alone
+    (refined,) = PROPERTIES["jacobian_fd"].check(ctx, {"x": x}, config)
+    assert refined.measured < 1e-8 and "Richardson" in refined.detail
+
+
+def test_jacobian_fd_still_catches_a_wrong_jacobian(write_model: Callable[..., Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _layernorm_model(write_model)
+    real = type(model).jacobian
+
+    def off(self: pbxc.Model, *args: object, **kwargs: object) -> object:
+        result = real(self, *args, **kwargs)
+        result.jacobian[..., 0, 0] *= 1.0001          # one column 1e-4 off
+        return result
+
+    monkeypatch.setattr(type(model), "jacobian", off)
+    x = np.random.default_rng(1).normal(size=(1, 4, 8))
+    ctx = Context(model, scales={"x": np.ones((4, 8))})
+    (outcome,) = PROPERTIES["jacobian_fd"].check(ctx, {"x": x},
+                                                 config_for("jacobian_fd", np.float64))
+    assert outcome.measured > 1e-6 and "Richardson" in outcome.detail
