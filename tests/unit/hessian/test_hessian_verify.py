@@ -91,3 +91,42 @@ def test_a_wrong_second_derivative_is_caught_and_replays(monkeypatch: pytest.Mon
     monkeypatch.setattr(ActivationTable, "second_derivative", right)
     fixed = PROPERTIES["hessian_fd"].check(ctx, replay.inputs, replay.config)[0]
     assert PROPERTIES["hessian_fd"].holds(fixed.measured, replay.config.tol)
+
+
+LAYERNORM = """model ln
+weights "w.npz"
+input x: float64[4, 8]
+h = layernorm(x, @ln, eps=1e-5)
+output logits = linear(tanh(flatten(h)), @head)
+"""
+
+
+def test_taylor_residual_halves_into_the_asymptotic_regime(write_model: Any) -> None:
+    """A layer norm of a zero token bends on the scale sqrt(eps) ~ 0.003, below the first
+    step 0.02: the residual's O(d^3) law shows only after more halvings, which the property
+    takes instead of reporting a violation (the mixer's counterexample, made small)."""
+    rng = np.random.default_rng(0)
+    model = pbxc.load(write_model(LAYERNORM, {
+        "ln.weight": 1 + 0.1 * rng.normal(size=8), "ln.bias": rng.normal(size=8),
+        "head.weight": rng.normal(size=(3, 32)), "head.bias": np.zeros(3)}))
+    x = np.zeros((1, 4, 8))
+    x[0, 1:] = rng.normal(size=(3, 8))      # one constant token, three ordinary ones
+    cfg = config_for("taylor_residual", "float64")
+    (outcome,) = PROPERTIES["taylor_residual"].check(Context(model), {"x": x}, cfg)
+    assert PROPERTIES["taylor_residual"].holds(outcome.measured, cfg.tol), outcome.detail
+    assert "residual order" in outcome.detail and "from step 0.02;" not in outcome.detail
+    few = dict(cfg.settings)
+    (first,) = PROPERTIES["taylor_residual"].check(
+        Context(model), {"x": x}, type(cfg)(cfg.name, 10.0, few))   # no halving on
+    assert first.measured > cfg.tol and "from step 0.02;" in first.detail
+
+
+def test_a_wrong_second_derivative_fails_taylor_residual(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Halving on does not hide a wrong Hessian: its O(d^2) residual keeps the order at 2."""
+    right = ActivationTable.second_derivative
+    monkeypatch.setattr(ActivationTable, "second_derivative",
+                        lambda self, name, z: 1.05 * right(self, name, z))
+    cfg = config_for("taylor_residual", "float64")
+    outcomes = PROPERTIES["taylor_residual"].check(Context(wine()), samples(2), cfg)
+    assert any(not PROPERTIES["taylor_residual"].holds(o.measured, cfg.tol) for o in outcomes)
