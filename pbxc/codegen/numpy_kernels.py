@@ -409,31 +409,43 @@ def maxpool2d_dfd(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
     big = np.finfo(m.dtype).max / 4
     if not (np.abs(x).max() < big and np.abs(x0).max() < big):
         return _maxpool2d_dfd_windows(m, xs, xs0, y, y0, local, p, kernel, stride, padding)
+    if x0.ndim and x0.shape[0] > 1 and x0.strides[0] == 0:
+        x0 = x0[:1]   # a default shared by the batch: its running maxima on one row
     parts = _pool2d_offsets(x, kernel, stride, padding, 0.0)
     parts0 = _pool2d_offsets(x0, kernel, stride, padding, 0.0)
     inside = _pool2d_offsets(np.ones((1, 1, *x.shape[2:]), dtype=bool), kernel, stride,
                            padding, False)
     pads = [~v[0, 0] for v in inside]        # (OH, OW): this offset reads padding
-    run, run0 = parts[0].copy(), parts0[0].copy()
+    run, run0 = parts[0].copy(), parts0[0].copy()   # the running maxima, updated in place
     run_pad = pads[0]                          # every offset so far was padding
+    d, d0 = np.empty_like(run), np.empty_like(run0)
     slopes = []
     for i in range(1, len(parts)):
         w, w0, pad = parts[i], parts0[i], pads[i]
         first = run_pad & ~pad                 # the window's first element inside
-        d, d0 = w - run, w0 - run0
-        s = relu_multiplier(d0, d)
-        new_run = run + np.maximum(d, 0)
-        new_run0 = run0 + np.maximum(d0, 0)
-        if pad.any():                          # padding never wins a window
+        np.subtract(w, run, out=d)
+        np.subtract(w0, run0, out=d0)
+        rise, rise0 = np.maximum(d, 0), np.maximum(d0, 0)
+        # relu_multiplier(d0, d), its max(d, 0) and max(d0, 0) shared with the maxima's update
+        s = rise - rise0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s /= np.subtract(d, d0)
+        same = np.equal(d, d0)
+        if same.any():
+            s[same] = np.greater(d[same], 0)
+        held, held0 = (run[..., pad], run0[..., pad]) if pad.any() else (None, None)
+        run += rise                             # run + max(w - run, 0)
+        run0 += rise0
+        if held is not None:                   # padding never wins a window
             s[..., pad] = 0
-            new_run[..., pad] = run[..., pad]
-            new_run0[..., pad] = run0[..., pad]
+            run[..., pad] = held
+            run0[..., pad] = held0
         if first.any():
             s[..., first] = 1
-            new_run[..., first] = w[..., first]
-            new_run0[..., first] = w0[..., first]
+            run[..., first] = w[..., first]
+            run0[..., first] = w0[..., first]
         slopes.append(s)
-        run, run0, run_pad = new_run, new_run0, run_pad & pad
+        run_pad = run_pad & pad
     g = m
     per_element = [None] * len(parts)
     for i in range(len(parts) - 1, 0, -1):
