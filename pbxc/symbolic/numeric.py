@@ -80,6 +80,14 @@ def _sigmoid_of(x, e, one_plus_e):
     return np.maximum(e, x >= 0) / one_plus_e   # one division, the same rounding
 
 
+def _sigmoid_pair(e, one_plus_e):
+    # sigmoid(x) sigmoid(-x) from e = exp(-|x|) and 1 + e: one factor is 1 / (1 + e), the
+    # other e / (1 + e) (both 1 / 2 at x = 0, where e = 1), so the product is e / (1 + e)^2:
+    # one square and one division for two divisions and a product (tanh', sigmoid',
+    # softplus''). (1 + e)^2 <= 4: no overflow; NaN stays NaN; e = 0 (|x| = inf) gives 0.
+    return e / (one_plus_e * one_plus_e)
+
+
 def _softplus(x):
     # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))
     return _softplus_of(x, _neg_abs_exp(x))

@@ -9,6 +9,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import mpmath
 import numpy as np
 import pytest
 import sympy
@@ -203,8 +204,10 @@ def test_shared_exponentials_are_bit_for_bit(monkeypatch: pytest.MonkeyPatch,
     computing its own, for every built-in activation's f, f' and multiplier (NaN, inf, +-0,
     subnormal and overflowing arguments included; signs of zeros compared). f'' is left to
     the evaluator test's measure: where its CSE temporaries are renamed (GELU-tanh, mish) the
-    printer orders a sum's terms differently, and f'' cancels near its zeros."""
-    shared = render_activation_functions(NAMES, prefix="shared")
+    printer orders a sum's terms differently, and f'' cancels near its zeros. Products of a
+    sigmoid pair are left unpaired here (their own test follows)."""
+    monkeypatch.setattr(numpy_printer, "pair_sigmoids", lambda expr: expr)
+    shared = render_activation_functions(NAMES, prefix="unpaired")
     monkeypatch.setattr(numpy_printer, "share_exponentials", list)
     plain = render_activation_functions(NAMES, prefix="plain")
     assert "_neg_abs_exp" in shared.source and "_sigmoid_of(" in shared.source
@@ -225,12 +228,74 @@ def test_shared_exponentials_are_bit_for_bit(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_tanh_derivative_pays_one_exponential() -> None:
-    """tanh' = 4 sigmoid(-2z) sigmoid(2z): one exp(-|2z|) and one 1 + e, shared."""
+    """tanh' = 4 sigmoid(-2z) sigmoid(2z): one exp(-|2z|), one 1 + e, one division."""
     rendered = render_activation_functions(["tanh"], prefix="t")
     source = rendered.source[len(NUMPY_PRELUDE):]
     body = source[source.index("def t0_df("):source.index("def t0_d2f(")]
-    assert body.count("_neg_abs_exp(") == 1 and body.count("_sigmoid_of(") == 2
-    assert "np.exp(" not in body and "_sigmoid(" not in body
+    assert body.count("_neg_abs_exp(") == 1 and body.count("_sigmoid_pair(") == 1
+    assert "np.exp(" not in body and "_sigmoid(" not in body and "_sigmoid_of(" not in body
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sigmoid_pairs_round_like_the_product(monkeypatch: pytest.MonkeyPatch,
+                                              dtype: type) -> None:
+    """Routines whose sigmoid(x) sigmoid(-x) is printed as e / (1 + e)^2 (tanh', sigmoid',
+    softplus'', ...) against the same routines with the two factors multiplied: within 4
+    units in the last place where the value is not tiny (both are three roundings of one
+    number), NaN exactly where the product is NaN, and zeros and infinities where it has
+    them."""
+    paired = render_activation_functions(NAMES, prefix="paired")
+    assert paired.source.count("_sigmoid_pair(") >= 4   # the helper's definition, tanh',
+    monkeypatch.setattr(numpy_printer, "pair_sigmoids", lambda expr: expr)   # sigmoid', ...
+    plain = render_activation_functions(NAMES, prefix="product")
+    assert "_sigmoid_pair(" not in plain.source[len(NUMPY_PRELUDE):]
+    paired_module, plain_module = load(paired.source), load(plain.source)
+    z0, z = _special_pairs(dtype)
+    eps, compared = np.finfo(dtype).eps, 0
+    for key, names in paired.names.items():
+        for kind, name in names.items():
+            if kind == "d2f" or "_sigmoid_pair(" not in _body(paired.source, name):
+                continue
+            compared += 1
+            args = [z0, z] if kind == "m" else [z]
+            got = getattr(paired_module, name)(*args)
+            want = getattr(plain_module, plain.names[key][kind])(*args)
+            assert got.dtype == want.dtype == dtype, (key.name, kind)
+            assert np.array_equal(np.isnan(got), np.isnan(want)), (key.name, kind)
+            assert np.array_equal(got[~np.isfinite(want)], want[~np.isfinite(want)],
+                                  equal_nan=True)
+            assert np.array_equal(got == 0, want == 0), (key.name, kind)
+            ok = np.isfinite(want) & (np.abs(want) > np.finfo(dtype).tiny / eps)
+            gap = np.abs(got[ok] - want[ok]) / np.abs(want[ok])
+            assert gap.max(initial=0) <= 4 * eps, (key.name, kind, gap.max())
+    assert compared >= 2
+
+
+def _body(source: str, name: str) -> str:
+    start = source.index(f"def {name}(")
+    end = source.find("\ndef ", start + 1)
+    return source[start:end if end >= 0 else len(source)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sigmoid_pair_helper_against_mpmath(dtype: type) -> None:
+    """_sigmoid_pair(e, 1 + e) = sigmoid(x) sigmoid(-x) to 4 ulps (40-digit reference), with
+    0 at |x| = inf, 1/4 at 0 and NaN kept."""
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.uniform(-80, 80, 400), rng.uniform(-1, 1, 300),
+                        rng.uniform(-1e-6, 1e-6, 100)]).astype(dtype)
+    e = numeric._neg_abs_exp(x)
+    got = numeric._sigmoid_pair(e, 1 + e)
+    assert got.dtype == dtype
+    with mpmath.workdps(40):
+        want = np.array([float(1 / ((1 + mpmath.exp(mpmath.mpf(float(v))))
+                                    * (1 + mpmath.exp(-mpmath.mpf(float(v)))))) for v in x])
+    ok = want > np.finfo(dtype).tiny / np.finfo(dtype).eps
+    assert (np.abs(got[ok] - want[ok]) / want[ok]).max() <= 4 * np.finfo(dtype).eps
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, np.nan], dtype)
+    e = numeric._neg_abs_exp(special)
+    out = numeric._sigmoid_pair(e, 1 + e)
+    assert out[0] == out[1] == 0 and out[2] == out[3] == 0.25 and np.isnan(out[4])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
