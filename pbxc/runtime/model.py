@@ -184,9 +184,9 @@ class ActivationTable:
                 # both sides <= 0 give 0 / d, -0.0 where d < 0: the routine's +0.0 (every
                 # relu multiplier is >= 0, so abs changes nothing else)
                 np.abs(out, out=out)
-                rest = ~np.isfinite(out)        # z == z0 (0 / 0) or an infinite z
-                if rest.any():
-                    _redo(out, rest, z0, z, fn)
+                finite = np.isfinite(out)       # not: z == z0 (0 / 0) or an infinite z
+                if not finite.all():
+                    _redo(out, ~finite, z0, z, fn)
             return out
         floor = np.finfo(z.dtype).tiny / np.finfo(z.dtype).eps
         with np.errstate(all="ignore"):
