@@ -199,7 +199,7 @@ class ActivationTable:
             # NaN cases need no test of their own)
             trusted = np.greater(np.abs(d, out=d), floor)
             np.abs(df, out=df)
-            bound = np.abs(f1, out=d)
+            bound = np.abs(f1, out=d) if f1.dtype == d.dtype else np.abs(f1)
             bound += _small_abs(f0)
             bound *= 0.25
             np.maximum(bound, np.nextafter(floor, np.inf, dtype=z.dtype), out=bound)
