@@ -32,6 +32,12 @@ includes the dense convolution cache it builds). Each subprocess has an address-
 of ``--max-gb`` so that a configuration too big for the machine fails with a MemoryError
 instead of swapping.
 
+Under each row, a note on pbxc's first call: its minor page faults and system time beside
+the warm calls' (memory the process touches for the first time; on a virtual machine whose
+host reclaims idle guest memory each such fault can cost tens of microseconds), and for DFD
+the time of one more call after the kept default is forgotten: the default's forward pass
+again, on memory already touched, i.e. what the first call costs without first touches.
+
 The last column, ``limit s``, is the time the pass's multiply-adds would take at the GEMM
 rate measured at 512^3 in this run (the gradient and LRP two forward passes' worth, DFD two
 and one row for the shared default): no library computing the same products with the same
@@ -146,9 +152,13 @@ def _pass_fn(spec: dict[str, Any]) -> Any:
         import pbxc
 
         model = pbxc.load(spec["pbx"], dtype=spec["dtype"])
+        if spec["pass"] == "dfd":
+            def dfd() -> Any:
+                return model.dfd(x, baseline="zeros")
+            dfd.forget = model.default_points.clear  # type: ignore[attr-defined]
+            return dfd
         return {"gradient": lambda: model.gradient(x),
-                "lrp": lambda: model.lrp(x, composite="epsilon"),
-                "dfd": lambda: model.dfd(x, baseline="zeros")}[spec["pass"]]
+                "lrp": lambda: model.lrp(x, composite="epsilon")}[spec["pass"]]
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -195,23 +205,46 @@ def _pass_fn(spec: dict[str, Any]) -> Any:
 
 def timed(fn: Any, repeat: int) -> dict[str, Any]:
     """``fn`` called 1 + ``repeat`` times: the first call's time, the median warm wall and
-    CPU time, and the peak memory above the resident size before each call."""
+    CPU time, and the peak memory above the resident size before each call. Also each
+    call's minor page faults (first touches of memory the process has not used before) and
+    system CPU time, where a first call's excess over the warm calls tends to go. ``fn`` may
+    carry ``forget``, a callable that drops what its calls keep for the next (pbxc's DFD
+    default): then one more call after it is timed, ``again_s``, which does that work again
+    on memory already touched."""
     import gc
+    import resource
 
-    times, cpus, peaks = [], [], []
+    times, cpus, peaks, faults, system = [], [], [], [], []
     for _ in range(1 + repeat):
         gc.collect()
         _reset_peak()
         base = _status("VmRSS")
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         times.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         peaks.append(_status("VmHWM") - base)
+        faults.append(r1.ru_minflt - r0.ru_minflt)
+        system.append(r1.ru_stime - r0.ru_stime)
         del result
-    warm = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
-    cpu = sorted(cpus[1:])[len(cpus[1:]) // 2] if len(cpus) > 1 else cpus[0]
-    return {"first_s": times[0], "warm_s": warm, "cpu_s": cpu, "peak_bytes": max(peaks)}
+
+    def median(values: list[Any]) -> Any:
+        rest = values[1:] or values
+        return sorted(rest)[len(rest) // 2]
+
+    out = {"first_s": times[0], "warm_s": median(times), "cpu_s": median(cpus),
+           "peak_bytes": max(peaks), "first_faults": faults[0], "warm_faults": median(faults),
+           "first_sys_s": system[0], "warm_sys_s": median(system)}
+    forget = getattr(fn, "forget", None)
+    if forget is not None:
+        forget()
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        out["again_s"] = time.perf_counter() - t0
+    return out
 
 
 def measure_here(spec: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +330,21 @@ def _row(name: str, dtype: str, batch: int, pass_name: str, ours: dict[str, Any]
     line = (f"{name:<12} {dtype:<8} {batch:>5}  {pass_name:<9} {cols(ours, True)}  "
             f"{PEERS[pass_name]:<16} {cols(peer, False)} {ratio_t:>7} {ratio_m:>7} "
             f"{limit:>8.3f}")
+    if "error" not in ours:
+        line += "\n    " + first_call_note(ours)
     for who, r in (("pbxc", ours), (PEERS[pass_name], peer)):
         if "error" in r:
             line += f"\n    ({who} failed: {r['error']})"
     return line
+
+
+def first_call_note(r: dict[str, Any]) -> str:
+    """What pbxc's first call did that the warm calls did not: page faults, system time, and
+    (DFD) how long a call takes that recomputes the default on memory already touched."""
+    text = (f"(pbxc first call {r['first_s'] / r['warm_s']:.2f}x warm: "
+            f"{r['first_faults']} page faults and {r['first_sys_s']:.3f} s system time, "
+            f"warm {r['warm_faults']} and {r['warm_sys_s']:.3f} s")
+    if "again_s" in r:
+        text += (f"; a call with the default forgotten, on touched memory, "
+                 f"{r['again_s']:.3f} s = {r['again_s'] / r['warm_s']:.2f}x warm")
+    return text + ")"
