@@ -404,13 +404,41 @@ def maxpool2d_dfd(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
     Offset by offset on strided views; which offsets fall in the padding is a property of
     the (OH, OW) grid alone, so it is fixed up through 2-d masks instead of NaN padding.
     Bit for bit ``_maxpool2d_dfd_windows`` (tested); inputs within a factor 4 of overflow
-    (where a difference could reach infinity) or not finite take that reference."""
+    (where a difference could reach infinity) or not finite take that reference.
+
+    A block of samples and channels at a time, about ``POOL_BLOCK_BYTES`` of x (times the
+    multipliers' rows K) each: a block's slopes and per-element shares, some twenty arrays of
+    its output's size, then stay in cache and take memory in proportion to the block, not to
+    the batch. Every element's operations are the same, in the same order (tested). Measured
+    on ResNet-18's stem pool (64x112x112, 3x3 stride 2): float32 batch 16, 299 -> 180 ms and
+    355 -> 55 MiB peak (the result is 49 MiB); float64 batch 8, 300 -> 170 ms, 359 -> 55 MiB;
+    batch 1, float32 13.5 -> 12.0 ms and 27 -> 12 MiB, float64 38 -> 22 ms and 55 -> 15 MiB."""
     x, x0 = xs[0], xs0[0]
     big = np.finfo(m.dtype).max / 4
     if not (np.abs(x).max() < big and np.abs(x0).max() < big):
         return _maxpool2d_dfd_windows(m, xs, xs0, y, y0, local, p, kernel, stride, padding)
     if x0.ndim and x0.shape[0] > 1 and x0.strides[0] == 0:
         x0 = x0[:1]   # a default shared by the batch: its running maxima on one row
+    n, c = x.shape[:2]
+    plane = x.shape[2] * x.shape[3] * x.itemsize * max(1, m.shape[1])
+    planes = max(1, POOL_BLOCK_BYTES // max(1, plane))
+    rows, channels = (n, min(c, planes // n)) if planes >= n else (planes, 1)
+    if (rows, channels) == (n, c):
+        return [_maxpool2d_dfd_block(m, x, x0, kernel, stride, padding)]
+    out = np.empty((*m.shape[:3], *x.shape[2:]), dtype=m.dtype)
+    for b0 in range(0, n, rows):
+        b1 = min(b0 + rows, n)
+        default = x0 if x0.shape[0] == 1 else x0[b0:b1]
+        for c0 in range(0, c, channels):
+            c1 = min(c0 + channels, c)
+            out[b0:b1, :, c0:c1] = _maxpool2d_dfd_block(
+                m[b0:b1, :, c0:c1], x[b0:b1, c0:c1], default[:, c0:c1], kernel, stride,
+                padding)
+    return [out]
+
+
+def _maxpool2d_dfd_block(m, x, x0, kernel, stride, padding):
+    """maxpool2d_dfd's multipliers (B, K, C, H, W) of x, for a finite x and default x0."""
     parts = _pool2d_offsets(x, kernel, stride, padding, 0.0)
     parts0 = _pool2d_offsets(x0, kernel, stride, padding, 0.0)
     inside = _pool2d_offsets(np.ones((1, 1, *x.shape[2:]), dtype=bool), kernel, stride,
@@ -457,7 +485,7 @@ def maxpool2d_dfd(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
     back = _scatter_windows(lambda a, b: flat_bk(per_element[a * kw + b]), x.shape[2:],
                             kernel, stride, padding, m.dtype, (m.shape[0] * m.shape[1],
                                                                m.shape[2]))
-    return [unflat_bk(back, m)]
+    return unflat_bk(back, m)
 
 
 def _maxpool2d_dfd_windows(m, xs, xs0, y, y0, local, p, kernel, stride, padding):
