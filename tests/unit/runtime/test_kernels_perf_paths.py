@@ -316,3 +316,41 @@ def test_maxpool_dfd_memory_is_bounded_by_its_blocks() -> None:
         tracemalloc.stop()
     assert got.shape == (8, 1, 16, 112, 112)
     assert peak < got.nbytes + 16 * K.POOL_BLOCK_BYTES, (peak, got.nbytes)
+
+
+def _window_ties(relevance: np.ndarray, x: np.ndarray, index: np.ndarray, pool: tuple) -> int:
+    """lrp_maxpool's tie count on a copy of every window, against the value at the argmax
+    (its former form, kept here as the reference)."""
+    win = K.windows2d(x, *pool, pad_value=-np.inf)
+    flat = win.reshape(*win.shape[:4], -1)
+    equal = (flat == np.take_along_axis(flat, index[..., None], axis=4)).sum(axis=4)
+    return int(np.count_nonzero((equal > 1) & (relevance != 0)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("special", ["", "negzero", "nan", "-inf"])
+@pytest.mark.parametrize("block_bytes", [1, 1 << 20])
+def test_lrp_maxpool_counts_the_window_forms_ties(dtype: type, pool: tuple, special: str,
+                                                  block_bytes: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ties counted offset by offset, a block of planes at a time (one plane, or all), equal
+    the window copy's count, with ties of +-0, a NaN in a window and windows whose maximum
+    is -inf (all of it, padding included, ties); the relevance routed is
+    maxpool2d_transpose's."""
+    monkeypatch.setattr(K, "POOL_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(14)
+    x = _pool_input(rng, dtype, "negzero" if special == "negzero" else "")
+    if special == "nan":
+        x[1, 2, 4, 4] = np.nan
+        x[0, 0, 0, 0] = np.nan   # in a window at the padded corner
+    elif special == "-inf":
+        x[1, 0] = -np.inf
+    _, index = K.maxpool2d(x, *pool)
+    relevance = rng.normal(size=index.shape).astype(dtype)
+    relevance[0, 1, :2] = 0.0    # windows without relevance are not reported
+    routed, ties = K.lrp_maxpool(relevance, x, index, *pool)
+    assert ties == _window_ties(relevance, x, index, pool)
+    assert special == "nan" or ties > 0
+    np.testing.assert_array_equal(routed, K.maxpool2d_transpose(relevance, index, x.shape[2:],
+                                                                *pool))
