@@ -270,13 +270,15 @@ def test_maxpool_in_plane_blocks_matches_the_whole_array(pool: tuple, ties: bool
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pool", POOLS)
 @pytest.mark.parametrize("default", ["shared", "per-sample", "one-row"])
-@pytest.mark.parametrize("block_bytes", [1, 2500, 1 << 30])
+@pytest.mark.parametrize("block_bytes", [1, 4000, 5000, 10000, 1 << 30])
 def test_maxpool_dfd_in_blocks_is_the_window_form_bit_for_bit(
         dtype: type, pool: tuple, default: str, block_bytes: int,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """maxpool2d_dfd a block of samples and channels at a time: blocks of one plane, of a
-    few channels over the whole batch, and one block give the window reference's bits, for
-    two rows of multipliers (K = 2) and defaults shared (broadcast), per sample or one row."""
+    """maxpool2d_dfd a block of samples and channels at a time gives the window reference's
+    bits: blocks of one plane; of two samples (the last block ragged); of 1, 2 or 4 channels
+    over the whole batch (ragged too); one block. For two rows of multipliers (K = 2; a
+    plane counts 9 * 11 * itemsize * K bytes) and defaults shared (broadcast), per sample or
+    one row."""
     rng = np.random.default_rng(12)
     x = rng.normal(size=(3, 5, 9, 11)).astype(dtype)
     x[0, 0, :3, :3] = 0.0
