@@ -882,11 +882,12 @@ def lrp_maxpool(relevance, x, index, kernel, stride, padding):
     maximum is the window form's count of elements equal to the value at its argmax: the
     same value, or NaN where the window holds one (no element equals it either way)."""
     equal = np.zeros(index.shape, dtype=np.int32)
+    tiles = _tiles(kernel, stride, padding)
     # a block of planes at a time (POOL_BLOCK_BYTES of x), in cache over the offsets
     xp, ep, ranges = _plane_blocks(x, equal)
     for p0, p1 in ranges:
         xb, eb = xp[p0:p1], ep[p0:p1]
-        parts = _tile_offsets(xb, kernel) if _tiles(kernel, stride, padding) else \
+        parts = _tile_offsets(xb, kernel) if tiles else \
             _pool2d_offsets(xb, kernel, stride, padding, -np.inf)
         best = parts[0].copy()   # the value at ``index``: the window maximum (NaN if any)
         for part in parts[1:]:
